@@ -1,0 +1,115 @@
+-- The audit log, the ingest bookkeeping and the partition maintenance.
+--
+-- audit_logs keeps the column names of the operators' runbook (user_id,
+-- action, ip_address, created_at) so that its queries run unchanged.
+-- created_at is the EVENT time (occurred_at of the event), which is also the
+-- partition key: retention drops whole daily partitions.
+
+CREATE TABLE audit_logs (
+    event_id        uuid        NOT NULL,
+    created_at      timestamptz NOT NULL,
+    received_at     timestamptz NOT NULL DEFAULT now(),
+    -- "C" collation lets a plain B-tree serve prefix searches such as
+    -- action LIKE 'SECURITY_%'.
+    action          text COLLATE "C" NOT NULL,
+    user_id         text,
+    username        text,
+    ip_address      inet,
+    user_agent      text,
+    session_id      text,
+    request_id      text,
+    metadata        jsonb,
+    kafka_partition integer     NOT NULL,
+    kafka_offset    bigint      NOT NULL,
+    -- The idempotency key: a producer retry of the same event is stored once.
+    -- A unique constraint on a partitioned table must hold the partition key.
+    CONSTRAINT audit_logs_event_id_key UNIQUE (event_id, created_at)
+) PARTITION BY RANGE (created_at);
+
+COMMENT ON COLUMN audit_logs.created_at IS 'event time (occurred_at), the partition key';
+COMMENT ON COLUMN audit_logs.received_at IS 'when audit-service consumed the event';
+
+-- Events outside every daily partition land here instead of failing.
+CREATE TABLE audit_logs_default PARTITION OF audit_logs DEFAULT;
+
+-- Each index serves a query; see tests/schema.rs for the EXPLAIN checks.
+-- Log search and activity by user.
+CREATE INDEX audit_logs_user_time_idx ON audit_logs (user_id, created_at);
+-- Failed-login analysis, security incidents (prefix LIKE), daily report.
+CREATE INDEX audit_logs_action_time_idx ON audit_logs (action, created_at);
+-- Log search by IP address or network.
+CREATE INDEX audit_logs_ip_time_idx ON audit_logs (ip_address, created_at);
+-- Time ranges inside a partition (last hour, completeness check): a BRIN
+-- costs almost nothing at ingest because rows arrive roughly in time order.
+CREATE INDEX audit_logs_time_brin ON audit_logs USING brin (created_at);
+
+-- Where each partition of each consumed topic has got to. Written in the
+-- same transaction as the rows, which is what makes ingest exactly-once.
+CREATE TABLE consumer_offsets (
+    consumer_group text        NOT NULL,
+    topic          text        NOT NULL,
+    kafka_partition integer    NOT NULL,
+    next_offset    bigint      NOT NULL,
+    updated_at     timestamptz NOT NULL DEFAULT now(),
+    PRIMARY KEY (consumer_group, topic, kafka_partition)
+);
+
+-- One row per message sent to the dead-letter topic, written in the same
+-- transaction as the offsets that pass over it.
+CREATE TABLE dead_letters (
+    id               bigint GENERATED ALWAYS AS IDENTITY PRIMARY KEY,
+    dead_lettered_at timestamptz NOT NULL DEFAULT now(),
+    topic            text        NOT NULL,
+    kafka_partition  integer     NOT NULL,
+    kafka_offset     bigint      NOT NULL,
+    reason_code      text        NOT NULL,
+    reason           text        NOT NULL,
+    payload_bytes    integer     NOT NULL
+);
+CREATE INDEX dead_letters_time_idx ON dead_letters (dead_lettered_at);
+
+-- Creates the daily partition holding p_day (UTC) if it is missing, moving
+-- any rows of that day out of the default partition first (attaching a
+-- partition whose rows sit in the default partition would fail).
+-- Returns true when it created the partition.
+CREATE FUNCTION audit_ensure_partition(p_day date) RETURNS boolean
+LANGUAGE plpgsql AS $$
+DECLARE
+    part text := format('audit_logs_p%s', to_char(p_day, 'YYYYMMDD'));
+    lo timestamptz := p_day::timestamp AT TIME ZONE 'UTC';
+    hi timestamptz := (p_day + 1)::timestamp AT TIME ZONE 'UTC';
+BEGIN
+    IF to_regclass(part) IS NOT NULL THEN
+        RETURN false;
+    END IF;
+    -- Serialise concurrent creators (several instances, or a retention run).
+    PERFORM pg_advisory_xact_lock(hashtext('audit_logs partitions'));
+    IF to_regclass(part) IS NOT NULL THEN
+        RETURN false;
+    END IF;
+    EXECUTE format('CREATE TABLE %I (LIKE audit_logs INCLUDING DEFAULTS)', part);
+    EXECUTE format(
+        'WITH moved AS (DELETE FROM audit_logs_default WHERE created_at >= %L AND created_at < %L RETURNING *)
+         INSERT INTO %I SELECT * FROM moved', lo, hi, part);
+    EXECUTE format('ALTER TABLE audit_logs ATTACH PARTITION %I FOR VALUES FROM (%L) TO (%L)', part, lo, hi);
+    RETURN true;
+END
+$$;
+
+-- Ensures the daily partitions from p_from to p_to inclusive; returns how
+-- many it created.
+CREATE FUNCTION audit_ensure_partitions(p_from date, p_to date) RETURNS integer
+LANGUAGE plpgsql AS $$
+DECLARE
+    d date := p_from;
+    created integer := 0;
+BEGIN
+    WHILE d <= p_to LOOP
+        IF audit_ensure_partition(d) THEN
+            created := created + 1;
+        END IF;
+        d := d + 1;
+    END LOOP;
+    RETURN created;
+END
+$$;

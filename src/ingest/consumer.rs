@@ -1,0 +1,430 @@
+//! The consumer thread: polls the events topic, decodes and validates each
+//! message, builds batches and hands them to the writer.
+//!
+//! It runs on a plain OS thread (not a runtime worker) because librdkafka's
+//! callbacks (rebalance, statistics) run inside `poll`, and the rebalance
+//! callback must read the stored offsets from PostgreSQL before it assigns:
+//! blocking on that here is correct, blocking a runtime worker would not be.
+
+use std::collections::{BTreeMap, HashMap};
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::{Duration, Instant};
+
+use deadpool_postgres::Pool;
+use rdkafka::consumer::{BaseConsumer, CommitMode, Consumer, ConsumerContext};
+use rdkafka::error::KafkaError;
+use rdkafka::message::{BorrowedMessage, Headers};
+use rdkafka::types::RDKafkaRespErr;
+use rdkafka::{ClientContext, Message, Offset, Statistics, TopicPartitionList};
+use tokio::runtime::Handle;
+use tokio::sync::mpsc;
+use tokio_util::sync::CancellationToken;
+use tracing::{debug, error, info, warn};
+
+use super::batch::{Batch, BatchBuilder, Header, Position, SourceMessage};
+use super::status::IngestStatus;
+use super::writer::{WriterCommand, WriterEvent};
+use crate::event::{Decoder, EpochMicros};
+use crate::store::queries;
+
+/// Longest a poll blocks, so that commands, pauses and shutdown are seen.
+const MAX_POLL_WAIT: Duration = Duration::from_millis(100);
+
+/// State shared between the poll loop and the rebalance callback (which
+/// runs inside `poll`, on the same thread: the lock is never contended).
+struct LoopState {
+    builder: BatchBuilder,
+    /// A closed batch the writer's queue had no room for yet.
+    waiting: Option<Batch>,
+    positions: HashMap<i32, Position>,
+    next_epoch: u64,
+    /// Bumped on every assignment change, to re-apply a pause.
+    assignment_generation: u64,
+}
+
+pub struct IngestContext {
+    runtime: Handle,
+    pool: Pool,
+    group: String,
+    topic: String,
+    state: Mutex<LoopState>,
+    commands: mpsc::Sender<WriterCommand>,
+    status: Arc<IngestStatus>,
+    drain_timeout: Duration,
+    retry_backoff: (Duration, Duration),
+    cancel: CancellationToken,
+}
+
+pub struct ContextSettings {
+    pub group: String,
+    pub topic: String,
+    pub batch_max_rows: usize,
+    pub batch_max_age: Duration,
+    pub drain_timeout: Duration,
+    pub initial_backoff: Duration,
+    pub max_backoff: Duration,
+}
+
+impl IngestContext {
+    pub fn new(
+        runtime: Handle,
+        pool: Pool,
+        settings: ContextSettings,
+        commands: mpsc::Sender<WriterCommand>,
+        status: Arc<IngestStatus>,
+        cancel: CancellationToken,
+    ) -> Self {
+        IngestContext {
+            runtime,
+            pool,
+            group: settings.group,
+            topic: settings.topic,
+            state: Mutex::new(LoopState {
+                builder: BatchBuilder::new(settings.batch_max_rows, settings.batch_max_age),
+                waiting: None,
+                positions: HashMap::new(),
+                next_epoch: 1,
+                assignment_generation: 0,
+            }),
+            commands,
+            status,
+            drain_timeout: settings.drain_timeout,
+            retry_backoff: (settings.initial_backoff, settings.max_backoff),
+            cancel,
+        }
+    }
+
+    fn state(&self) -> MutexGuard<'_, LoopState> {
+        self.state.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Stored positions of `partitions`, retried until PostgreSQL answers.
+    /// `None` only when shutting down.
+    fn stored_offsets(&self, partitions: &[i32]) -> Option<HashMap<i32, i64>> {
+        let mut backoff = self.retry_backoff.0;
+        loop {
+            let result = self.runtime.block_on(async {
+                let client = self.pool.get().await.map_err(|e| e.to_string())?;
+                client
+                    .query(queries::STORED_OFFSETS, &[&self.group, &self.topic, &partitions])
+                    .await
+                    .map_err(|e| e.to_string())
+            });
+            match result {
+                Ok(rows) => return Some(rows.iter().map(|r| (r.get(0), r.get(1))).collect()),
+                Err(e) => {
+                    warn!(error = %e, "cannot read stored offsets; retrying");
+                    self.status.db_error();
+                    if self.cancel.is_cancelled() {
+                        return None;
+                    }
+                    std::thread::sleep(backoff);
+                    backoff = (backoff * 2).min(self.retry_backoff.1);
+                }
+            }
+        }
+    }
+
+    fn on_assign(&self, consumer: &BaseConsumer<Self>, tpl: &mut TopicPartitionList) {
+        let partitions: Vec<i32> = tpl.elements_for_topic(&self.topic).iter().map(|e| e.partition()).collect();
+        let Some(stored) = self.stored_offsets(&partitions) else {
+            warn!("shutting down during assignment; not assigning");
+            return;
+        };
+        let mut state = self.state();
+        for &p in &partitions {
+            let offset = stored.get(&p).copied();
+            // No stored position means nothing of this partition is in the
+            // audit log yet: read it from the beginning rather than trust a
+            // Kafka-committed offset that may be ahead of the database.
+            let start = offset.map_or(Offset::Beginning, Offset::Offset);
+            if let Err(e) = tpl.set_partition_offset(&self.topic, p, start) {
+                error!(partition = p, error = %e, "cannot set start offset");
+            }
+            let epoch = state.next_epoch;
+            state.next_epoch += 1;
+            state.positions.insert(p, Position { epoch, expected: offset });
+        }
+        state.assignment_generation += 1;
+        drop(state);
+        info!(?partitions, ?stored, "partitions assigned; resuming from stored offsets");
+        if let Err(e) = consumer.assign(tpl) {
+            error!(error = %e, "assign failed");
+        }
+        self.status.set_assigned(partitions);
+    }
+
+    fn on_revoke(&self, consumer: &BaseConsumer<Self>) {
+        info!("partitions revoked; flushing what was consumed");
+        self.drain();
+        let mut state = self.state();
+        state.positions.clear();
+        state.assignment_generation += 1;
+        drop(state);
+        if let Err(e) = consumer.unassign() {
+            warn!(error = %e, "unassign failed");
+        }
+        self.status.set_assigned(Vec::new());
+        self.status.set_lag(BTreeMap::new());
+    }
+
+    /// Sends whatever is open or waiting to the writer and waits (bounded)
+    /// until the writer has handled it.
+    fn drain(&self) {
+        let batches: Vec<Batch> = {
+            let mut state = self.state();
+            let state = &mut *state;
+            let mut v: Vec<Batch> = state.waiting.take().into_iter().collect();
+            v.extend(state.builder.take(&mut state.positions));
+            v
+        };
+        let deadline = self.drain_timeout;
+        for batch in batches {
+            let sent = self.runtime.block_on(async {
+                tokio::time::timeout(deadline, self.commands.send(WriterCommand::Batch(batch))).await
+            });
+            if !matches!(sent, Ok(Ok(()))) {
+                warn!("writer did not take the last batch in time; it will be read again");
+                return;
+            }
+        }
+        let (ack_tx, ack_rx) = std::sync::mpsc::channel();
+        let sent = self.runtime.block_on(async {
+            tokio::time::timeout(deadline, self.commands.send(WriterCommand::Barrier(ack_tx))).await
+        });
+        if matches!(sent, Ok(Ok(()))) && ack_rx.recv_timeout(deadline).is_err() {
+            warn!("writer did not finish in time; unwritten messages will be read again");
+        }
+    }
+}
+
+impl ClientContext for IngestContext {
+    fn stats(&self, statistics: Statistics) {
+        let Some(topic) = statistics.topics.get(&self.topic) else { return };
+        let assigned: Vec<i32> = self.state().positions.keys().copied().collect();
+        let mut lag = BTreeMap::new();
+        for (p, stats) in &topic.partitions {
+            if assigned.contains(p) && stats.consumer_lag >= 0 {
+                lag.insert(*p, stats.consumer_lag);
+                metrics::gauge!("audit_consumer_lag_messages", "topic" => self.topic.clone(), "partition" => p.to_string())
+                    .set(stats.consumer_lag as f64);
+            }
+        }
+        self.status.set_lag(lag);
+    }
+
+    fn error(&self, error: KafkaError, reason: &str) {
+        metrics::counter!("audit_kafka_errors_total").increment(1);
+        warn!(error = %error, reason, "Kafka client error");
+        self.status.kafka_error(Some(format!("{error}: {reason}")));
+    }
+}
+
+impl ConsumerContext for IngestContext {
+    fn rebalance(&self, consumer: &BaseConsumer<Self>, err: RDKafkaRespErr, tpl: &mut TopicPartitionList) {
+        match err {
+            RDKafkaRespErr::RD_KAFKA_RESP_ERR__ASSIGN_PARTITIONS => self.on_assign(consumer, tpl),
+            RDKafkaRespErr::RD_KAFKA_RESP_ERR__REVOKE_PARTITIONS => self.on_revoke(consumer),
+            other => {
+                error!(error = ?other, "rebalance error; dropping the assignment");
+                self.on_revoke(consumer);
+            }
+        }
+    }
+}
+
+/// The poll loop. Returns when `cancel` fires (after flushing) or when the
+/// writer has gone away.
+pub fn run_loop(
+    consumer: BaseConsumer<IngestContext>,
+    decoder: Decoder,
+    writer_events: std::sync::mpsc::Receiver<WriterEvent>,
+) {
+    let ctx = consumer.context().clone();
+    let mut paused_generation: Option<u64> = None;
+    loop {
+        if ctx.cancel.is_cancelled() {
+            break;
+        }
+        handle_writer_events(&consumer, &writer_events, CommitMode::Async);
+        if !hand_off_due_batch(&ctx) {
+            error!("writer stopped; consumer loop exits");
+            break;
+        }
+        let wait = {
+            let state = ctx.state();
+            let backpressure = state.waiting.is_some();
+            let should_pause = backpressure || ctx.status.maintenance_paused();
+            ctx.status.set_backpressure_paused(backpressure);
+            match (should_pause, paused_generation) {
+                (true, Some(g)) if g == state.assignment_generation => {}
+                (true, _) => {
+                    set_paused(&consumer, true);
+                    paused_generation = Some(state.assignment_generation);
+                }
+                (false, Some(_)) => {
+                    set_paused(&consumer, false);
+                    paused_generation = None;
+                }
+                (false, None) => {}
+            }
+            state.builder.time_until_due(Instant::now()).unwrap_or(MAX_POLL_WAIT).min(MAX_POLL_WAIT)
+        };
+        match consumer.poll(wait) {
+            None => {}
+            Some(Err(e)) => {
+                metrics::counter!("audit_kafka_errors_total").increment(1);
+                warn!(error = %e, "consume error");
+            }
+            Some(Ok(message)) => ingest_message(&ctx, &decoder, &message),
+        }
+    }
+    info!("consumer stopping: flushing the open batch");
+    ctx.drain();
+    handle_writer_events(&consumer, &writer_events, CommitMode::Sync);
+    consumer.unsubscribe();
+    // Dropping the consumer closes it: it leaves the group (the revoke
+    // callback finds nothing left to flush).
+    drop(consumer);
+    info!("consumer stopped");
+}
+
+/// Closes a due batch and offers it to the writer; a full queue keeps it
+/// waiting (and the loop pauses). False when the writer is gone.
+fn hand_off_due_batch(ctx: &IngestContext) -> bool {
+    let mut state = ctx.state();
+    let state = &mut *state;
+    if state.waiting.is_none() && state.builder.is_due(Instant::now()) {
+        state.waiting = state.builder.take(&mut state.positions);
+    }
+    if let Some(batch) = state.waiting.take() {
+        match ctx.commands.try_send(WriterCommand::Batch(batch)) {
+            Ok(()) => {}
+            Err(mpsc::error::TrySendError::Full(WriterCommand::Batch(batch))) => state.waiting = Some(batch),
+            Err(_) => return false,
+        }
+    }
+    true
+}
+
+fn ingest_message(ctx: &IngestContext, decoder: &Decoder, message: &BorrowedMessage<'_>) {
+    let source = || SourceMessage {
+        partition: message.partition(),
+        offset: message.offset(),
+        timestamp: message.timestamp().to_millis(),
+        key: message.key(),
+        payload: message.payload(),
+        headers: message
+            .headers()
+            .map(|hs| hs.iter().map(|h| Header { key: h.key.to_owned(), value: h.value.map(<[u8]>::to_vec) }).collect())
+            .unwrap_or_default(),
+    };
+    let payload = message.payload().unwrap_or_default();
+    let mut backoff = ctx.retry_backoff.0;
+    let decoded = loop {
+        let result = decoder.decode(payload, now_micros());
+        match result {
+            Err(e) if e.is_transient() => {
+                // Not the message's fault (the schema registry is away):
+                // hold the partition here rather than dead-letter it.
+                warn!(error = %e, partition = message.partition(), offset = message.offset(), "transient decode failure; retrying");
+                if ctx.cancel.is_cancelled() {
+                    return;
+                }
+                std::thread::sleep(backoff);
+                backoff = (backoff * 2).min(ctx.retry_backoff.1);
+            }
+            other => break other,
+        }
+    };
+    let mut state = ctx.state();
+    if !state.positions.contains_key(&message.partition()) {
+        // Consumed just before its partition was revoked; the next owner
+        // reads it again.
+        return;
+    }
+    match decoded {
+        Ok((event, encoding)) => {
+            metrics::counter!("audit_events_consumed_total", "encoding" => encoding.as_str()).increment(1);
+            state.builder.push_event(source(), event, encoding, now_micros());
+        }
+        Err(e) => {
+            metrics::counter!("audit_events_consumed_total", "encoding" => "invalid").increment(1);
+            debug!(reason = e.code(), partition = message.partition(), offset = message.offset(), "dead-lettering");
+            state.builder.push_dead(source(), &e);
+        }
+    }
+}
+
+/// Commits stored positions to Kafka (for lag tooling) and re-seeks fenced
+/// partitions to the position another consumer stored.
+fn handle_writer_events(
+    consumer: &BaseConsumer<IngestContext>,
+    events: &std::sync::mpsc::Receiver<WriterEvent>,
+    mode: CommitMode,
+) {
+    let ctx = consumer.context();
+    let mut commit: BTreeMap<i32, i64> = BTreeMap::new();
+    while let Ok(event) = events.try_recv() {
+        match event {
+            WriterEvent::Committed(offsets) => commit.extend(offsets),
+            WriterEvent::Fenced { partition, epoch } => reseek_fenced(consumer, partition, epoch),
+        }
+    }
+    if commit.is_empty() {
+        return;
+    }
+    let assigned: Vec<i32> = ctx.state().positions.keys().copied().collect();
+    let mut tpl = TopicPartitionList::new();
+    for (p, next) in commit.into_iter().filter(|(p, _)| assigned.contains(p)) {
+        let _ = tpl.add_partition_offset(&ctx.topic, p, Offset::Offset(next));
+    }
+    if tpl.count() > 0
+        && let Err(e) = consumer.commit(&tpl, mode)
+    {
+        // Only lag tooling reads these; the next commit catches up.
+        debug!(error = %e, "Kafka offset commit failed");
+    }
+}
+
+fn reseek_fenced(consumer: &BaseConsumer<IngestContext>, partition: i32, epoch: u64) {
+    let ctx = consumer.context();
+    if ctx.state().positions.get(&partition).map(|p| p.epoch) != Some(epoch) {
+        return; // reassigned since; the assignment already read the offset
+    }
+    let Some(stored) = ctx.stored_offsets(&[partition]) else { return };
+    let offset = stored.get(&partition).copied();
+    {
+        let mut guard = ctx.state();
+        let state = &mut *guard;
+        state.builder.discard_partitions(&[partition]);
+        if let Some(waiting) = &mut state.waiting {
+            waiting.remove_partitions(&[partition]);
+        }
+        let epoch = state.next_epoch;
+        state.next_epoch += 1;
+        state.positions.insert(partition, Position { epoch, expected: offset });
+    }
+    let target = offset.map_or(Offset::Beginning, Offset::Offset);
+    warn!(partition, ?offset, "offsets moved by another consumer; seeking to the stored position");
+    if let Err(e) = consumer.seek(&ctx.topic, partition, target, Duration::from_secs(10)) {
+        error!(partition, error = %e, "seek after fence failed");
+    }
+}
+
+fn set_paused(consumer: &BaseConsumer<IngestContext>, paused: bool) {
+    let Ok(assignment) = consumer.assignment() else { return };
+    if assignment.count() == 0 {
+        return;
+    }
+    let result = if paused { consumer.pause(&assignment) } else { consumer.resume(&assignment) };
+    match result {
+        Ok(()) => debug!(paused, "consumption paused/resumed"),
+        Err(e) => warn!(error = %e, paused, "pause/resume failed"),
+    }
+}
+
+pub fn now_micros() -> EpochMicros {
+    let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap_or_default();
+    now.as_micros() as EpochMicros
+}

@@ -1,0 +1,69 @@
+//! The dead-letter topic: a message that cannot be stored goes there with its
+//! original key, bytes and headers, plus headers saying why and where from.
+//! A batch's offsets are stored only after its dead letters are acknowledged.
+
+use std::time::Duration;
+
+use futures::future::try_join_all;
+use rdkafka::error::KafkaError;
+use rdkafka::message::{Header as KafkaHeader, OwnedHeaders};
+use rdkafka::producer::{FutureProducer, FutureRecord};
+use rdkafka::util::Timeout;
+
+use super::batch::DeadLetter;
+
+/// Header names, documented in the README.
+pub const HEADER_REASON_CODE: &str = "dlq.reason.code";
+pub const HEADER_REASON: &str = "dlq.reason";
+pub const HEADER_SOURCE_TOPIC: &str = "dlq.source.topic";
+pub const HEADER_SOURCE_PARTITION: &str = "dlq.source.partition";
+pub const HEADER_SOURCE_OFFSET: &str = "dlq.source.offset";
+pub const HEADER_SOURCE_TIMESTAMP: &str = "dlq.source.timestamp";
+
+pub struct DeadLetterProducer {
+    producer: FutureProducer,
+    topic: String,
+    source_topic: String,
+    timeout: Duration,
+}
+
+impl DeadLetterProducer {
+    pub fn new(producer: FutureProducer, topic: String, source_topic: String, timeout: Duration) -> Self {
+        DeadLetterProducer { producer, topic, source_topic, timeout }
+    }
+
+    /// Produces every letter and waits until all are acknowledged.
+    pub async fn send_all(&self, letters: &[DeadLetter]) -> Result<(), KafkaError> {
+        let sends = letters.iter().map(|letter| self.send(letter));
+        try_join_all(sends).await.map(|_| ())
+    }
+
+    async fn send(&self, letter: &DeadLetter) -> Result<(), KafkaError> {
+        let partition = letter.partition.to_string();
+        let offset = letter.offset.to_string();
+        let timestamp = letter.timestamp.map(|t| t.to_string());
+        let mut headers = OwnedHeaders::new_with_capacity(letter.headers.len() + 6);
+        for h in &letter.headers {
+            headers = headers.insert(KafkaHeader { key: &h.key, value: h.value.as_deref() });
+        }
+        headers = headers
+            .insert(KafkaHeader { key: HEADER_REASON_CODE, value: Some(letter.reason_code.as_bytes()) })
+            .insert(KafkaHeader { key: HEADER_REASON, value: Some(letter.reason.as_bytes()) })
+            .insert(KafkaHeader { key: HEADER_SOURCE_TOPIC, value: Some(self.source_topic.as_bytes()) })
+            .insert(KafkaHeader { key: HEADER_SOURCE_PARTITION, value: Some(partition.as_bytes()) })
+            .insert(KafkaHeader { key: HEADER_SOURCE_OFFSET, value: Some(offset.as_bytes()) });
+        if let Some(ts) = &timestamp {
+            headers = headers.insert(KafkaHeader { key: HEADER_SOURCE_TIMESTAMP, value: Some(ts.as_bytes()) });
+        }
+        let mut record: FutureRecord<'_, [u8], [u8]> =
+            FutureRecord::to(&self.topic).payload(letter.payload.as_slice()).headers(headers);
+        if let Some(key) = &letter.key {
+            record = record.key(key.as_slice());
+        }
+        self.producer
+            .send(record, Timeout::After(self.timeout))
+            .await
+            .map(|_| ())
+            .map_err(|(e, _)| e)
+    }
+}

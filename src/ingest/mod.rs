@@ -1,0 +1,112 @@
+//! Ingest: Kafka events topic → decode/validate → batches → PostgreSQL, with
+//! a dead-letter topic, exactly-once offsets and backpressure.
+//!
+//! ```text
+//!  consumer thread (consumer.rs)          writer task (writer.rs)
+//!  poll → decode → BatchBuilder ──queue──► DLQ produce → one transaction:
+//!       ▲  (bounded: full → pause)          rows + dead_letters + offsets
+//!       └──────── committed / fenced ◄──────┘
+//! ```
+
+pub mod batch;
+pub mod consumer;
+pub mod dlq;
+pub mod status;
+pub mod writer;
+
+use std::sync::Arc;
+
+use deadpool_postgres::Pool;
+use rdkafka::consumer::{BaseConsumer, Consumer};
+use rdkafka::producer::FutureProducer;
+use tokio::sync::mpsc;
+use tokio_util::sync::CancellationToken;
+
+use crate::config::Config;
+use crate::event::Decoder;
+use crate::kafka;
+use consumer::{ContextSettings, IngestContext};
+use status::IngestStatus;
+use writer::{BatchWriter, WriterSettings};
+
+#[derive(Debug, thiserror::Error)]
+pub enum IngestError {
+    #[error("Kafka client: {0}")]
+    Kafka(#[from] rdkafka::error::KafkaError),
+    #[error("starting the consumer thread: {0}")]
+    Thread(#[from] std::io::Error),
+}
+
+/// The running pipeline; `join` waits until it has flushed and stopped.
+pub struct IngestHandle {
+    consumer_thread: std::thread::JoinHandle<()>,
+    writer_task: tokio::task::JoinHandle<()>,
+}
+
+impl IngestHandle {
+    pub async fn join(self) {
+        let consumer = tokio::task::spawn_blocking(move || self.consumer_thread.join());
+        if let Ok(Err(panic)) = consumer.await {
+            tracing::error!(?panic, "consumer thread panicked");
+        }
+        if let Err(e) = self.writer_task.await {
+            tracing::error!(error = %e, "writer task failed");
+        }
+    }
+}
+
+/// Starts the consumer thread and the writer task. Cancel `cancel` to stop:
+/// the open batch is flushed, offsets stored, the group left.
+pub fn start(
+    config: &Config,
+    pool: Pool,
+    decoder: Decoder,
+    status: Arc<IngestStatus>,
+    cancel: CancellationToken,
+) -> Result<IngestHandle, IngestError> {
+    let k = &config.kafka;
+    let i = &config.ingest;
+    let (commands_tx, commands_rx) = mpsc::channel(i.max_queued_batches);
+    let (events_tx, events_rx) = std::sync::mpsc::channel();
+
+    let dlq_producer: FutureProducer = kafka::producer_config(k).create()?;
+    let dlq = dlq::DeadLetterProducer::new(dlq_producer, k.dlq_topic.clone(), k.events_topic.clone(), k.produce_timeout);
+    let writer = BatchWriter::new(
+        pool.clone(),
+        dlq,
+        WriterSettings {
+            group: k.group_id.clone(),
+            topic: k.events_topic.clone(),
+            method: i.insert_method,
+            initial_backoff: i.retry_initial_backoff,
+            max_backoff: i.retry_max_backoff,
+        },
+        status.clone(),
+        events_tx,
+    );
+
+    let context = IngestContext::new(
+        tokio::runtime::Handle::current(),
+        pool,
+        ContextSettings {
+            group: k.group_id.clone(),
+            topic: k.events_topic.clone(),
+            batch_max_rows: i.batch_max_rows,
+            batch_max_age: i.batch_max_age,
+            drain_timeout: i.drain_timeout,
+            initial_backoff: i.retry_initial_backoff,
+            max_backoff: i.retry_max_backoff,
+        },
+        commands_tx,
+        status,
+        cancel,
+    );
+    let consumer: BaseConsumer<IngestContext> = kafka::consumer_config(k).create_with_context(context)?;
+    consumer.subscribe(&[&k.events_topic])?;
+
+    let writer_task = tokio::spawn(writer.run(commands_rx));
+    let consumer_thread = std::thread::Builder::new()
+        .name("ingest-consumer".into())
+        .spawn(move || consumer::run_loop(consumer, decoder, events_rx))?;
+    Ok(IngestHandle { consumer_thread, writer_task })
+}

@@ -1,0 +1,97 @@
+//! What the pipeline reports about itself to the health endpoint: lag,
+//! assignment, pauses, the last stored batch. Cheap to update, shared by
+//! reference.
+
+use std::collections::BTreeMap;
+use std::sync::Mutex;
+use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU64, Ordering};
+
+#[derive(Debug, Default)]
+pub struct IngestStatus {
+    /// Operator-requested pause (maintenance mode).
+    maintenance_paused: AtomicBool,
+    /// The writer cannot keep up (or PostgreSQL is down).
+    backpressure_paused: AtomicBool,
+    /// Unix seconds of the last committed batch; 0 before the first.
+    last_batch_at: AtomicI64,
+    batches_committed: AtomicU64,
+    /// Unix seconds of the last database write failure; 0 when none.
+    last_db_error_at: AtomicI64,
+    /// partition → consumer lag in messages, from librdkafka statistics.
+    lag: Mutex<BTreeMap<i32, i64>>,
+    assigned: Mutex<Vec<i32>>,
+    last_kafka_error: Mutex<Option<String>>,
+}
+
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct StatusSnapshot {
+    pub maintenance_paused: bool,
+    pub backpressure_paused: bool,
+    pub last_batch_at: Option<i64>,
+    pub batches_committed: u64,
+    pub last_db_error_at: Option<i64>,
+    pub lag: BTreeMap<i32, i64>,
+    pub total_lag: i64,
+    pub assigned_partitions: Vec<i32>,
+    pub last_kafka_error: Option<String>,
+}
+
+fn unix_now() -> i64 {
+    chrono::Utc::now().timestamp()
+}
+
+impl IngestStatus {
+    pub fn set_maintenance_paused(&self, paused: bool) {
+        self.maintenance_paused.store(paused, Ordering::SeqCst);
+        metrics::gauge!("audit_ingest_paused", "reason" => "maintenance").set(if paused { 1.0 } else { 0.0 });
+    }
+
+    pub fn maintenance_paused(&self) -> bool {
+        self.maintenance_paused.load(Ordering::SeqCst)
+    }
+
+    pub fn set_backpressure_paused(&self, paused: bool) {
+        self.backpressure_paused.store(paused, Ordering::SeqCst);
+        metrics::gauge!("audit_ingest_paused", "reason" => "backpressure").set(if paused { 1.0 } else { 0.0 });
+    }
+
+    pub fn batch_committed(&self) {
+        let now = unix_now();
+        self.last_batch_at.store(now, Ordering::SeqCst);
+        self.batches_committed.fetch_add(1, Ordering::SeqCst);
+        metrics::gauge!("audit_last_batch_stored_timestamp_seconds").set(now as f64);
+    }
+
+    pub fn db_error(&self) {
+        self.last_db_error_at.store(unix_now(), Ordering::SeqCst);
+    }
+
+    pub fn set_lag(&self, lag: BTreeMap<i32, i64>) {
+        *self.lag.lock().unwrap_or_else(|e| e.into_inner()) = lag;
+    }
+
+    pub fn set_assigned(&self, partitions: Vec<i32>) {
+        metrics::gauge!("audit_consumer_assigned_partitions").set(partitions.len() as f64);
+        *self.assigned.lock().unwrap_or_else(|e| e.into_inner()) = partitions;
+    }
+
+    pub fn kafka_error(&self, message: Option<String>) {
+        *self.last_kafka_error.lock().unwrap_or_else(|e| e.into_inner()) = message;
+    }
+
+    pub fn snapshot(&self) -> StatusSnapshot {
+        let lag = self.lag.lock().unwrap_or_else(|e| e.into_inner()).clone();
+        let nonzero = |v: i64| (v != 0).then_some(v);
+        StatusSnapshot {
+            maintenance_paused: self.maintenance_paused(),
+            backpressure_paused: self.backpressure_paused.load(Ordering::SeqCst),
+            last_batch_at: nonzero(self.last_batch_at.load(Ordering::SeqCst)),
+            batches_committed: self.batches_committed.load(Ordering::SeqCst),
+            last_db_error_at: nonzero(self.last_db_error_at.load(Ordering::SeqCst)),
+            total_lag: lag.values().sum(),
+            lag,
+            assigned_partitions: self.assigned.lock().unwrap_or_else(|e| e.into_inner()).clone(),
+            last_kafka_error: self.last_kafka_error.lock().unwrap_or_else(|e| e.into_inner()).clone(),
+        }
+    }
+}

@@ -1,0 +1,217 @@
+//! The writer task: takes batches from the consumer thread, in order, and
+//! makes each durable: dead letters acknowledged by Kafka first, then rows,
+//! dead-letter records and offsets in one PostgreSQL transaction. A batch is
+//! retried (with backoff) until it commits; the bounded queue in front of
+//! this task is what pauses the consumer while PostgreSQL is away.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use deadpool_postgres::Pool;
+use tokio::sync::mpsc;
+use tracing::{Instrument, debug, info_span, warn};
+
+use super::batch::Batch;
+use super::dlq::DeadLetterProducer;
+use super::status::IngestStatus;
+use crate::store::copy_format::RowRef;
+use crate::store::writer::{self, DeadLetterRecord, InsertMethod, OffsetAdvance, WriteError, WriteResult, WriteSet};
+
+/// What the consumer thread sends to the writer.
+pub enum WriterCommand {
+    Batch(Batch),
+    /// Answered once every batch sent before it has been handled.
+    Barrier(std::sync::mpsc::Sender<()>),
+}
+
+/// What the writer tells the consumer thread.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum WriterEvent {
+    /// These partitions' next offsets are stored; commit them to Kafka too.
+    Committed(Vec<(i32, i64)>),
+    /// Another consumer moved this partition's stored offset: re-read it
+    /// and seek there.
+    Fenced { partition: i32, epoch: u64 },
+}
+
+pub struct WriterSettings {
+    pub group: String,
+    pub topic: String,
+    pub method: InsertMethod,
+    pub initial_backoff: Duration,
+    pub max_backoff: Duration,
+}
+
+pub struct BatchWriter {
+    pool: Pool,
+    dlq: DeadLetterProducer,
+    settings: WriterSettings,
+    status: Arc<IngestStatus>,
+    events: std::sync::mpsc::Sender<WriterEvent>,
+    /// partition → epoch whose batches must be dropped (fenced).
+    fenced: HashMap<i32, u64>,
+}
+
+enum AttemptError {
+    Pool(deadpool_postgres::PoolError),
+    Write(WriteError),
+}
+
+impl BatchWriter {
+    pub fn new(
+        pool: Pool,
+        dlq: DeadLetterProducer,
+        settings: WriterSettings,
+        status: Arc<IngestStatus>,
+        events: std::sync::mpsc::Sender<WriterEvent>,
+    ) -> Self {
+        BatchWriter { pool, dlq, settings, status, events, fenced: HashMap::new() }
+    }
+
+    /// Handles commands until the consumer thread drops its sender.
+    pub async fn run(mut self, mut commands: mpsc::Receiver<WriterCommand>) {
+        while let Some(command) = commands.recv().await {
+            match command {
+                WriterCommand::Batch(batch) => {
+                    let span = info_span!(
+                        "batch",
+                        seq = batch.seq,
+                        messages = batch.messages,
+                        rows = batch.rows.len(),
+                        dead = batch.dead.len()
+                    );
+                    self.write(batch).instrument(span).await;
+                }
+                WriterCommand::Barrier(ack) => {
+                    let _ = ack.send(());
+                }
+            }
+        }
+    }
+
+    async fn write(&mut self, mut batch: Batch) {
+        let stale: Vec<i32> = batch
+            .progress
+            .iter()
+            .filter(|p| self.fenced.get(&p.partition) == Some(&p.epoch))
+            .map(|p| p.partition)
+            .collect();
+        if !stale.is_empty() {
+            debug!(?stale, "dropping rows of fenced partitions");
+            batch.remove_partitions(&stale);
+        }
+        if batch.progress.is_empty() {
+            return;
+        }
+        let started = Instant::now();
+        let mut dead_sent = 0;
+        let mut backoff = self.settings.initial_backoff;
+        loop {
+            if dead_sent < batch.dead.len() {
+                match self.dlq.send_all(&batch.dead[dead_sent..]).await {
+                    Ok(()) => dead_sent = batch.dead.len(),
+                    Err(e) => {
+                        warn!(error = %e, "dead-letter produce failed; retrying");
+                        metrics::counter!("audit_dlq_produce_errors_total").increment(1);
+                        backoff = self.pause(backoff).await;
+                        continue;
+                    }
+                }
+            }
+            match self.attempt(&batch).await {
+                Ok(result) => {
+                    self.committed(&batch, result, started);
+                    return;
+                }
+                Err(AttemptError::Write(WriteError::Rejected(rejected))) => {
+                    warn!(rows = rejected.len(), "PostgreSQL rejected rows; dead-lettering them");
+                    // Highest index first so the remaining indexes stay valid.
+                    for (index, message) in rejected.into_iter().rev() {
+                        let letter = batch.dead_letter_for_row(index, "db_rejected", format!("PostgreSQL: {message}"));
+                        batch.rows.remove(index);
+                        batch.dead.push(letter);
+                    }
+                }
+                Err(AttemptError::Write(WriteError::Fenced(partitions))) => {
+                    warn!(?partitions, "another consumer moved these offsets; dropping our rows for them");
+                    metrics::counter!("audit_offset_fence_conflicts_total").increment(partitions.len() as u64);
+                    for p in batch.progress.iter().filter(|p| partitions.contains(&p.partition)) {
+                        self.fenced.insert(p.partition, p.epoch);
+                        let _ = self.events.send(WriterEvent::Fenced { partition: p.partition, epoch: p.epoch });
+                    }
+                    batch.remove_partitions(&partitions);
+                    if batch.progress.is_empty() {
+                        return;
+                    }
+                }
+                Err(AttemptError::Write(WriteError::Db(e))) => {
+                    self.status.db_error();
+                    let kind = if crate::store::is_transient(&e) { "transient" } else { "other" };
+                    metrics::counter!("audit_db_write_errors_total", "kind" => kind).increment(1);
+                    warn!(error = %e, kind, "batch write failed; retrying");
+                    backoff = self.pause(backoff).await;
+                }
+                Err(AttemptError::Pool(e)) => {
+                    self.status.db_error();
+                    metrics::counter!("audit_db_write_errors_total", "kind" => "connect").increment(1);
+                    warn!(error = %e, "no database connection; retrying");
+                    backoff = self.pause(backoff).await;
+                }
+            }
+        }
+    }
+
+    async fn attempt(&self, batch: &Batch) -> Result<WriteResult, AttemptError> {
+        let mut client = self.pool.get().await.map_err(AttemptError::Pool)?;
+        let set = WriteSet {
+            group: &self.settings.group,
+            topic: &self.settings.topic,
+            rows: batch
+                .rows
+                .iter()
+                .map(|r| RowRef { event: &r.event, received_at: r.received_at, partition: r.partition, offset: r.offset })
+                .collect(),
+            dead: batch
+                .dead
+                .iter()
+                .map(|d| DeadLetterRecord {
+                    partition: d.partition,
+                    offset: d.offset,
+                    reason_code: &d.reason_code,
+                    reason: &d.reason,
+                    payload_bytes: i32::try_from(d.payload.len()).unwrap_or(i32::MAX),
+                })
+                .collect(),
+            offsets: batch
+                .progress
+                .iter()
+                .map(|p| OffsetAdvance { partition: p.partition, expected: p.expected, next_offset: p.next_offset })
+                .collect(),
+        };
+        writer::write(&mut client, &set, self.settings.method).await.map_err(AttemptError::Write)
+    }
+
+    fn committed(&self, batch: &Batch, result: WriteResult, started: Instant) {
+        let elapsed = started.elapsed();
+        metrics::histogram!("audit_batch_write_duration_seconds").record(elapsed.as_secs_f64());
+        metrics::histogram!("audit_batch_rows").record(batch.messages as f64);
+        metrics::counter!("audit_events_stored_total").increment(result.inserted);
+        metrics::counter!("audit_events_duplicate_total").increment(result.duplicates + batch.duplicates_in_batch);
+        if result.staged {
+            metrics::counter!("audit_batches_deduplicated_total").increment(1);
+        }
+        for letter in &batch.dead {
+            metrics::counter!("audit_events_dead_lettered_total", "reason" => letter.reason_code.clone()).increment(1);
+        }
+        self.status.batch_committed();
+        debug!(inserted = result.inserted, duplicates = result.duplicates, ms = elapsed.as_millis() as u64, "batch committed");
+        let offsets = batch.progress.iter().map(|p| (p.partition, p.next_offset)).collect();
+        let _ = self.events.send(WriterEvent::Committed(offsets));
+    }
+
+    async fn pause(&self, backoff: Duration) -> Duration {
+        tokio::time::sleep(backoff).await;
+        (backoff * 2).min(self.settings.max_backoff)
+    }
+}

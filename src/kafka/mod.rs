@@ -1,0 +1,64 @@
+//! Kafka client settings shared by the consumer and the producers, and the
+//! embedded (mock) cluster used by the demo and the tests.
+
+pub mod embedded;
+
+use rdkafka::ClientConfig;
+
+use crate::config::KafkaConfig;
+
+/// Settings every client gets: brokers, client id, the pass-through
+/// properties (security, SASL, SSL, ...).
+fn base(cfg: &KafkaConfig, defaults: &[(&str, &str)], specific: &std::collections::BTreeMap<String, String>) -> ClientConfig {
+    let mut c = ClientConfig::new();
+    c.set("client.id", &cfg.client_id);
+    // Defaults of ours that an operator may override...
+    for (k, v) in defaults {
+        c.set(*k, *v);
+    }
+    for (k, v) in cfg.properties.iter().chain(specific) {
+        c.set(k, v);
+    }
+    // ...and what the service's guarantees need, which nobody may override
+    // (config validation refuses these keys in the property maps).
+    c.set("bootstrap.servers", &cfg.brokers);
+    c
+}
+
+/// The events consumer: offsets are managed by the service (stored in
+/// PostgreSQL, committed to Kafka afterwards for lag tooling only).
+pub fn consumer_config(cfg: &KafkaConfig) -> ClientConfig {
+    let mut c = base(
+        cfg,
+        &[
+            ("auto.offset.reset", "earliest"),
+            ("statistics.interval.ms", "5000"),
+            // Bounds what librdkafka pre-fetches (memory under backpressure).
+            ("queued.max.messages.kbytes", "16384"),
+            ("fetch.wait.max.ms", "100"),
+            ("partition.assignment.strategy", "range,roundrobin"),
+        ],
+        &cfg.consumer_properties,
+    );
+    c.set("group.id", &cfg.group_id);
+    c.set("enable.auto.commit", "false");
+    c.set("enable.auto.offset.store", "false");
+    c.set("enable.partition.eof", "false");
+    c
+}
+
+/// The dead-letter and alert producers: idempotent, acknowledged by all
+/// in-sync replicas.
+pub fn producer_config(cfg: &KafkaConfig) -> ClientConfig {
+    base(
+        cfg,
+        &[
+            ("enable.idempotence", "true"),
+            ("acks", "all"),
+            ("compression.type", "lz4"),
+            ("linger.ms", "5"),
+            ("message.timeout.ms", "300000"),
+        ],
+        &cfg.producer_properties,
+    )
+}

@@ -1,0 +1,16 @@
+//! audit-service: consumes auth events from Kafka, stores each exactly once
+//! in PostgreSQL, detects attacks on sliding windows and publishes alerts.
+//!
+//! The binary (`src/main.rs`) is a thin CLI over this library; README.md
+//! shows how the parts fit.
+
+pub mod config;
+pub mod event;
+pub mod http;
+pub mod ingest;
+pub mod kafka;
+pub mod loadgen;
+pub mod metrics;
+pub mod service;
+pub mod store;
+pub mod telemetry;

@@ -1,0 +1,76 @@
+//! Prometheus metrics: the recorder, the bucket layout, and a description of
+//! every metric the service emits (names follow Prometheus conventions: the
+//! `audit_` prefix, base units, `_total` on counters, no user ids as labels).
+
+use std::sync::OnceLock;
+use std::time::Duration;
+
+use deadpool_postgres::Pool;
+use metrics::{describe_counter, describe_gauge, describe_histogram, Unit};
+use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle};
+use tokio_util::sync::CancellationToken;
+
+static HANDLE: OnceLock<PrometheusHandle> = OnceLock::new();
+
+/// Installs the process-wide recorder (once) and returns the handle that
+/// renders `/metrics`.
+pub fn install() -> PrometheusHandle {
+    HANDLE
+        .get_or_init(|| {
+            let handle = PrometheusBuilder::new()
+                .set_buckets_for_metric(
+                    Matcher::Suffix("_seconds".into()),
+                    &[0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0],
+                )
+                .and_then(|b| {
+                    b.set_buckets_for_metric(
+                        Matcher::Full("audit_batch_rows".into()),
+                        &[1.0, 10.0, 100.0, 500.0, 1000.0, 2500.0, 5000.0, 10000.0],
+                    )
+                })
+                .expect("static bucket layout is valid")
+                .install_recorder()
+                .expect("the metrics recorder is installed once");
+            describe_all();
+            handle
+        })
+        .clone()
+}
+
+fn describe_all() {
+    describe_counter!("audit_events_consumed_total", "Messages consumed from the events topic, by encoding (invalid = failed decoding).");
+    describe_counter!("audit_events_stored_total", "Events newly stored in audit_logs.");
+    describe_counter!("audit_events_duplicate_total", "Events skipped because their event_id was already stored.");
+    describe_counter!("audit_events_dead_lettered_total", "Messages sent to the dead-letter topic, by reason.");
+    describe_histogram!("audit_batch_rows", "Messages per written batch.");
+    describe_histogram!("audit_batch_write_duration_seconds", Unit::Seconds, "Time to make a batch durable (dead letters and transaction, retries included).");
+    describe_counter!("audit_batches_deduplicated_total", "Batches that took the de-duplicating insert path.");
+    describe_counter!("audit_db_write_errors_total", "Failed batch write attempts, by kind (each is retried).");
+    describe_counter!("audit_dlq_produce_errors_total", "Failed dead-letter produce attempts (each is retried).");
+    describe_counter!("audit_offset_fence_conflicts_total", "Partitions whose stored offset another consumer had moved.");
+    describe_counter!("audit_kafka_errors_total", "Errors reported by the Kafka client.");
+    describe_gauge!("audit_consumer_lag_messages", "Messages between the stored position and the end of each partition.");
+    describe_gauge!("audit_consumer_assigned_partitions", "Partitions of the events topic assigned to this instance.");
+    describe_gauge!("audit_ingest_paused", "1 while consumption is paused, by reason (backpressure, maintenance).");
+    describe_gauge!("audit_last_batch_stored_timestamp_seconds", Unit::Seconds, "Unix time of the last committed batch.");
+    describe_gauge!("audit_db_pool_connections", "Ingest pool connections, by state (in_use, idle, max).");
+    describe_gauge!("audit_db_pool_utilization_ratio", "Share of the ingest pool's connections in use (0..1).");
+    describe_counter!("audit_partitions_created_total", "Daily audit_logs partitions created.");
+}
+
+/// Samples the pool's use every second until cancelled.
+pub async fn sample_pool(pool: Pool, name: &'static str, cancel: CancellationToken) {
+    let mut tick = tokio::time::interval(Duration::from_secs(1));
+    loop {
+        tokio::select! {
+            _ = cancel.cancelled() => return,
+            _ = tick.tick() => {}
+        }
+        let s = pool.status();
+        let in_use = s.size.saturating_sub(s.available);
+        metrics::gauge!("audit_db_pool_connections", "pool" => name, "state" => "in_use").set(in_use as f64);
+        metrics::gauge!("audit_db_pool_connections", "pool" => name, "state" => "idle").set(s.available as f64);
+        metrics::gauge!("audit_db_pool_connections", "pool" => name, "state" => "max").set(s.max_size as f64);
+        metrics::gauge!("audit_db_pool_utilization_ratio", "pool" => name).set(in_use as f64 / s.max_size.max(1) as f64);
+    }
+}

@@ -1,0 +1,110 @@
+//! Applies `migrations/*.sql` in order, once each, recording them in
+//! `schema_migrations`. Safe to run from several instances at once (an
+//! advisory lock serialises them) and on every start.
+
+use tokio_postgres::Client;
+use tracing::info;
+
+use super::StoreError;
+
+/// A migration compiled into the binary, so that `migrate` needs no files.
+pub struct Migration {
+    pub version: i32,
+    pub name: &'static str,
+    pub sql: &'static str,
+}
+
+pub const MIGRATIONS: &[Migration] = &[Migration {
+    version: 1,
+    name: "audit_log",
+    sql: include_str!("../../migrations/0001_audit_log.sql"),
+}];
+
+/// Arbitrary constant naming the migration lock.
+const MIGRATION_LOCK_KEY: i64 = 0x6175_6469_745f_6d67;
+
+const CREATE_VERSION_TABLE: &str = "CREATE TABLE IF NOT EXISTS schema_migrations (
+    version    integer PRIMARY KEY,
+    name       text NOT NULL,
+    checksum   text NOT NULL,
+    applied_at timestamptz NOT NULL DEFAULT now())";
+
+/// Applies what is missing; returns the versions it applied.
+pub async fn run(client: &mut Client) -> Result<Vec<i32>, StoreError> {
+    client.batch_execute(CREATE_VERSION_TABLE).await?;
+    client.query("SELECT pg_advisory_lock($1)", &[&MIGRATION_LOCK_KEY]).await?;
+    let result = apply_missing(client).await;
+    // Unlock even when a migration failed; the session may be gone already.
+    let _ = client.query("SELECT pg_advisory_unlock($1)", &[&MIGRATION_LOCK_KEY]).await;
+    result
+}
+
+async fn apply_missing(client: &mut Client) -> Result<Vec<i32>, StoreError> {
+    let applied: Vec<(i32, String)> = client
+        .query("SELECT version, checksum FROM schema_migrations ORDER BY version", &[])
+        .await?
+        .iter()
+        .map(|r| (r.get(0), r.get(1)))
+        .collect();
+    let mut done = Vec::new();
+    for m in MIGRATIONS {
+        let checksum = checksum(m.sql);
+        if let Some((_, stored)) = applied.iter().find(|(v, _)| *v == m.version) {
+            if *stored != checksum {
+                return Err(StoreError::Migration {
+                    version: m.version,
+                    name: m.name.into(),
+                    message: "already applied with different contents; migrations must not be edited".into(),
+                });
+            }
+            continue;
+        }
+        let tx = client.transaction().await?;
+        tx.batch_execute(m.sql).await.map_err(|e| StoreError::Migration {
+            version: m.version,
+            name: m.name.into(),
+            message: e.as_db_error().map(|d| d.to_string()).unwrap_or_else(|| e.to_string()),
+        })?;
+        tx.execute(
+            "INSERT INTO schema_migrations (version, name, checksum) VALUES ($1, $2, $3)",
+            &[&m.version, &m.name, &checksum],
+        )
+        .await?;
+        tx.commit().await?;
+        info!(version = m.version, name = m.name, "applied migration");
+        done.push(m.version);
+    }
+    Ok(done)
+}
+
+/// FNV-1a over the file: enough to notice an edited migration.
+fn checksum(sql: &str) -> String {
+    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
+    for b in sql.as_bytes() {
+        h ^= u64::from(*b);
+        h = h.wrapping_mul(0x0000_0100_0000_01b3);
+    }
+    format!("{h:016x}")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn versions_are_increasing_and_match_file_names() {
+        for pair in MIGRATIONS.windows(2) {
+            assert!(pair[0].version < pair[1].version);
+        }
+        let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("migrations");
+        let mut files: Vec<String> = std::fs::read_dir(dir)
+            .unwrap()
+            .map(|e| e.unwrap().file_name().into_string().unwrap())
+            .filter(|n| n.ends_with(".sql"))
+            .collect();
+        files.sort();
+        let expected: Vec<String> =
+            MIGRATIONS.iter().map(|m| format!("{:04}_{}.sql", m.version, m.name)).collect();
+        assert_eq!(files, expected, "every file in migrations/ must be listed in MIGRATIONS");
+    }
+}

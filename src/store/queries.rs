@@ -1,0 +1,75 @@
+//! Every SQL statement the service runs, named. Schema lives in
+//! `migrations/`; these are the statements that use it.
+
+/// Fast path: the batch straight into the partitioned table. Fails as a
+/// whole on a duplicate event_id, after which the writer takes the staged
+/// path for that batch.
+pub const COPY_AUDIT_LOGS: &str = "COPY audit_logs (event_id, created_at, received_at, action, user_id, username, \
+     ip_address, user_agent, session_id, request_id, metadata, kafka_partition, kafka_offset) FROM STDIN BINARY";
+
+/// Session-local staging table for the de-duplicating path.
+pub const CREATE_STAGING: &str = "CREATE TEMP TABLE IF NOT EXISTS audit_logs_staging \
+     (LIKE audit_logs INCLUDING DEFAULTS) ON COMMIT DELETE ROWS";
+
+pub const COPY_STAGING: &str = "COPY audit_logs_staging (event_id, created_at, received_at, action, user_id, \
+     username, ip_address, user_agent, session_id, request_id, metadata, kafka_partition, kafka_offset) \
+     FROM STDIN BINARY";
+
+pub const TRUNCATE_STAGING: &str = "TRUNCATE audit_logs_staging";
+
+/// Moves the staged rows in, skipping event_ids already stored.
+pub const INSERT_FROM_STAGING: &str = "INSERT INTO audit_logs SELECT * FROM audit_logs_staging \
+     ON CONFLICT (event_id, created_at) DO NOTHING";
+
+/// The row-at-a-time alternative to COPY, kept for the insert-method
+/// benchmark: arrays in, duplicates skipped.
+pub const INSERT_UNNEST: &str = "
+INSERT INTO audit_logs (event_id, created_at, received_at, action, user_id, username, ip_address, user_agent,
+                        session_id, request_id, metadata, kafka_partition, kafka_offset)
+SELECT event_id, created_at, received_at, action, user_id, username, ip::inet, user_agent,
+       session_id, request_id, metadata, kafka_partition, kafka_offset
+  FROM unnest($1::uuid[], $2::timestamptz[], $3::timestamptz[], $4::text[], $5::text[], $6::text[], $7::text[],
+              $8::text[], $9::text[], $10::text[], $11::jsonb[], $12::int[], $13::bigint[])
+       AS t(event_id, created_at, received_at, action, user_id, username, ip, user_agent,
+            session_id, request_id, metadata, kafka_partition, kafka_offset)
+ON CONFLICT (event_id, created_at) DO NOTHING";
+
+/// Advances the stored offsets of a batch's partitions, fenced: a partition
+/// moves only from the offset this consumer last read or wrote for it
+/// (`expected`, NULL when there was no row). Returns the partitions that
+/// moved; a missing one means another consumer wrote it in between.
+/// $1 group, $2 topic, $3 partitions, $4 next offsets, $5 expected offsets.
+pub const ADVANCE_OFFSETS: &str = "
+WITH input AS (
+    SELECT * FROM unnest($3::int[], $4::bigint[], $5::bigint[]) AS t(kafka_partition, next_offset, expected)
+), updated AS (
+    UPDATE consumer_offsets o
+       SET next_offset = i.next_offset, updated_at = now()
+      FROM input i
+     WHERE o.consumer_group = $1 AND o.topic = $2
+       AND o.kafka_partition = i.kafka_partition
+       AND o.next_offset = i.expected
+    RETURNING o.kafka_partition
+), inserted AS (
+    INSERT INTO consumer_offsets (consumer_group, topic, kafka_partition, next_offset)
+    SELECT $1, $2, i.kafka_partition, i.next_offset FROM input i WHERE i.expected IS NULL
+    ON CONFLICT DO NOTHING
+    RETURNING kafka_partition
+)
+SELECT kafka_partition FROM updated
+UNION ALL
+SELECT kafka_partition FROM inserted";
+
+/// Stored positions for partitions being assigned.
+/// $1 group, $2 topic, $3 partitions.
+pub const STORED_OFFSETS: &str = "SELECT kafka_partition, next_offset FROM consumer_offsets \
+     WHERE consumer_group = $1 AND topic = $2 AND kafka_partition = ANY($3::int[])";
+
+/// Records dead-lettered messages in the same transaction as the offsets
+/// that move past them.
+pub const INSERT_DEAD_LETTERS: &str = "
+INSERT INTO dead_letters (topic, kafka_partition, kafka_offset, reason_code, reason, payload_bytes)
+SELECT $1, * FROM unnest($2::int[], $3::bigint[], $4::text[], $5::text[], $6::int[])";
+
+/// Creates the missing daily partitions between two dates (inclusive).
+pub const ENSURE_PARTITIONS: &str = "SELECT audit_ensure_partitions($1::date, $2::date)";

@@ -1,0 +1,308 @@
+//! Shared test harness: a fresh PostgreSQL database per test, an embedded
+//! Kafka cluster, unique topic and group names, producers, and polling with
+//! deadlines (never sleeps for ordering).
+
+#![allow(dead_code)]
+
+use std::collections::BTreeMap;
+use std::future::Future;
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::time::{Duration, Instant};
+
+use audit_service::config::Config;
+use audit_service::event::AuthEvent;
+use audit_service::kafka::embedded::EmbeddedKafka;
+use audit_service::loadgen::{self, EventGenerator, WireFormat};
+use rdkafka::ClientConfig;
+use rdkafka::consumer::{BaseConsumer, Consumer};
+use rdkafka::message::{Headers, Message};
+use rdkafka::producer::{BaseProducer, BaseRecord, Producer};
+
+pub const PG_ADMIN_URL: &str = "postgres://postgres@127.0.0.1:5432/postgres";
+/// The Confluent schema id the tests map to schemas/auth_event.avsc.
+pub const TEST_SCHEMA_ID: u32 = 7;
+
+static COUNTER: AtomicU32 = AtomicU32::new(0);
+
+/// A name unique to this process and call, safe for databases and topics.
+pub fn unique(prefix: &str) -> String {
+    let n = COUNTER.fetch_add(1, Ordering::SeqCst);
+    let nanos = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().subsec_nanos();
+    format!("{prefix}_{}_{n}_{nanos:x}", std::process::id())
+}
+
+pub fn rt() -> tokio::runtime::Runtime {
+    tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().unwrap()
+}
+
+pub async fn pg_connect(url: &str) -> tokio_postgres::Client {
+    let (client, conn) = tokio_postgres::connect(url, tokio_postgres::NoTls).await.expect("connect to PostgreSQL");
+    tokio::spawn(conn);
+    client
+}
+
+/// A database created for one test and dropped (forcibly) afterwards.
+pub struct TestDb {
+    pub name: String,
+    pub url: String,
+}
+
+impl TestDb {
+    pub async fn create() -> TestDb {
+        let name = unique("audit_test");
+        let admin = pg_connect(PG_ADMIN_URL).await;
+        admin.batch_execute(&format!("CREATE DATABASE {name}")).await.unwrap();
+        TestDb { url: format!("postgres://postgres@127.0.0.1:5432/{name}"), name }
+    }
+
+    pub async fn client(&self) -> tokio_postgres::Client {
+        pg_connect(&self.url).await
+    }
+
+    pub async fn count(&self, sql: &str) -> i64 {
+        self.client().await.query_one(sql, &[]).await.unwrap().get(0)
+    }
+}
+
+impl Drop for TestDb {
+    fn drop(&mut self) {
+        let name = self.name.clone();
+        // Drop may run inside a runtime: do the async work on a fresh thread.
+        let _ = std::thread::spawn(move || {
+            let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+            rt.block_on(async {
+                let admin = pg_connect(PG_ADMIN_URL).await;
+                let _ = admin.batch_execute(&format!("DROP DATABASE IF EXISTS {name} WITH (FORCE)")).await;
+            });
+        })
+        .join();
+    }
+}
+
+/// Topics and group unique to one test on a shared or own cluster.
+pub struct Names {
+    pub events: String,
+    pub dlq: String,
+    pub alerts: String,
+    pub group: String,
+}
+
+impl Names {
+    pub fn new() -> Names {
+        let base = unique("t");
+        Names {
+            events: format!("{base}.events"),
+            dlq: format!("{base}.dlq"),
+            alerts: format!("{base}.alerts"),
+            group: format!("{base}.group"),
+        }
+    }
+
+    pub fn create(&self, kafka: &EmbeddedKafka, partitions: i32) {
+        kafka.create_topic(&self.events, partitions).unwrap();
+        kafka.create_topic(&self.dlq, 1).unwrap();
+        kafka.create_topic(&self.alerts, 1).unwrap();
+    }
+}
+
+/// A service config pointing at the test's database, cluster and topics.
+pub fn service_config(db: &TestDb, kafka: &EmbeddedKafka, names: &Names) -> Config {
+    let schema_path = format!("{}/schemas/auth_event.avsc", env!("CARGO_MANIFEST_DIR"));
+    let toml = format!(
+        r#"
+[kafka]
+brokers = "{brokers}"
+events_topic = "{events}"
+dlq_topic = "{dlq}"
+alerts_topic = "{alerts}"
+group_id = "{group}"
+[kafka.consumer_properties]
+"session.timeout.ms" = "6000"
+"heartbeat.interval.ms" = "500"
+"statistics.interval.ms" = "1000"
+[database]
+url = "{db}"
+[ingest]
+batch_max_rows = 2000
+batch_max_age = "50ms"
+retry_initial_backoff = "50ms"
+retry_max_backoff = "1s"
+[schema_registry]
+schema_dirs = ["{dir}/schemas"]
+[schema_registry.local_schemas]
+"{id}" = "{schema_path}"
+[http]
+listen = "127.0.0.1:0"
+"#,
+        brokers = kafka.bootstrap_servers(),
+        events = names.events,
+        dlq = names.dlq,
+        alerts = names.alerts,
+        group = names.group,
+        db = db.url,
+        dir = env!("CARGO_MANIFEST_DIR"),
+        id = TEST_SCHEMA_ID,
+    );
+    Config::from_toml_with_env(&toml, Vec::new()).unwrap()
+}
+
+/// The same settings as environment variables, for the binary as a child.
+pub fn service_env(db: &TestDb, kafka: &EmbeddedKafka, names: &Names) -> Vec<(String, String)> {
+    let schema_path = format!("{}/schemas/auth_event.avsc", env!("CARGO_MANIFEST_DIR"));
+    vec![
+        ("KAFKA_BROKERS".into(), kafka.bootstrap_servers().to_owned()),
+        ("DATABASE_URL".into(), db.url.clone()),
+        ("AUDIT__KAFKA__EVENTS_TOPIC".into(), names.events.clone()),
+        ("AUDIT__KAFKA__DLQ_TOPIC".into(), names.dlq.clone()),
+        ("AUDIT__KAFKA__ALERTS_TOPIC".into(), names.alerts.clone()),
+        ("AUDIT__KAFKA__GROUP_ID".into(), names.group.clone()),
+        ("AUDIT__KAFKA__CONSUMER_PROPERTIES__SESSION.TIMEOUT.MS".into(), "6000".into()),
+        ("AUDIT__KAFKA__CONSUMER_PROPERTIES__HEARTBEAT.INTERVAL.MS".into(), "500".into()),
+        ("AUDIT__KAFKA__CONSUMER_PROPERTIES__STATISTICS.INTERVAL.MS".into(), "1000".into()),
+        ("AUDIT__INGEST__BATCH_MAX_ROWS".into(), "2000".into()),
+        ("AUDIT__INGEST__BATCH_MAX_AGE".into(), "50ms".into()),
+        ("AUDIT__INGEST__RETRY_INITIAL_BACKOFF".into(), "50ms".into()),
+        ("AUDIT__INGEST__RETRY_MAX_BACKOFF".into(), "1s".into()),
+        (format!("AUDIT__SCHEMA_REGISTRY__LOCAL_SCHEMAS__{TEST_SCHEMA_ID}"), schema_path),
+        ("AUDIT__SCHEMA_REGISTRY__SCHEMA_DIRS".into(), format!("[\"{}/schemas\"]", env!("CARGO_MANIFEST_DIR"))),
+        ("AUDIT__HTTP__LISTEN".into(), "127.0.0.1:0".into()),
+        ("RUST_LOG".into(), "info".into()),
+    ]
+}
+
+pub fn producer(kafka: &EmbeddedKafka) -> BaseProducer {
+    ClientConfig::new()
+        .set("bootstrap.servers", kafka.bootstrap_servers())
+        .set("compression.type", "lz4")
+        .set("linger.ms", "20")
+        .set("batch.num.messages", "10000")
+        .set("queue.buffering.max.messages", "1000000")
+        .set("enable.idempotence", "true")
+        .create()
+        .unwrap()
+}
+
+/// Produces raw payloads keyed by `key`, round-robin over nothing: the
+/// partitioner hashes the key. Waits until all are acknowledged.
+pub fn produce_raw(producer: &BaseProducer, topic: &str, messages: &[(Option<Vec<u8>>, Vec<u8>)]) {
+    for (key, payload) in messages {
+        loop {
+            let mut record: BaseRecord<'_, [u8], [u8]> = BaseRecord::to(topic).payload(payload.as_slice());
+            if let Some(k) = key {
+                record = record.key(k.as_slice());
+            }
+            match producer.send(record) {
+                Ok(()) => break,
+                Err((e, _)) => {
+                    assert!(
+                        matches!(e.rdkafka_error_code(), Some(rdkafka::types::RDKafkaErrorCode::QueueFull)),
+                        "produce failed: {e}"
+                    );
+                    producer.poll(Duration::from_millis(10));
+                }
+            }
+        }
+        producer.poll(Duration::ZERO);
+    }
+    producer.flush(Duration::from_secs(60)).expect("flush");
+}
+
+/// Produces events in the given formats (cycled), keyed by user id.
+pub fn produce_events(producer: &BaseProducer, topic: &str, events: &[AuthEvent], formats: &[WireFormat]) {
+    let messages: Vec<(Option<Vec<u8>>, Vec<u8>)> = events
+        .iter()
+        .enumerate()
+        .map(|(i, e)| {
+            let key = e.user_id.clone().map(String::into_bytes);
+            (key, loadgen::encode(e, formats[i % formats.len()]))
+        })
+        .collect();
+    produce_raw(producer, topic, &messages);
+}
+
+pub const ALL_FORMATS: &[WireFormat] =
+    &[WireFormat::Json, WireFormat::AvroConfluent(TEST_SCHEMA_ID), WireFormat::AvroSingleObject];
+
+/// `n` ordinary events with times spread over the last ten minutes.
+pub fn events(seed: u64, n: usize) -> Vec<AuthEvent> {
+    let mut generator = EventGenerator::new(seed, 5000);
+    let now = chrono::Utc::now().timestamp_micros();
+    (0..n).map(|i| generator.next_event(now - 600_000_000 + (i as i64 * 600_000_000 / n.max(1) as i64))).collect()
+}
+
+/// Polls `check` until it returns Some or the deadline passes.
+pub async fn eventually<T, F, Fut>(timeout: Duration, what: &str, mut check: F) -> T
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = Option<T>>,
+{
+    let deadline = Instant::now() + timeout;
+    loop {
+        if let Some(v) = check().await {
+            return v;
+        }
+        assert!(Instant::now() < deadline, "timed out after {timeout:?} waiting for: {what}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+/// A dead-letter message as read back from the topic.
+#[derive(Debug, Clone)]
+pub struct DlqMessage {
+    pub key: Option<Vec<u8>>,
+    pub payload: Vec<u8>,
+    pub headers: BTreeMap<String, String>,
+}
+
+/// Reads `expected` messages from a topic (from the beginning), with a
+/// deadline.
+pub fn read_topic(kafka: &EmbeddedKafka, topic: &str, expected: usize, timeout: Duration) -> Vec<DlqMessage> {
+    let consumer: BaseConsumer = ClientConfig::new()
+        .set("bootstrap.servers", kafka.bootstrap_servers())
+        .set("group.id", unique("reader"))
+        .set("auto.offset.reset", "earliest")
+        .set("enable.auto.commit", "false")
+        .create()
+        .unwrap();
+    consumer.subscribe(&[topic]).unwrap();
+    let deadline = Instant::now() + timeout;
+    let mut out = Vec::new();
+    while out.len() < expected && Instant::now() < deadline {
+        if let Some(Ok(m)) = consumer.poll(Duration::from_millis(200)) {
+            let headers = m
+                .headers()
+                .map(|hs| {
+                    hs.iter()
+                        .map(|h| (h.key.to_owned(), String::from_utf8_lossy(h.value.unwrap_or_default()).into_owned()))
+                        .collect()
+                })
+                .unwrap_or_default();
+            out.push(DlqMessage {
+                key: m.key().map(<[u8]>::to_vec),
+                payload: m.payload().unwrap_or_default().to_vec(),
+                headers,
+            });
+        }
+    }
+    out
+}
+
+/// Reads `/metrics` from a running service.
+pub async fn scrape(addr: SocketAddr) -> String {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut stream = tokio::net::TcpStream::connect(addr).await.unwrap();
+    stream.write_all(b"GET /metrics HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n").await.unwrap();
+    let mut body = String::new();
+    stream.read_to_string(&mut body).await.unwrap();
+    body
+}
+
+/// The value of one sample line (`name{labels} value`) in a scrape, if any.
+pub fn metric_value(scrape: &str, name_and_labels: &str) -> Option<f64> {
+    scrape
+        .lines()
+        .find(|l| l.starts_with(name_and_labels) && l[name_and_labels.len()..].starts_with(' '))
+        .and_then(|l| l.rsplit(' ').next())
+        .and_then(|v| v.parse().ok())
+}
