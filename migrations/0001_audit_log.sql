@@ -82,8 +82,11 @@ BEGIN
     IF to_regclass(part) IS NOT NULL THEN
         RETURN false;
     END IF;
-    -- Serialise concurrent creators (several instances, or a retention run).
-    PERFORM pg_advisory_xact_lock(hashtext('audit_logs partitions'));
+    -- Serialise concurrent creators (several instances, a retention run, a
+    -- killed instance whose statement is still finishing). A relation lock,
+    -- unlike an advisory lock, also makes this session see the catalog as
+    -- the previous holder left it. It does not block inserts.
+    LOCK TABLE audit_logs IN SHARE UPDATE EXCLUSIVE MODE;
     IF to_regclass(part) IS NOT NULL THEN
         RETURN false;
     END IF;

@@ -74,6 +74,10 @@ pub struct KafkaConfig {
     /// How long a dead-letter produce may take before the batch is retried.
     #[serde(with = "humantime_serde")]
     pub produce_timeout: Duration,
+    /// Dead-letter payloads longer than this are cut (header
+    /// `dlq.payload.truncated_from` keeps the original size), so that an
+    /// oversized message cannot block its partition.
+    pub dlq_max_payload_bytes: usize,
 }
 
 impl Default for KafkaConfig {
@@ -89,6 +93,7 @@ impl Default for KafkaConfig {
             consumer_properties: BTreeMap::new(),
             producer_properties: BTreeMap::new(),
             produce_timeout: Duration::from_secs(30),
+            dlq_max_payload_bytes: 900_000,
         }
     }
 }
@@ -286,6 +291,9 @@ impl Config {
         }
         if self.storage.partition_premake_days == 0 {
             return Err(ConfigError::field("storage.partition_premake_days", "must be at least 1"));
+        }
+        if k.dlq_max_payload_bytes < 1024 {
+            return Err(ConfigError::field("kafka.dlq_max_payload_bytes", "must be at least 1024"));
         }
         if self.validation.max_message_bytes == 0 {
             return Err(ConfigError::field("validation.max_message_bytes", "must be greater than zero"));

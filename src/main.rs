@@ -36,14 +36,38 @@ enum Command {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    telemetry::init(cli.log_format);
+    let format = cli.log_format;
+    telemetry::init(format);
     match real_main(cli) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
-            eprintln!("error: {e:#}");
+            let message = error_chain(&e);
+            match format {
+                // A log collector reading JSON sees the fatal error too.
+                LogFormat::Json => tracing::error!(error = %message, "fatal"),
+                LogFormat::Text => eprintln!("error: {message}"),
+            }
             ExitCode::FAILURE
         }
     }
+}
+
+/// The error and its causes joined by `: ` (like `{:#}`), leaving out a
+/// cause whose text its parent already shows (many errors here print their
+/// source in their own message too).
+fn error_chain(e: &anyhow::Error) -> String {
+    let mut text = String::new();
+    for cause in e.chain() {
+        let cause = cause.to_string();
+        if text.contains(&cause) {
+            continue;
+        }
+        if !text.is_empty() {
+            text.push_str(": ");
+        }
+        text.push_str(&cause);
+    }
+    text
 }
 
 fn real_main(cli: Cli) -> anyhow::Result<()> {

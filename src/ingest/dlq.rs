@@ -4,8 +4,8 @@
 
 use std::time::Duration;
 
-use futures::future::try_join_all;
-use rdkafka::error::KafkaError;
+use futures::future::join_all;
+use rdkafka::error::{KafkaError, RDKafkaErrorCode};
 use rdkafka::message::{Header as KafkaHeader, OwnedHeaders};
 use rdkafka::producer::{FutureProducer, FutureRecord};
 use rdkafka::util::Timeout;
@@ -19,26 +19,45 @@ pub const HEADER_SOURCE_TOPIC: &str = "dlq.source.topic";
 pub const HEADER_SOURCE_PARTITION: &str = "dlq.source.partition";
 pub const HEADER_SOURCE_OFFSET: &str = "dlq.source.offset";
 pub const HEADER_SOURCE_TIMESTAMP: &str = "dlq.source.timestamp";
+/// Present when the payload was cut to fit the dead-letter topic; holds the
+/// original size in bytes.
+pub const HEADER_TRUNCATED_FROM: &str = "dlq.payload.truncated_from";
+
+/// The cap applied after the broker refused a letter as too large anyway.
+const FALLBACK_PAYLOAD_CAP: usize = 64 * 1024;
 
 pub struct DeadLetterProducer {
     producer: FutureProducer,
     topic: String,
     source_topic: String,
     timeout: Duration,
+    max_payload: usize,
 }
 
 impl DeadLetterProducer {
-    pub fn new(producer: FutureProducer, topic: String, source_topic: String, timeout: Duration) -> Self {
-        DeadLetterProducer { producer, topic, source_topic, timeout }
+    /// Payloads longer than `max_payload` are cut to it (and marked), so that
+    /// an oversized message cannot block its partition on a DLQ that refuses it.
+    pub fn new(producer: FutureProducer, topic: String, source_topic: String, timeout: Duration, max_payload: usize) -> Self {
+        DeadLetterProducer { producer, topic, source_topic, timeout, max_payload }
     }
 
-    /// Produces every letter and waits until all are acknowledged.
+    /// Produces every letter and waits until all are acknowledged. A letter
+    /// the broker still finds too large is sent again with a smaller cut.
     pub async fn send_all(&self, letters: &[DeadLetter]) -> Result<(), KafkaError> {
-        let sends = letters.iter().map(|letter| self.send(letter));
-        try_join_all(sends).await.map(|_| ())
+        let results = join_all(letters.iter().map(|letter| self.send(letter, self.max_payload))).await;
+        for (letter, result) in letters.iter().zip(results) {
+            match result {
+                Ok(()) => {}
+                Err(e) if e.rdkafka_error_code() == Some(RDKafkaErrorCode::MessageSizeTooLarge) => {
+                    self.send(letter, FALLBACK_PAYLOAD_CAP.min(self.max_payload)).await?
+                }
+                Err(e) => return Err(e),
+            }
+        }
+        Ok(())
     }
 
-    async fn send(&self, letter: &DeadLetter) -> Result<(), KafkaError> {
+    async fn send(&self, letter: &DeadLetter, max_payload: usize) -> Result<(), KafkaError> {
         let partition = letter.partition.to_string();
         let offset = letter.offset.to_string();
         let timestamp = letter.timestamp.map(|t| t.to_string());
@@ -55,8 +74,14 @@ impl DeadLetterProducer {
         if let Some(ts) = &timestamp {
             headers = headers.insert(KafkaHeader { key: HEADER_SOURCE_TIMESTAMP, value: Some(ts.as_bytes()) });
         }
-        let mut record: FutureRecord<'_, [u8], [u8]> =
-            FutureRecord::to(&self.topic).payload(letter.payload.as_slice()).headers(headers);
+        let original_size = letter.payload.len().to_string();
+        let payload = if letter.payload.len() > max_payload {
+            headers = headers.insert(KafkaHeader { key: HEADER_TRUNCATED_FROM, value: Some(original_size.as_bytes()) });
+            &letter.payload[..max_payload]
+        } else {
+            &letter.payload[..]
+        };
+        let mut record: FutureRecord<'_, [u8], [u8]> = FutureRecord::to(&self.topic).payload(payload).headers(headers);
         if let Some(key) = &letter.key {
             record = record.key(key.as_slice());
         }

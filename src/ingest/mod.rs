@@ -70,7 +70,13 @@ pub fn start(
     let (events_tx, events_rx) = std::sync::mpsc::channel();
 
     let dlq_producer: FutureProducer = kafka::producer_config(k).create()?;
-    let dlq = dlq::DeadLetterProducer::new(dlq_producer, k.dlq_topic.clone(), k.events_topic.clone(), k.produce_timeout);
+    let dlq = dlq::DeadLetterProducer::new(
+        dlq_producer,
+        k.dlq_topic.clone(),
+        k.events_topic.clone(),
+        k.produce_timeout,
+        k.dlq_max_payload_bytes,
+    );
     let writer = BatchWriter::new(
         pool.clone(),
         dlq,

@@ -123,6 +123,20 @@ pub fn is_unique_violation(err: &tokio_postgres::Error) -> bool {
     err.code() == Some(&tokio_postgres::error::SqlState::UNIQUE_VIOLATION)
 }
 
+/// `error: cause: cause...`: tokio-postgres keeps the reason a connection
+/// failed ("Connection refused", a TLS or authentication error) in the
+/// source, not in its own message.
+fn with_causes(e: &dyn std::error::Error) -> String {
+    let mut text = e.to_string();
+    let mut source = e.source();
+    while let Some(cause) = source {
+        text.push_str(": ");
+        text.push_str(&cause.to_string());
+        source = cause.source();
+    }
+    text
+}
+
 /// Creates the configured database when it does not exist yet (connecting
 /// to the server's `postgres` database to do so).
 pub async fn ensure_database(cfg: &DatabaseConfig) -> Result<(), StoreError> {
@@ -131,7 +145,12 @@ pub async fn ensure_database(cfg: &DatabaseConfig) -> Result<(), StoreError> {
     let error = match target.connect(tls.clone()).await {
         Ok(_) => return Ok(()),
         Err(e) if e.code() == Some(&tokio_postgres::error::SqlState::INVALID_CATALOG_NAME) => e,
-        Err(e) => return Err(StoreError::Connect(format!("{e} (is PostgreSQL running, and database.url / DATABASE_URL right?)"))),
+        Err(e) => {
+            return Err(StoreError::Connect(format!(
+                "{} (is PostgreSQL running, and database.url / DATABASE_URL right?)",
+                with_causes(&e)
+            )));
+        }
     };
     let Some(name) = target.get_dbname().map(str::to_owned) else { return Err(error.into()) };
     let mut admin = target.clone();

@@ -60,8 +60,14 @@ impl TestDb {
         pg_connect(&self.url).await
     }
 
+    /// A single number; 0 while the queried table does not exist yet (the
+    /// service under test has not migrated).
     pub async fn count(&self, sql: &str) -> i64 {
-        self.client().await.query_one(sql, &[]).await.unwrap().get(0)
+        match self.client().await.query_one(sql, &[]).await {
+            Ok(row) => row.get(0),
+            Err(e) if e.code() == Some(&tokio_postgres::error::SqlState::UNDEFINED_TABLE) => 0,
+            Err(e) => panic!("{sql}: {e}"),
+        }
     }
 }
 
@@ -305,4 +311,92 @@ pub fn metric_value(scrape: &str, name_and_labels: &str) -> Option<f64> {
         .find(|l| l.starts_with(name_and_labels) && l[name_and_labels.len()..].starts_with(' '))
         .and_then(|l| l.rsplit(' ').next())
         .and_then(|v| v.parse().ok())
+}
+
+/// The service binary as a child process, with its output in a log file
+/// (printed when the test fails).
+pub struct ServiceProcess {
+    pub child: std::process::Child,
+    pub log: std::path::PathBuf,
+}
+
+impl ServiceProcess {
+    pub fn spawn(env: &[(String, String)], log_dir: &std::path::Path, run: usize) -> ServiceProcess {
+        let log = log_dir.join(format!("service-{run}.log"));
+        let file = std::fs::File::create(&log).unwrap();
+        let child = std::process::Command::new(env!("CARGO_BIN_EXE_audit-service"))
+            .args(["--log-format", "json", "run"])
+            .env_clear()
+            .envs(env.iter().cloned())
+            .stdout(file.try_clone().unwrap())
+            .stderr(file)
+            .spawn()
+            .expect("spawn audit-service");
+        ServiceProcess { child, log }
+    }
+
+    pub fn pid(&self) -> i32 {
+        self.child.id() as i32
+    }
+
+    /// Resident memory in KiB, from /proc.
+    pub fn rss_kib(&self) -> u64 {
+        let status = std::fs::read_to_string(format!("/proc/{}/status", self.child.id())).unwrap_or_default();
+        status
+            .lines()
+            .find(|l| l.starts_with("VmRSS:"))
+            .and_then(|l| l.split_whitespace().nth(1))
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(0)
+    }
+
+    pub fn sigkill(&mut self) {
+        self.child.kill().unwrap();
+        self.child.wait().unwrap();
+    }
+
+    /// SIGTERM, then the exit status (waits at most `timeout`).
+    pub fn sigterm(&mut self, timeout: Duration) -> std::process::ExitStatus {
+        // SAFETY: plain kill(2) on our own child.
+        unsafe { libc_kill(self.pid(), 15) };
+        let deadline = Instant::now() + timeout;
+        loop {
+            if let Some(status) = self.child.try_wait().unwrap() {
+                return status;
+            }
+            if Instant::now() > deadline {
+                self.child.kill().unwrap();
+                panic!("service did not exit within {timeout:?} of SIGTERM; log: {}", self.tail());
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    /// The last lines of the log, for failure messages.
+    pub fn tail(&self) -> String {
+        let text = std::fs::read_to_string(&self.log).unwrap_or_default();
+        let lines: Vec<&str> = text.lines().collect();
+        lines[lines.len().saturating_sub(40)..].join("\n")
+    }
+
+    /// The HTTP address the service logged at start.
+    pub fn http_addr(&self) -> Option<SocketAddr> {
+        let text = std::fs::read_to_string(&self.log).unwrap_or_default();
+        text.lines().rev().find_map(|line| {
+            let v: serde_json::Value = serde_json::from_str(line).ok()?;
+            v.get("http_addr")?.as_str()?.parse().ok()
+        })
+    }
+}
+
+impl Drop for ServiceProcess {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+unsafe extern "C" {
+    #[link_name = "kill"]
+    fn libc_kill(pid: i32, sig: i32) -> i32;
 }

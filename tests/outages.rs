@@ -1,0 +1,117 @@
+//! Outages: PostgreSQL refusing connections, a Kafka broker going away.
+//! Nothing is lost, ingest resumes by itself, memory stays bounded.
+
+mod common;
+
+use std::time::{Duration, Instant};
+
+use audit_service::kafka::embedded::EmbeddedKafka;
+use audit_service::service;
+use common::*;
+use tokio_util::sync::CancellationToken;
+
+async fn offsets_total(db: &TestDb) -> i64 {
+    db.count("SELECT coalesce(sum(next_offset), 0)::bigint FROM consumer_offsets").await
+}
+
+#[test]
+fn database_outage_pauses_consumption_and_ingest_resumes_by_itself_with_bounded_memory() {
+    let kafka = EmbeddedKafka::start(1).unwrap();
+    let names = Names::new();
+    names.create(&kafka, 4);
+    let logs = tempfile::tempdir().unwrap();
+    let rt = rt();
+    rt.block_on(async {
+        let db = TestDb::create().await;
+        let env = service_env(&db, &kafka, &names);
+        let producer = producer(&kafka);
+        let all = events(21, 160_000);
+        produce_events(&producer, &names.events, &all[..20_000], ALL_FORMATS);
+        let mut service = ServiceProcess::spawn(&env, logs.path(), 0);
+        eventually(Duration::from_secs(60), "first 20,000 stored", || async {
+            (offsets_total(&db).await == 20_000).then_some(())
+        })
+        .await;
+        let rss_before = service.rss_kib();
+
+        // The outage: nobody may connect, and the service's sessions die.
+        let admin = pg_connect(PG_ADMIN_URL).await;
+        admin.batch_execute(&format!("ALTER DATABASE {} ALLOW_CONNECTIONS false", db.name)).await.unwrap();
+        admin
+            .execute("SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE datname = $1", &[&db.name])
+            .await
+            .unwrap();
+        // 140,000 events arrive while the database is away.
+        produce_events(&producer, &names.events, &all[20_000..], ALL_FORMATS);
+        let addr = service.http_addr().expect("service logged its HTTP address");
+        // It pauses consumption (backpressure) instead of buffering.
+        eventually(Duration::from_secs(30), "backpressure pause reported", || async {
+            let m = scrape(addr).await;
+            (metric_value(&m, "audit_ingest_paused{reason=\"backpressure\"}") == Some(1.0)).then_some(())
+        })
+        .await;
+        // Hold the outage while the rest of the topic is available to it,
+        // sampling its memory.
+        let mut rss_peak = 0;
+        let outage_end = Instant::now() + Duration::from_secs(4);
+        while Instant::now() < outage_end {
+            rss_peak = rss_peak.max(service.rss_kib());
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        let m = scrape(addr).await;
+        assert!(metric_value(&m, "audit_db_write_errors_total{kind=\"connect\"}").unwrap_or(0.0) > 0.0, "{m}");
+
+        admin.batch_execute(&format!("ALTER DATABASE {} ALLOW_CONNECTIONS true", db.name)).await.unwrap();
+        eventually(Duration::from_secs(120), "all 160,000 stored after the outage", || async {
+            (offsets_total(&db).await == 160_000).then_some(())
+        })
+        .await;
+        assert_eq!(db.count("SELECT count(*) FROM audit_logs").await, 160_000);
+        assert_eq!(db.count("SELECT count(DISTINCT event_id) FROM audit_logs").await, 160_000);
+        // 140,000 events (~45 MB as JSON) waited on Kafka, not in memory:
+        // the service held at most its queue and librdkafka's bounded prefetch.
+        let growth_mib = rss_peak.saturating_sub(rss_before) / 1024;
+        println!("RSS before outage {} MiB, peak during outage {} MiB", rss_before / 1024, rss_peak / 1024);
+        assert!(growth_mib < 64, "memory grew by {growth_mib} MiB during the outage");
+        assert!(service.sigterm(Duration::from_secs(30)).success(), "{}", service.tail());
+    });
+}
+
+#[test]
+fn broker_down_and_back_loses_nothing() {
+    let kafka = EmbeddedKafka::start(3).unwrap();
+    let names = Names::new();
+    names.create(&kafka, 6);
+    let rt = rt();
+    rt.block_on(async {
+        let db = TestDb::create().await;
+        let config = service_config(&db, &kafka, &names);
+        let all = events(31, 60_000);
+        let producer = producer(&kafka);
+        produce_events(&producer, &names.events, &all[..30_000], ALL_FORMATS);
+        let running = service::start(&config, CancellationToken::new()).await.unwrap();
+        eventually(Duration::from_secs(60), "some events stored", || async {
+            (db.count("SELECT count(*) FROM audit_logs").await > 1_000).then_some(())
+        })
+        .await;
+        // Broker 1 leads a third of the partitions (replication factor 1):
+        // they are unreachable until it is back.
+        kafka.broker_down(1).unwrap();
+        eventually(Duration::from_secs(60), "the service notices the broker is gone", || async {
+            running.status.snapshot().last_kafka_error.is_some().then_some(())
+        })
+        .await;
+        let stalled_at = offsets_total(&db).await;
+        kafka.broker_up(1).unwrap();
+        produce_events(&producer, &names.events, &all[30_000..], ALL_FORMATS);
+        eventually(Duration::from_secs(120), "all 60,000 stored after the broker returned", || async {
+            (offsets_total(&db).await == 60_000).then_some(())
+        })
+        .await;
+        running.stop();
+        running.wait().await;
+        assert!(stalled_at < 60_000);
+        assert_eq!(db.count("SELECT count(*) FROM audit_logs").await, 60_000);
+        assert_eq!(db.count("SELECT count(DISTINCT event_id) FROM audit_logs").await, 60_000);
+    });
+}
