@@ -3,6 +3,10 @@
 //! generator command, the demo, the benchmarks and the tests.
 
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
+use std::time::Duration;
+
+use rdkafka::error::{KafkaError, RDKafkaErrorCode};
+use rdkafka::producer::{BaseProducer, BaseRecord, Producer};
 
 use uuid::Uuid;
 
@@ -46,6 +50,33 @@ pub fn encode_json(event: &AuthEvent) -> Vec<u8> {
         "metadata": metadata,
     });
     serde_json::to_vec(&value).expect("a JSON value always serialises")
+}
+
+/// Produces `(key, payload)` messages as fast as the producer's queue
+/// allows, then waits until every one is acknowledged.
+pub fn produce_all<'a>(
+    producer: &BaseProducer,
+    topic: &str,
+    messages: impl IntoIterator<Item = (Option<&'a [u8]>, &'a [u8])>,
+    flush_timeout: Duration,
+) -> Result<(), KafkaError> {
+    for (key, payload) in messages {
+        loop {
+            let mut record: BaseRecord<'_, [u8], [u8]> = BaseRecord::to(topic).payload(payload);
+            if let Some(k) = key {
+                record = record.key(k);
+            }
+            match producer.send(record) {
+                Ok(()) => break,
+                Err((e, _)) if e.rdkafka_error_code() == Some(RDKafkaErrorCode::QueueFull) => {
+                    producer.poll(Duration::from_millis(5));
+                }
+                Err((e, _)) => return Err(e),
+            }
+        }
+        producer.poll(Duration::ZERO);
+    }
+    producer.flush(flush_timeout)
 }
 
 /// splitmix64: small, fast, and the same sequence on every machine.

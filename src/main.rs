@@ -73,7 +73,7 @@ fn error_chain(e: &anyhow::Error) -> String {
 fn real_main(cli: Cli) -> anyhow::Result<()> {
     // The default path may be absent (defaults + environment); a path given
     // on the command line must exist.
-    let explicit = cli.config != PathBuf::from(DEFAULT_CONFIG_PATH);
+    let explicit = cli.config.as_os_str() != DEFAULT_CONFIG_PATH;
     let config = Config::load(&cli.config, explicit).context("invalid configuration")?;
     let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
     match cli.command {

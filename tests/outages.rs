@@ -60,6 +60,13 @@ fn database_outage_pauses_consumption_and_ingest_resumes_by_itself_with_bounded_
         }
         let m = scrape(addr).await;
         assert!(metric_value(&m, "audit_db_write_errors_total{kind=\"connect\"}").unwrap_or(0.0) > 0.0, "{m}");
+        // The waiting work shows as consumer lag.
+        let lag: f64 = m
+            .lines()
+            .filter(|l| l.starts_with("audit_consumer_lag_messages{"))
+            .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+            .sum();
+        assert!(lag > 0.0, "no consumer lag reported during the outage:\n{m}");
 
         admin.batch_execute(&format!("ALTER DATABASE {} ALLOW_CONNECTIONS true", db.name)).await.unwrap();
         eventually(Duration::from_secs(120), "all 160,000 stored after the outage", || async {

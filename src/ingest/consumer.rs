@@ -29,6 +29,9 @@ use crate::store::queries;
 
 /// Longest a poll blocks, so that commands, pauses and shutdown are seen.
 const MAX_POLL_WAIT: Duration = Duration::from_millis(100);
+/// How long the loop waits for room in the writer's queue before it pauses
+/// its partitions and goes back to polling.
+const BRIEF_BACKPRESSURE_WAIT: Duration = Duration::from_millis(500);
 
 /// State shared between the poll loop and the rebalance callback (which
 /// runs inside `poll`, on the same thread: the lock is never contended).
@@ -300,7 +303,20 @@ fn hand_off_due_batch(ctx: &IngestContext) -> bool {
     if let Some(batch) = state.waiting.take() {
         match ctx.commands.try_send(WriterCommand::Batch(batch)) {
             Ok(()) => {}
-            Err(mpsc::error::TrySendError::Full(WriterCommand::Batch(batch))) => state.waiting = Some(batch),
+            Err(mpsc::error::TrySendError::Full(WriterCommand::Batch(batch))) => {
+                // The writer is busy: wait a little without polling. Fetching
+                // goes on into librdkafka's own bounded queue meanwhile; a
+                // pause (which drops that prefetch and costs a refetch) only
+                // pays off when the writer is stuck for longer.
+                let permit = ctx.runtime.block_on(async {
+                    tokio::time::timeout(BRIEF_BACKPRESSURE_WAIT, ctx.commands.reserve()).await
+                });
+                match permit {
+                    Ok(Ok(permit)) => permit.send(WriterCommand::Batch(batch)),
+                    Ok(Err(_closed)) => return false,
+                    Err(_elapsed) => state.waiting = Some(batch),
+                }
+            }
             Err(_) => return false,
         }
     }

@@ -35,6 +35,9 @@ pub fn consumer_config(cfg: &KafkaConfig) -> ClientConfig {
             ("statistics.interval.ms", "5000"),
             // Bounds what librdkafka pre-fetches (memory under backpressure).
             ("queued.max.messages.kbytes", "16384"),
+            // When that bound is reached, look again soon: the default (1 s)
+            // leaves the pipeline idle in bursts.
+            ("fetch.queue.backoff.ms", "20"),
             ("fetch.wait.max.ms", "100"),
             ("partition.assignment.strategy", "range,roundrobin"),
         ],
@@ -61,4 +64,30 @@ pub fn producer_config(cfg: &KafkaConfig) -> ClientConfig {
         ],
         &cfg.producer_properties,
     )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn pass_through_properties_reach_the_clients_but_guarantees_win() {
+        let mut cfg = KafkaConfig::default();
+        cfg.properties.insert("security.protocol".into(), "SASL_SSL".into());
+        cfg.properties.insert("sasl.mechanisms".into(), "SCRAM-SHA-512".into());
+        cfg.consumer_properties.insert("auto.offset.reset".into(), "latest".into());
+        cfg.producer_properties.insert("linger.ms".into(), "1".into());
+        let consumer = consumer_config(&cfg);
+        assert_eq!(consumer.get("security.protocol"), Some("SASL_SSL"));
+        assert_eq!(consumer.get("sasl.mechanisms"), Some("SCRAM-SHA-512"));
+        assert_eq!(consumer.get("auto.offset.reset"), Some("latest"));
+        assert_eq!(consumer.get("enable.auto.commit"), Some("false"));
+        assert_eq!(consumer.get("enable.auto.offset.store"), Some("false"));
+        assert_eq!(consumer.get("group.id"), Some("audit-service"));
+        assert_eq!(consumer.get("linger.ms"), None);
+        let producer = producer_config(&cfg);
+        assert_eq!(producer.get("security.protocol"), Some("SASL_SSL"));
+        assert_eq!(producer.get("linger.ms"), Some("1"));
+        assert_eq!(producer.get("enable.idempotence"), Some("true"));
+    }
 }

@@ -136,7 +136,8 @@ async fn dedup_insert(tx: &Transaction<'_>, rows: &[&RowRef<'_>], method: Insert
 /// Everything it inserts is rolled back; the caller retries without them.
 async fn find_rejected(tx: &mut Transaction<'_>, rows: &[RowRef<'_>]) -> Result<Vec<(usize, String)>, tokio_postgres::Error> {
     let mut rejected = Vec::new();
-    let mut pending = vec![0..rows.len()];
+    let mut pending: Vec<std::ops::Range<usize>> = Vec::new();
+    pending.push(0..rows.len());
     while let Some(range) = pending.pop() {
         let sp = tx.savepoint("probe").await?;
         let subset: Vec<&RowRef<'_>> = rows[range.clone()].iter().collect();

@@ -17,7 +17,7 @@ use audit_service::loadgen::{self, EventGenerator, WireFormat};
 use rdkafka::ClientConfig;
 use rdkafka::consumer::{BaseConsumer, Consumer};
 use rdkafka::message::{Headers, Message};
-use rdkafka::producer::{BaseProducer, BaseRecord, Producer};
+use rdkafka::producer::{BaseProducer, Producer};
 
 pub const PG_ADMIN_URL: &str = "postgres://postgres@127.0.0.1:5432/postgres";
 /// The Confluent schema id the tests map to schemas/auth_event.avsc.
@@ -180,7 +180,7 @@ pub fn service_env(db: &TestDb, kafka: &EmbeddedKafka, names: &Names) -> Vec<(St
 pub fn producer(kafka: &EmbeddedKafka) -> BaseProducer {
     ClientConfig::new()
         .set("bootstrap.servers", kafka.bootstrap_servers())
-        .set("compression.type", "lz4")
+        .set("compression.type", "zstd")
         .set("linger.ms", "20")
         .set("batch.num.messages", "10000")
         .set("queue.buffering.max.messages", "1000000")
@@ -189,29 +189,22 @@ pub fn producer(kafka: &EmbeddedKafka) -> BaseProducer {
         .unwrap()
 }
 
-/// Produces raw payloads keyed by `key`, round-robin over nothing: the
-/// partitioner hashes the key. Waits until all are acknowledged.
+/// Produces raw payloads (the partitioner hashes the key), waits until all
+/// are acknowledged, and checks the embedded broker kept them all (it drops
+/// the oldest data beyond 5 MiB per partition).
 pub fn produce_raw(producer: &BaseProducer, topic: &str, messages: &[(Option<Vec<u8>>, Vec<u8>)]) {
-    for (key, payload) in messages {
-        loop {
-            let mut record: BaseRecord<'_, [u8], [u8]> = BaseRecord::to(topic).payload(payload.as_slice());
-            if let Some(k) = key {
-                record = record.key(k.as_slice());
-            }
-            match producer.send(record) {
-                Ok(()) => break,
-                Err((e, _)) => {
-                    assert!(
-                        matches!(e.rdkafka_error_code(), Some(rdkafka::types::RDKafkaErrorCode::QueueFull)),
-                        "produce failed: {e}"
-                    );
-                    producer.poll(Duration::from_millis(10));
-                }
-            }
-        }
-        producer.poll(Duration::ZERO);
+    loadgen::produce_all(
+        producer,
+        topic,
+        messages.iter().map(|(k, p)| (k.as_deref(), p.as_slice())),
+        Duration::from_secs(120),
+    )
+    .expect("produce");
+    let metadata = producer.client().fetch_metadata(Some(topic), Duration::from_secs(10)).unwrap();
+    for p in metadata.topics()[0].partitions() {
+        let (low, _) = producer.client().fetch_watermarks(topic, p.id(), Duration::from_secs(10)).unwrap();
+        assert_eq!(low, 0, "the mock broker dropped data of {topic}[{}]: use more partitions", p.id());
     }
-    producer.flush(Duration::from_secs(60)).expect("flush");
 }
 
 /// Produces events in the given formats (cycled), keyed by user id.

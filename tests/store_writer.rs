@@ -1,0 +1,103 @@
+//! The batch writer against PostgreSQL, without Kafka: the offset fence,
+//! duplicate handling on every insert method, and row rejection.
+
+mod common;
+
+use audit_service::config::Config;
+use audit_service::event::AuthEvent;
+use audit_service::service;
+use audit_service::store::copy_format::RowRef;
+use audit_service::store::writer::{self, InsertMethod, OffsetAdvance, WriteError, WriteSet};
+use common::*;
+
+async fn migrated_db() -> (TestDb, tokio_postgres::Client) {
+    let db = TestDb::create().await;
+    let config = Config::from_toml_with_env(&format!("[database]\nurl = \"{}\"\n", db.url), Vec::new()).unwrap();
+    service::prepare_database(&config).await.unwrap();
+    let client = db.client().await;
+    (db, client)
+}
+
+fn rows(events: &[AuthEvent], first_offset: i64) -> Vec<RowRef<'_>> {
+    events
+        .iter()
+        .enumerate()
+        .map(|(i, e)| RowRef { event: e, received_at: e.occurred_at, partition: 0, offset: first_offset + i as i64 })
+        .collect()
+}
+
+fn set<'a>(rows: Vec<RowRef<'a>>, expected: Option<i64>, next: i64) -> WriteSet<'a> {
+    WriteSet {
+        group: "g",
+        topic: "t",
+        rows,
+        dead: Vec::new(),
+        offsets: vec![OffsetAdvance { partition: 0, expected, next_offset: next }],
+    }
+}
+
+#[test]
+fn offsets_are_fenced_and_a_fenced_batch_commits_nothing() {
+    rt().block_on(async {
+        let (db, mut client) = migrated_db().await;
+        let evs = events(1, 20);
+        let r = writer::write(&mut client, &set(rows(&evs[..10], 0), None, 10), InsertMethod::OptimisticCopy).await.unwrap();
+        assert_eq!(r.inserted, 10);
+        // A second consumer that still believes the partition is fresh.
+        let err = writer::write(&mut client, &set(rows(&evs[10..], 0), None, 10), InsertMethod::OptimisticCopy)
+            .await
+            .unwrap_err();
+        assert!(matches!(err, WriteError::Fenced(ref p) if p == &[0]), "{err:?}");
+        // One that expects a position the partition never had.
+        let err = writer::write(&mut client, &set(rows(&evs[10..], 10), Some(7), 20), InsertMethod::OptimisticCopy)
+            .await
+            .unwrap_err();
+        assert!(matches!(err, WriteError::Fenced(_)), "{err:?}");
+        assert_eq!(db.count("SELECT count(*) FROM audit_logs").await, 10, "fenced batches stored nothing");
+        // The rightful owner moves on from 10.
+        writer::write(&mut client, &set(rows(&evs[10..], 10), Some(10), 20), InsertMethod::OptimisticCopy).await.unwrap();
+        assert_eq!(db.count("SELECT next_offset FROM consumer_offsets").await, 20);
+        assert_eq!(db.count("SELECT count(*) FROM audit_logs").await, 20);
+    });
+}
+
+#[test]
+fn every_insert_method_stores_duplicates_once() {
+    for method in [InsertMethod::OptimisticCopy, InsertMethod::Staged, InsertMethod::Unnest] {
+        rt().block_on(async {
+            let (db, mut client) = migrated_db().await;
+            let evs = events(2, 100);
+            let first = writer::write(&mut client, &set(rows(&evs[..60], 0), None, 60), method).await.unwrap();
+            assert_eq!((first.inserted, first.duplicates), (60, 0), "{method:?}");
+            // Rows 40..100: 20 already stored.
+            let second = writer::write(&mut client, &set(rows(&evs[40..], 60), Some(60), 120), method).await.unwrap();
+            assert_eq!((second.inserted, second.duplicates, second.staged), (40, 20, true), "{method:?}");
+            assert_eq!(db.count("SELECT count(*) FROM audit_logs").await, 100, "{method:?}");
+        });
+    }
+}
+
+#[test]
+fn rejected_rows_are_named_and_nothing_is_committed() {
+    rt().block_on(async {
+        let (db, mut client) = migrated_db().await;
+        client
+            .batch_execute("ALTER TABLE audit_logs ADD CONSTRAINT short_agents CHECK (length(user_agent) < 200)")
+            .await
+            .unwrap();
+        let mut evs = events(3, 50);
+        for i in [3, 4, 31] {
+            evs[i].user_agent = Some("x".repeat(300));
+        }
+        let err = writer::write(&mut client, &set(rows(&evs, 0), None, 50), InsertMethod::OptimisticCopy).await.unwrap_err();
+        match err {
+            WriteError::Rejected(rejected) => {
+                assert_eq!(rejected.iter().map(|(i, _)| *i).collect::<Vec<_>>(), vec![3, 4, 31]);
+                assert!(rejected[0].1.contains("short_agents"), "{}", rejected[0].1);
+            }
+            other => panic!("expected rejection, got {other:?}"),
+        }
+        assert_eq!(db.count("SELECT count(*) FROM audit_logs").await, 0);
+        assert_eq!(db.count("SELECT count(*) FROM consumer_offsets").await, 0);
+    });
+}
