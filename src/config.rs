@@ -106,6 +106,9 @@ pub struct DatabaseConfig {
     pub url: String,
     /// Connections for ingest (the writer holds one per in-flight batch).
     pub pool_size: usize,
+    /// Connections for the HTTP API, kept apart so that a slow query never
+    /// holds up ingest.
+    pub api_pool_size: usize,
     #[serde(with = "humantime_serde")]
     pub connect_timeout: Duration,
     /// CA bundle to verify the server certificate. Without it, TLS still
@@ -118,6 +121,7 @@ impl Default for DatabaseConfig {
         DatabaseConfig {
             url: "postgres://postgres@127.0.0.1:5432/audit".into(),
             pool_size: 4,
+            api_pool_size: 4,
             connect_timeout: Duration::from_secs(5),
             ssl_root_cert: None,
         }

@@ -2,8 +2,10 @@
 //! this router in its own module.
 
 use std::net::SocketAddr;
+use std::sync::Arc;
 
 use axum::Router;
+use deadpool_postgres::Pool;
 use axum::http::header;
 use axum::response::IntoResponse;
 use axum::routing::get;
@@ -11,9 +13,18 @@ use metrics_exporter_prometheus::PrometheusHandle;
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
+use crate::config::Config;
+use crate::ingest::status::IngestStatus;
+
+/// What the HTTP side needs from the rest of the service.
 #[derive(Clone)]
 pub struct HttpState {
     pub metrics: PrometheusHandle,
+    pub config: Arc<Config>,
+    /// A pool of its own, so that a slow API query never takes a connection
+    /// from ingest.
+    pub api_pool: Pool,
+    pub status: Arc<IngestStatus>,
 }
 
 pub fn router(state: HttpState) -> Router {

@@ -63,7 +63,14 @@ pub async fn start(config: &Config, cancel: CancellationToken) -> Result<Running
     background.push(tokio::spawn(partitions::maintain(pool.clone(), config.storage.clone(), cancel.clone())));
     background.push(tokio::spawn(metrics::sample_pool(pool.clone(), "ingest", cancel.clone())));
 
-    let router = http::router(http::HttpState { metrics: metrics_handle });
+    let api_pool = store::connect_pool(&config.database, config.database.api_pool_size)?;
+    background.push(tokio::spawn(metrics::sample_pool(api_pool.clone(), "api", cancel.clone())));
+    let router = http::router(http::HttpState {
+        metrics: metrics_handle,
+        config: Arc::new(config.clone()),
+        api_pool,
+        status: status.clone(),
+    });
     let (http_addr, http_task) = http::serve(config.http.listen, router, cancel.clone())
         .await
         .map_err(|source| ServiceError::Http { addr: config.http.listen, source })?;

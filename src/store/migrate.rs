@@ -14,11 +14,10 @@ pub struct Migration {
     pub sql: &'static str,
 }
 
-pub const MIGRATIONS: &[Migration] = &[Migration {
-    version: 1,
-    name: "audit_log",
-    sql: include_str!("../../migrations/0001_audit_log.sql"),
-}];
+pub const MIGRATIONS: &[Migration] = &[
+    Migration { version: 1, name: "audit_log", sql: include_str!("../../migrations/0001_audit_log.sql") },
+    Migration { version: 2, name: "alerts", sql: include_str!("../../migrations/0002_alerts.sql") },
+];
 
 /// Arbitrary constant naming the migration lock.
 const MIGRATION_LOCK_KEY: i64 = 0x6175_6469_745f_6d67;
