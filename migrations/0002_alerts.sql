@@ -8,6 +8,10 @@ CREATE TABLE alerts (
     alert_id         uuid        NOT NULL,
     rule             text        NOT NULL,
     subject          text        NOT NULL,
+    -- Which of the rule's group_by keys, and the key's stable hash: lets a
+    -- restarted detector pick the open episode up again.
+    key_spec         text        NOT NULL,
+    key_hash         bigint      NOT NULL,
     state            text        NOT NULL CHECK (state IN ('firing', 'escalated', 'resolved')),
     severity         text        NOT NULL CHECK (severity IN ('warning', 'critical')),
     count            bigint      NOT NULL,

@@ -14,6 +14,8 @@ use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
 
+use crate::activity::ActivityConfig;
+use crate::detect::DetectConfig;
 use crate::event::ValidationLimits;
 use crate::event::registry::RegistryConfig;
 use crate::store::writer::InsertMethod;
@@ -49,6 +51,10 @@ pub struct Config {
     pub validation: ValidationLimits,
     pub schema_registry: RegistryConfig,
     pub http: HttpConfig,
+    pub api: ApiConfig,
+    pub retention: RetentionConfig,
+    pub detect: DetectConfig,
+    pub activity: ActivityConfig,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -200,6 +206,227 @@ impl Default for HttpConfig {
     }
 }
 
+/// `[api]`: the admin HTTP API (authentication, client limits, query limits).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ApiConfig {
+    /// Static admin tokens, kept only as SHA-256 hashes:
+    /// `tokens = [{ name = "ops", sha256 = "<64 hex digits>" }]`
+    /// (`printf %s "$TOKEN" | sha256sum`). The name identifies the caller
+    /// in the audit trail and the rate limiter.
+    pub tokens: Vec<StaticTokenConfig>,
+    /// Environment variable whose value is also accepted as an admin token
+    /// (the runbook's `$ADMIN_TOKEN`); empty to disable. Default `ADMIN_TOKEN`.
+    pub admin_token_env: String,
+    /// JWTs from the authentication service.
+    pub jwt: JwtConfig,
+    /// Client networks (CIDR or single address) allowed on the admin routes;
+    /// empty allows every client. Others get 403.
+    pub allowed_networks: Vec<String>,
+    /// Reverse proxies whose `X-Forwarded-For` is believed when finding the
+    /// client address; empty: the TCP peer is the client.
+    pub trusted_proxies: Vec<String>,
+    /// Admin requests per second per client (verified token, else IP); 0
+    /// disables rate limiting.
+    pub rate_limit_per_second: u32,
+    /// Requests a client may make at once before the rate applies.
+    pub rate_limit_burst: u32,
+    /// Largest accepted request body.
+    pub max_body_bytes: usize,
+    /// Longest accepted query string.
+    pub max_query_bytes: usize,
+    /// Statement timeout of every API query (also bounds the wait for a
+    /// connection of the API pool).
+    #[serde(with = "humantime_serde")]
+    pub statement_timeout: Duration,
+    /// Require an admin token on `/metrics` too.
+    pub metrics_require_token: bool,
+    /// NDJSON log exports running at once (each holds an API connection).
+    pub max_concurrent_streams: usize,
+    /// Health is `degraded` above this total consumer lag (messages).
+    pub health_max_lag: i64,
+    /// Health is `degraded` when a pool's use is above this share (0..1).
+    pub health_max_pool_utilization: f64,
+    /// Health is `degraded` when there is lag but no batch was stored for
+    /// this long.
+    #[serde(with = "humantime_serde")]
+    pub health_stall_after: Duration,
+}
+
+impl Default for ApiConfig {
+    fn default() -> Self {
+        ApiConfig {
+            tokens: Vec::new(),
+            admin_token_env: "ADMIN_TOKEN".into(),
+            jwt: JwtConfig::default(),
+            allowed_networks: Vec::new(),
+            trusted_proxies: Vec::new(),
+            rate_limit_per_second: 10,
+            rate_limit_burst: 30,
+            max_body_bytes: 64 * 1024,
+            max_query_bytes: 4096,
+            statement_timeout: Duration::from_secs(5),
+            metrics_require_token: false,
+            max_concurrent_streams: 2,
+            health_max_lag: 100_000,
+            health_max_pool_utilization: 0.8,
+            health_stall_after: Duration::from_secs(300),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct StaticTokenConfig {
+    pub name: String,
+    /// Hex SHA-256 of the token.
+    pub sha256: String,
+}
+
+/// A JWT signature algorithm the API accepts (one per deployment, so that a
+/// token cannot pick a weaker one).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum JwtAlgorithm {
+    HS256,
+    RS256,
+    ES256,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct JwtConfig {
+    /// `HS256`, `RS256` or `ES256`; unset: JWTs are not accepted.
+    pub algorithm: Option<JwtAlgorithm>,
+    /// HS256 shared secret (at least 32 bytes). Secret: redacted in output.
+    pub secret: Option<String>,
+    /// RS256/ES256 public key, PEM text...
+    pub public_key_pem: Option<String>,
+    /// ...or a PEM file.
+    pub public_key_file: Option<PathBuf>,
+    /// Required `iss`.
+    pub issuer: String,
+    /// Required `aud` (one of the token's audiences).
+    pub audience: String,
+    /// Claim that marks an admin (dotted path for nested claims, e.g.
+    /// `realm_access.roles`): `true`, or a string / array of strings
+    /// containing `admin_value`.
+    pub admin_claim: String,
+    pub admin_value: String,
+    /// Clock skew allowed on `exp` and `nbf`.
+    #[serde(with = "humantime_serde")]
+    pub leeway: Duration,
+}
+
+impl Default for JwtConfig {
+    fn default() -> Self {
+        JwtConfig {
+            algorithm: None,
+            secret: None,
+            public_key_pem: None,
+            public_key_file: None,
+            issuer: String::new(),
+            audience: String::new(),
+            admin_claim: "is_admin".into(),
+            admin_value: "admin".into(),
+            leeway: Duration::from_secs(30),
+        }
+    }
+}
+
+/// `[retention]`: how long audit_logs keeps events, for the cleanup
+/// endpoint and the scheduled cleanup.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct RetentionConfig {
+    /// Compliance floor: no cleanup keeps fewer days than this.
+    pub min_days: u32,
+    /// The retention policy in days (scheduled cleanup, retention report).
+    pub days: u32,
+    /// Run the cleanup with `days` every `interval`.
+    pub scheduled: bool,
+    #[serde(with = "humantime_serde")]
+    pub interval: Duration,
+    /// How long a cleanup may wait for its lock on audit_logs (while it
+    /// waits, ingest queues behind it).
+    #[serde(with = "humantime_serde")]
+    pub lock_timeout: Duration,
+    /// Statement timeout of a cleanup (the boundary partition's DELETE can
+    /// take longer than an API query).
+    #[serde(with = "humantime_serde")]
+    pub statement_timeout: Duration,
+}
+
+impl Default for RetentionConfig {
+    fn default() -> Self {
+        RetentionConfig {
+            min_days: 90,
+            days: 365,
+            scheduled: false,
+            interval: Duration::from_secs(24 * 3600),
+            lock_timeout: Duration::from_secs(3),
+            statement_timeout: Duration::from_secs(300),
+        }
+    }
+}
+
+impl ApiConfig {
+    fn validate(&self) -> Result<(), ConfigError> {
+        for (i, token) in self.tokens.iter().enumerate() {
+            if token.name.trim().is_empty() {
+                return Err(ConfigError::field(&format!("api.tokens[{i}].name"), "must not be empty"));
+            }
+            if self.tokens[..i].iter().any(|t| t.name == token.name) {
+                return Err(ConfigError::field(&format!("api.tokens[{i}].name"), "is used twice"));
+            }
+            if token.sha256.len() != 64 || !token.sha256.bytes().all(|b| b.is_ascii_hexdigit()) {
+                return Err(ConfigError::field(&format!("api.tokens[{i}].sha256"), "must be 64 hex digits (SHA-256)"));
+            }
+        }
+        for (section, list) in [("api.allowed_networks", &self.allowed_networks), ("api.trusted_proxies", &self.trusted_proxies)] {
+            for (i, net) in list.iter().enumerate() {
+                crate::api::allowlist::parse_network(net)
+                    .map_err(|e| ConfigError::field(&format!("{section}[{i}]"), e))?;
+            }
+        }
+        if self.rate_limit_per_second > 0 && self.rate_limit_burst == 0 {
+            return Err(ConfigError::field("api.rate_limit_burst", "must be at least 1 when rate limiting is on"));
+        }
+        if self.max_body_bytes == 0 || self.max_body_bytes > 16 * 1024 * 1024 {
+            return Err(ConfigError::field("api.max_body_bytes", "must be between 1 and 16777216"));
+        }
+        if self.max_query_bytes < 256 {
+            return Err(ConfigError::field("api.max_query_bytes", "must be at least 256"));
+        }
+        if self.statement_timeout < Duration::from_millis(10) {
+            return Err(ConfigError::field("api.statement_timeout", "must be at least 10ms"));
+        }
+        if self.max_concurrent_streams == 0 {
+            return Err(ConfigError::field("api.max_concurrent_streams", "must be at least 1"));
+        }
+        if !(self.health_max_pool_utilization > 0.0 && self.health_max_pool_utilization <= 1.0) {
+            return Err(ConfigError::field("api.health_max_pool_utilization", "must be in (0, 1]"));
+        }
+        crate::api::auth::JwtVerifier::from_config(&self.jwt)
+            .map_err(|e| ConfigError::field(&format!("api.jwt.{}", e.field()), e.to_string()))?;
+        Ok(())
+    }
+}
+
+impl RetentionConfig {
+    fn validate(&self) -> Result<(), ConfigError> {
+        if self.min_days == 0 {
+            return Err(ConfigError::field("retention.min_days", "must be at least 1"));
+        }
+        if self.days < self.min_days {
+            return Err(ConfigError::field("retention.days", "must be at least retention.min_days"));
+        }
+        if self.interval < Duration::from_secs(60) {
+            return Err(ConfigError::field("retention.interval", "must be at least 1m"));
+        }
+        Ok(())
+    }
+}
+
 impl Config {
     /// Loads `path` (a missing file is an error only when `required`), then
     /// applies the environment overrides and validates the result.
@@ -299,9 +526,17 @@ impl Config {
         if k.dlq_max_payload_bytes < 1024 {
             return Err(ConfigError::field("kafka.dlq_max_payload_bytes", "must be at least 1024"));
         }
+        if let Err(e) = self.detect.compile() {
+            return Err(ConfigError::field(&format!("detect.rules[{}]", e.index), format!("{} ({})", e.message, e.id)));
+        }
+        if self.detect.storm_limit_per_second == 0 || self.detect.storm_burst == 0 {
+            return Err(ConfigError::field("detect.storm_limit_per_second", "limit and burst must be at least 1"));
+        }
         if self.validation.max_message_bytes == 0 {
             return Err(ConfigError::field("validation.max_message_bytes", "must be greater than zero"));
         }
+        self.api.validate()?;
+        self.retention.validate()?;
         Ok(())
     }
 
@@ -322,6 +557,9 @@ impl Config {
         }
         if let Some(url) = &c.schema_registry.url {
             c.schema_registry.url = Some(redact_url_password(url));
+        }
+        if c.api.jwt.secret.is_some() {
+            c.api.jwt.secret = Some(REDACTED.into());
         }
         c
     }
@@ -483,9 +721,11 @@ mod tests {
     }
 
     #[test]
-    fn shipped_config_file_parses() {
+    fn shipped_config_file_parses_and_ships_the_default_rules() {
         let path = Path::new(env!("CARGO_MANIFEST_DIR")).join(DEFAULT_CONFIG_PATH);
-        Config::load_with_env(&path, true, env(&[])).unwrap();
+        let c = Config::load_with_env(&path, true, env(&[])).unwrap();
+        assert_eq!(c.detect, crate::detect::DetectConfig::default(), "config file and built-in defaults agree");
+        assert_eq!(c.activity, crate::activity::ActivityConfig::default());
     }
 
     #[test]
@@ -549,6 +789,35 @@ mod tests {
         assert!(text.contains("sasl.username"), "{text}");
         assert_eq!(redact_database_url("host=db user=u password=p"), "host=db user=u password=****");
         assert_eq!(redact_database_url("postgres://u@h/db?password=p&x=1"), "postgres://u@h/db?password=****&x=1");
+    }
+
+    #[test]
+    fn api_and_retention_sections_are_validated_and_redacted() {
+        let c = Config::from_toml_with_env("", env(&[])).unwrap();
+        assert_eq!(c.api.admin_token_env, "ADMIN_TOKEN");
+        assert_eq!(c.api.rate_limit_per_second, 10);
+        assert_eq!(c.api.statement_timeout, Duration::from_secs(5));
+        assert_eq!(c.retention.min_days, 90);
+        assert!(!c.retention.scheduled);
+        let field_of = |toml: &str| match Config::from_toml_with_env(toml, env(&[])) {
+            Err(ConfigError::Field { field, .. }) => field,
+            other => panic!("{toml}: expected a field error, got {other:?}"),
+        };
+        assert_eq!(field_of("[api]\nallowed_networks = [\"10.0.0.0/8\", \"10.0.0.300\"]\n"), "api.allowed_networks[1]");
+        assert_eq!(field_of("[api]\ntokens = [{ name = \"ops\", sha256 = \"abc\" }]\n"), "api.tokens[0].sha256");
+        assert_eq!(field_of("[api.jwt]\nalgorithm = \"HS256\"\nissuer = \"i\"\naudience = \"a\"\nsecret = \"short\"\n"), "api.jwt.secret");
+        assert_eq!(field_of("[api.jwt]\nalgorithm = \"RS256\"\nissuer = \"i\"\naudience = \"a\"\npublic_key_pem = \"x\"\n"), "api.jwt.public_key_pem");
+        assert_eq!(field_of("[api.jwt]\nalgorithm = \"HS256\"\nsecret = \"0123456789abcdef0123456789abcdef\"\n"), "api.jwt.issuer");
+        assert_eq!(field_of("[retention]\nmin_days = 90\ndays = 30\n"), "retention.days");
+        assert_eq!(field_of("[api]\nrate_limt = 3\n"), "api.rate_limt");
+
+        let c = Config::from_toml_with_env(
+            "[api.jwt]\nalgorithm = \"HS256\"\nissuer = \"auth\"\naudience = \"audit\"\n",
+            env(&[("AUDIT__API__JWT__SECRET", "hunter4-0123456789abcdef0123456789")]),
+        )
+        .unwrap();
+        let text = c.to_redacted_toml();
+        assert!(!text.contains("hunter4") && text.contains("secret = \"****\""), "{text}");
     }
 
     #[test]

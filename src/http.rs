@@ -1,18 +1,16 @@
-//! The HTTP listener: liveness and Prometheus metrics. The admin API joins
-//! this router in its own module.
+//! The HTTP listener: liveness, Prometheus metrics and the admin API
+//! (`crate::api`), all on one router.
 
 use std::net::SocketAddr;
 use std::sync::Arc;
 
 use axum::Router;
 use deadpool_postgres::Pool;
-use axum::http::header;
-use axum::response::IntoResponse;
-use axum::routing::get;
 use metrics_exporter_prometheus::PrometheusHandle;
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
+use crate::api::{self, ApiSetupError};
 use crate::config::Config;
 use crate::ingest::status::IngestStatus;
 
@@ -24,22 +22,20 @@ pub struct HttpState {
     /// A pool of its own, so that a slow API query never takes a connection
     /// from ingest.
     pub api_pool: Pool,
+    /// The ingest pool, only to report its use in health.
+    pub ingest_pool: Pool,
     pub status: Arc<IngestStatus>,
 }
 
-pub fn router(state: HttpState) -> Router {
-    Router::new()
-        .route("/api/v1/health", get(health))
-        .route("/metrics", get(render_metrics))
-        .with_state(state)
+/// The service's router; credentials from the environment (`ADMIN_TOKEN`)
+/// are read here, once.
+pub fn router(state: HttpState) -> Result<Router, ApiSetupError> {
+    router_with_env(state, &|name| std::env::var(name).ok())
 }
 
-async fn health() -> impl IntoResponse {
-    axum::Json(serde_json::json!({"status": "ok"}))
-}
-
-async fn render_metrics(axum::extract::State(state): axum::extract::State<HttpState>) -> impl IntoResponse {
-    ([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], state.metrics.render())
+/// [`router`] with an explicit environment lookup, for tests.
+pub fn router_with_env(state: HttpState, env: &dyn Fn(&str) -> Option<String>) -> Result<Router, ApiSetupError> {
+    api::router(state, env)
 }
 
 /// Binds `addr` (port 0 picks a free port) and serves until cancelled.

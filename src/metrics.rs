@@ -53,9 +53,32 @@ fn describe_all() {
     describe_gauge!("audit_consumer_assigned_partitions", "Partitions of the events topic assigned to this instance.");
     describe_gauge!("audit_ingest_paused", "1 while consumption is paused, by reason (backpressure, maintenance).");
     describe_gauge!("audit_last_batch_stored_timestamp_seconds", Unit::Seconds, "Unix time of the last committed batch.");
-    describe_gauge!("audit_db_pool_connections", "Ingest pool connections, by state (in_use, idle, max).");
-    describe_gauge!("audit_db_pool_utilization_ratio", "Share of the ingest pool's connections in use (0..1).");
+    describe_gauge!("audit_db_pool_connections", "Pool connections, by pool (ingest, api) and state (in_use, idle, max).");
+    describe_gauge!("audit_db_pool_utilization_ratio", "Share of each pool's connections in use (0..1), by pool (ingest, api).");
     describe_counter!("audit_partitions_created_total", "Daily audit_logs partitions created.");
+    describe_counter!("audit_failed_logins_total", "Failed-login events seen by the detectors (the configured failure actions).");
+    describe_counter!("audit_alerts_total", "Alert transitions, by rule, severity and state (published or withheld).");
+    describe_counter!("audit_alerts_published_total", "Alert messages sent to the alerts topic, by rule.");
+    describe_counter!("audit_alerts_withheld_total", "Alert messages held back by the storm limiter (summarised instead), by rule.");
+    describe_counter!("audit_alert_summaries_total", "Aggregate alerts summarising withheld ones, by rule.");
+    describe_counter!("audit_alert_publish_errors_total", "Alert messages the producer could not deliver, by rule.");
+    describe_counter!("audit_detector_late_events_total", "Events later than the allowed lateness: counted, trigger nothing.");
+    describe_gauge!("audit_detector_keys", "Keys tracked by each rule instance.");
+    describe_counter!("audit_detector_evictions_total", "Idle keys evicted, by rule instance.");
+    describe_counter!("audit_detector_keys_dropped_total", "New keys not tracked because a rule reached max_keys_per_rule.");
+    describe_gauge!("audit_detector_open_alerts", "Alert episodes currently open (firing or escalated).");
+    describe_gauge!("audit_active_sessions", "Sessions open (not logged out, revoked or idle).");
+    describe_counter!("audit_logins_total", "Successful logins stored (rate: logins per second).");
+    describe_counter!("audit_events_by_action_total", "Events stored, by action family (known actions, ADMIN_*, SECURITY_*, other).");
+    describe_gauge!("audit_active_users_last_hour", "Distinct users with events in the last hour of event time (HyperLogLog, ~1.6 % error).");
+    describe_histogram!("audit_http_request_duration_seconds", Unit::Seconds, "HTTP request duration (to the response head), by route template, method and status.");
+    describe_counter!("audit_http_rate_limited_total", "Admin API requests refused with 429 by the per-client rate limit.");
+    describe_counter!("audit_http_auth_failures_total", "Admin API requests refused by authentication or the client allow-list, by reason.");
+    describe_counter!("audit_admin_actions_total", "Admin actions recorded in the audit trail, by action.");
+    describe_counter!("audit_retention_partitions_dropped_total", "Daily audit_logs partitions dropped by retention cleanups.");
+    describe_counter!("audit_retention_rows_removed_total", "Audit rows removed by retention cleanups (estimated for dropped partitions).");
+    describe_counter!("audit_retention_failures_total", "Scheduled retention cleanups that failed.");
+    describe_gauge!("audit_retention_last_success_timestamp_seconds", Unit::Seconds, "Unix time of the last successful retention cleanup.");
 }
 
 /// Samples the pool's use every second until cancelled.

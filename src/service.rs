@@ -13,7 +13,7 @@ use crate::event::registry::SchemaRegistry;
 use crate::ingest::status::IngestStatus;
 use crate::ingest::{self, IngestHandle};
 use crate::store::{self, migrate, partitions};
-use crate::{http, metrics};
+use crate::{activity, http, metrics};
 
 #[derive(Debug, thiserror::Error)]
 pub enum ServiceError {
@@ -25,6 +25,8 @@ pub enum ServiceError {
     Ingest(#[from] ingest::IngestError),
     #[error("HTTP listener on {addr}: {source}")]
     Http { addr: SocketAddr, source: std::io::Error },
+    #[error(transparent)]
+    Api(#[from] crate::api::ApiSetupError),
 }
 
 pub struct RunningService {
@@ -56,21 +58,39 @@ pub async fn start(config: &Config, cancel: CancellationToken) -> Result<Running
     let registry = SchemaRegistry::from_config(&config.schema_registry).map_err(|e| ServiceError::Registry(e.to_string()))?;
     let decoder = Decoder::new(config.validation.clone(), Arc::new(registry));
     let status = Arc::new(IngestStatus::default());
+    // "No batch yet" counts from the start, so a stall right after start
+    // shows in audit_last_batch_stored_timestamp_seconds too.
+    ::metrics::gauge!("audit_last_batch_stored_timestamp_seconds").set(chrono::Utc::now().timestamp() as f64);
 
     let ingest = ingest::start(config, pool.clone(), decoder, status.clone(), cancel.clone())?;
 
     let mut background = Vec::new();
     background.push(tokio::spawn(partitions::maintain(pool.clone(), config.storage.clone(), cancel.clone())));
     background.push(tokio::spawn(metrics::sample_pool(pool.clone(), "ingest", cancel.clone())));
+    if config.activity.enabled {
+        background.push(tokio::spawn(activity::compactor::run(
+            pool.clone(),
+            config.activity.clone(),
+            status.clone(),
+            cancel.clone(),
+        )));
+    }
 
     let api_pool = store::connect_pool(&config.database, config.database.api_pool_size)?;
     background.push(tokio::spawn(metrics::sample_pool(api_pool.clone(), "api", cancel.clone())));
+    let shared_config = Arc::new(config.clone());
+    background.push(tokio::spawn(crate::api::retention::run_scheduled(
+        api_pool.clone(),
+        shared_config.clone(),
+        cancel.clone(),
+    )));
     let router = http::router(http::HttpState {
         metrics: metrics_handle,
-        config: Arc::new(config.clone()),
+        config: shared_config,
         api_pool,
+        ingest_pool: pool.clone(),
         status: status.clone(),
-    });
+    })?;
     let (http_addr, http_task) = http::serve(config.http.listen, router, cancel.clone())
         .await
         .map_err(|source| ServiceError::Http { addr: config.http.listen, source })?;

@@ -33,6 +33,8 @@ fn set<'a>(rows: Vec<RowRef<'a>>, expected: Option<i64>, next: i64) -> WriteSet<
         rows,
         dead: Vec::new(),
         offsets: vec![OffsetAdvance { partition: 0, expected, next_offset: next }],
+        alerts: Vec::new(),
+        activity: None,
     }
 }
 

@@ -12,6 +12,7 @@ use std::time::{Duration, Instant};
 
 use uuid::Uuid;
 
+use crate::detect::Transition;
 use crate::event::{AuthEvent, DecodeError, Encoding, EpochMicros};
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -82,6 +83,9 @@ pub struct Batch {
     pub duplicates_in_batch: u64,
     /// Messages consumed into this batch (rows + dead + duplicates).
     pub messages: u64,
+    /// Alert transitions the detectors made from these events (or from the
+    /// clock), with whether the storm limiter let them out.
+    pub alerts: Vec<(Transition, bool)>,
     pub opened_at: Instant,
     raw: Vec<u8>,
 }
@@ -146,6 +150,7 @@ impl BatchBuilder {
             progress: Vec::new(),
             duplicates_in_batch: 0,
             messages: 0,
+            alerts: Vec::new(),
             opened_at: Instant::now(),
             raw: Vec::new(),
         })
@@ -190,6 +195,14 @@ impl BatchBuilder {
             reason_code: error.code().to_owned(),
             reason: error.to_string(),
         });
+    }
+
+    /// Adds alert transitions; they are stored with this batch.
+    pub fn push_alerts(&mut self, alerts: impl IntoIterator<Item = (Transition, bool)>) {
+        let mut alerts = alerts.into_iter().peekable();
+        if alerts.peek().is_some() {
+            self.open().alerts.extend(alerts);
+        }
     }
 
     pub fn messages(&self) -> u64 {

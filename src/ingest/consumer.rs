@@ -22,6 +22,7 @@ use tokio_util::sync::CancellationToken;
 use tracing::{debug, error, info, warn};
 
 use super::batch::{Batch, BatchBuilder, Header, Position, SourceMessage};
+use super::detection::Detection;
 use super::status::IngestStatus;
 use super::writer::{WriterCommand, WriterEvent};
 use crate::event::{Decoder, EpochMicros};
@@ -32,6 +33,8 @@ const MAX_POLL_WAIT: Duration = Duration::from_millis(100);
 /// How long the loop waits for room in the writer's queue before it pauses
 /// its partitions and goes back to polling.
 const BRIEF_BACKPRESSURE_WAIT: Duration = Duration::from_millis(500);
+/// How often the lag is asked of the brokers while consumption is paused.
+const LAG_PROBE_INTERVAL: Duration = Duration::from_secs(1);
 
 /// State shared between the poll loop and the rebalance callback (which
 /// runs inside `poll`, on the same thread: the lock is never contended).
@@ -43,6 +46,8 @@ struct LoopState {
     next_epoch: u64,
     /// Bumped on every assignment change, to re-apply a pause.
     assignment_generation: u64,
+    /// The detectors and the alert publisher (None when detection is off).
+    detection: Option<Detection>,
 }
 
 pub struct IngestContext {
@@ -75,6 +80,7 @@ impl IngestContext {
         settings: ContextSettings,
         commands: mpsc::Sender<WriterCommand>,
         status: Arc<IngestStatus>,
+        detection: Option<Detection>,
         cancel: CancellationToken,
     ) -> Self {
         IngestContext {
@@ -88,6 +94,7 @@ impl IngestContext {
                 positions: HashMap::new(),
                 next_epoch: 1,
                 assignment_generation: 0,
+                detection,
             }),
             commands,
             status,
@@ -101,22 +108,15 @@ impl IngestContext {
         self.state.lock().unwrap_or_else(|e| e.into_inner())
     }
 
-    /// Stored positions of `partitions`, retried until PostgreSQL answers.
-    /// `None` only when shutting down.
-    fn stored_offsets(&self, partitions: &[i32]) -> Option<HashMap<i32, i64>> {
+    /// Runs a database step from this thread, retried with backoff until it
+    /// succeeds. `None` only when shutting down.
+    fn retry_db<T>(&self, what: &str, mut step: impl FnMut() -> Result<T, String>) -> Option<T> {
         let mut backoff = self.retry_backoff.0;
         loop {
-            let result = self.runtime.block_on(async {
-                let client = self.pool.get().await.map_err(|e| e.to_string())?;
-                client
-                    .query(queries::STORED_OFFSETS, &[&self.group, &self.topic, &partitions])
-                    .await
-                    .map_err(|e| e.to_string())
-            });
-            match result {
-                Ok(rows) => return Some(rows.iter().map(|r| (r.get(0), r.get(1))).collect()),
+            match step() {
+                Ok(v) => return Some(v),
                 Err(e) => {
-                    warn!(error = %e, "cannot read stored offsets; retrying");
+                    warn!(error = %e, "{what} failed; retrying");
                     self.status.db_error();
                     if self.cancel.is_cancelled() {
                         return None;
@@ -128,6 +128,20 @@ impl IngestContext {
         }
     }
 
+    /// Stored positions of `partitions`, retried until PostgreSQL answers.
+    fn stored_offsets(&self, partitions: &[i32]) -> Option<HashMap<i32, i64>> {
+        self.retry_db("reading stored offsets", || {
+            self.runtime.block_on(async {
+                let client = self.pool.get().await.map_err(|e| e.to_string())?;
+                let rows = client
+                    .query(queries::STORED_OFFSETS, &[&self.group, &self.topic, &partitions])
+                    .await
+                    .map_err(|e| e.to_string())?;
+                Ok(rows.iter().map(|r| (r.get(0), r.get(1))).collect())
+            })
+        })
+    }
+
     fn on_assign(&self, consumer: &BaseConsumer<Self>, tpl: &mut TopicPartitionList) {
         let partitions: Vec<i32> = tpl.elements_for_topic(&self.topic).iter().map(|e| e.partition()).collect();
         let Some(stored) = self.stored_offsets(&partitions) else {
@@ -135,6 +149,16 @@ impl IngestContext {
             return;
         };
         let mut state = self.state();
+        if let Some(detection) = state.detection.as_mut() {
+            // Detector state for these partitions comes from what is stored
+            // below the offsets we resume from: nothing twice, nothing lost.
+            let rebuilt = self.retry_db("rebuilding detector state", || {
+                self.runtime.block_on(detection.rebuild(&self.pool, &partitions))
+            });
+            if rebuilt.is_none() {
+                return;
+            }
+        }
         for &p in &partitions {
             let offset = stored.get(&p).copied();
             // No stored position means nothing of this partition is in the
@@ -168,6 +192,10 @@ impl IngestContext {
             warn!(error = %e, "unassign failed");
         }
         self.status.set_assigned(Vec::new());
+        // Another instance reports these partitions' lag now.
+        for p in self.status.snapshot().lag.keys() {
+            metrics::gauge!("audit_consumer_lag_messages", "topic" => self.topic.clone(), "partition" => p.to_string()).set(0.0);
+        }
         self.status.set_lag(BTreeMap::new());
     }
 
@@ -203,6 +231,11 @@ impl IngestContext {
 
 impl ClientContext for IngestContext {
     fn stats(&self, statistics: Statistics) {
+        // Paused partitions are not fetched: their statistics are stale, and
+        // the loop asks the brokers instead (probe_lag).
+        if self.status.paused() {
+            return;
+        }
         let Some(topic) = statistics.topics.get(&self.topic) else { return };
         let assigned: Vec<i32> = self.state().positions.keys().copied().collect();
         let mut lag = BTreeMap::new();
@@ -245,11 +278,20 @@ pub fn run_loop(
 ) {
     let ctx = consumer.context().clone();
     let mut paused_generation: Option<u64> = None;
+    let mut last_lag_probe = Instant::now();
     loop {
         if ctx.cancel.is_cancelled() {
             break;
         }
         handle_writer_events(&consumer, &writer_events, CommitMode::Async);
+        {
+            let mut guard = ctx.state();
+            let state = &mut *guard;
+            if let Some(detection) = state.detection.as_mut() {
+                let alerts = detection.tick_if_due();
+                state.builder.push_alerts(alerts);
+            }
+        }
         if !hand_off_due_batch(&ctx) {
             error!("writer stopped; consumer loop exits");
             break;
@@ -273,6 +315,10 @@ pub fn run_loop(
             }
             state.builder.time_until_due(Instant::now()).unwrap_or(MAX_POLL_WAIT).min(MAX_POLL_WAIT)
         };
+        if paused_generation.is_some() && last_lag_probe.elapsed() >= LAG_PROBE_INTERVAL {
+            probe_lag(&consumer);
+            last_lag_probe = Instant::now();
+        }
         match consumer.poll(wait) {
             None => {}
             Some(Err(e)) => {
@@ -362,6 +408,11 @@ fn ingest_message(ctx: &IngestContext, decoder: &Decoder, message: &BorrowedMess
     match decoded {
         Ok((event, encoding)) => {
             metrics::counter!("audit_events_consumed_total", "encoding" => encoding.as_str()).increment(1);
+            let state = &mut *state;
+            if let Some(detection) = state.detection.as_mut() {
+                let alerts = detection.observe(&event, message.partition());
+                state.builder.push_alerts(alerts);
+            }
             state.builder.push_event(source(), event, encoding, now_micros());
         }
         Err(e) => {
@@ -425,6 +476,29 @@ fn reseek_fenced(consumer: &BaseConsumer<IngestContext>, partition: i32, epoch: 
     warn!(partition, ?offset, "offsets moved by another consumer; seeking to the stored position");
     if let Err(e) = consumer.seek(&ctx.topic, partition, target, Duration::from_secs(10)) {
         error!(partition, error = %e, "seek after fence failed");
+    }
+}
+
+/// While paused, librdkafka fetches nothing, so its statistics keep the
+/// lag of the moment of the pause. Ask the brokers for the end of each
+/// partition instead; the lag is what lies beyond the stored position.
+fn probe_lag(consumer: &BaseConsumer<IngestContext>) {
+    let ctx = consumer.context();
+    let positions: Vec<(i32, Option<i64>)> = ctx.state().positions.iter().map(|(p, pos)| (*p, pos.expected)).collect();
+    let mut lag = BTreeMap::new();
+    for (partition, stored) in positions {
+        match consumer.fetch_watermarks(&ctx.topic, partition, Duration::from_secs(2)) {
+            Ok((low, high)) => {
+                let behind = (high - stored.unwrap_or(low)).max(0);
+                lag.insert(partition, behind);
+                metrics::gauge!("audit_consumer_lag_messages", "topic" => ctx.topic.clone(), "partition" => partition.to_string())
+                    .set(behind as f64);
+            }
+            Err(e) => debug!(partition, error = %e, "watermark query failed"),
+        }
+    }
+    if !lag.is_empty() {
+        ctx.status.set_lag(lag);
     }
 }
 

@@ -10,6 +10,7 @@
 
 pub mod batch;
 pub mod consumer;
+pub mod detection;
 pub mod dlq;
 pub mod status;
 pub mod writer;
@@ -22,10 +23,14 @@ use rdkafka::producer::FutureProducer;
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
+use crate::alerts::AlertEncoder;
+use crate::alerts::publisher::{AlertPublisher, run_sender};
 use crate::config::Config;
+use crate::detect::Detector;
 use crate::event::Decoder;
 use crate::kafka;
 use consumer::{ContextSettings, IngestContext};
+use detection::Detection;
 use status::IngestStatus;
 use writer::{BatchWriter, WriterSettings};
 
@@ -35,12 +40,15 @@ pub enum IngestError {
     Kafka(#[from] rdkafka::error::KafkaError),
     #[error("starting the consumer thread: {0}")]
     Thread(#[from] std::io::Error),
+    #[error("detection rules: {0}")]
+    Rules(#[from] crate::detect::RuleError),
 }
 
 /// The running pipeline; `join` waits until it has flushed and stopped.
 pub struct IngestHandle {
     consumer_thread: std::thread::JoinHandle<()>,
     writer_task: tokio::task::JoinHandle<()>,
+    alert_sender: Option<tokio::task::JoinHandle<()>>,
 }
 
 impl IngestHandle {
@@ -51,6 +59,11 @@ impl IngestHandle {
         }
         if let Err(e) = self.writer_task.await {
             tracing::error!(error = %e, "writer task failed");
+        }
+        if let Some(sender) = self.alert_sender
+            && let Err(e) = sender.await
+        {
+            tracing::error!(error = %e, "alert sender failed");
         }
     }
 }
@@ -81,6 +94,7 @@ pub fn start(
         pool.clone(),
         dlq,
         WriterSettings {
+            activity: config.activity.enabled.then(|| config.activity.clone()),
             group: k.group_id.clone(),
             topic: k.events_topic.clone(),
             method: i.insert_method,
@@ -90,6 +104,25 @@ pub fn start(
         status.clone(),
         events_tx,
     );
+
+    let (detection, alert_sender) = if config.detect.enabled {
+        let detector = Detector::new(&config.detect)?;
+        let (publisher, queue) = AlertPublisher::new(
+            AlertEncoder::new(config.detect.alert_format),
+            config.detect.storm_limit_per_second,
+            config.detect.storm_burst,
+        );
+        let mut producer_config = kafka::producer_config(k);
+        if !k.producer_properties.contains_key("linger.ms") && !k.properties.contains_key("linger.ms") {
+            // An alert is one message that should leave at once.
+            producer_config.set("linger.ms", "0");
+        }
+        let producer: FutureProducer = producer_config.create()?;
+        let sender = tokio::spawn(run_sender(queue, producer, k.alerts_topic.clone()));
+        (Some(Detection::new(detector, publisher, config.detect.rebuild_window_max)), Some(sender))
+    } else {
+        (None, None)
+    };
 
     let context = IngestContext::new(
         tokio::runtime::Handle::current(),
@@ -105,6 +138,7 @@ pub fn start(
         },
         commands_tx,
         status,
+        detection,
         cancel,
     );
     let consumer: BaseConsumer<IngestContext> = kafka::consumer_config(k).create_with_context(context)?;
@@ -114,5 +148,5 @@ pub fn start(
     let consumer_thread = std::thread::Builder::new()
         .name("ingest-consumer".into())
         .spawn(move || consumer::run_loop(consumer, decoder, events_rx))?;
-    Ok(IngestHandle { consumer_thread, writer_task })
+    Ok(IngestHandle { consumer_thread, writer_task, alert_sender })
 }

@@ -14,6 +14,8 @@ pub struct IngestStatus {
     backpressure_paused: AtomicBool,
     /// Unix seconds of the last committed batch; 0 before the first.
     last_batch_at: AtomicI64,
+    /// Newest event time (epoch micros) committed; i64::MIN before any.
+    max_event_time: AtomicI64,
     batches_committed: AtomicU64,
     /// Unix seconds of the last database write failure; 0 when none.
     last_db_error_at: AtomicI64,
@@ -50,6 +52,11 @@ impl IngestStatus {
         self.maintenance_paused.load(Ordering::SeqCst)
     }
 
+    /// Paused for either reason.
+    pub fn paused(&self) -> bool {
+        self.maintenance_paused() || self.backpressure_paused.load(Ordering::SeqCst)
+    }
+
     pub fn set_backpressure_paused(&self, paused: bool) {
         self.backpressure_paused.store(paused, Ordering::SeqCst);
         metrics::gauge!("audit_ingest_paused", "reason" => "backpressure").set(if paused { 1.0 } else { 0.0 });
@@ -60,6 +67,16 @@ impl IngestStatus {
         self.last_batch_at.store(now, Ordering::SeqCst);
         self.batches_committed.fetch_add(1, Ordering::SeqCst);
         metrics::gauge!("audit_last_batch_stored_timestamp_seconds").set(now as f64);
+    }
+
+    pub fn note_event_time(&self, t: i64) {
+        self.max_event_time.fetch_max(t, Ordering::SeqCst);
+    }
+
+    /// The newest event time stored, if any (the activity tracker's clock).
+    pub fn max_event_time(&self) -> Option<i64> {
+        let t = self.max_event_time.load(Ordering::SeqCst);
+        (t != 0 && t != i64::MIN).then_some(t)
     }
 
     pub fn db_error(&self) {

@@ -13,6 +13,8 @@ use tokio::sync::mpsc;
 use tracing::{Instrument, debug, info_span, warn};
 
 use super::batch::Batch;
+use crate::activity::hll::ActiveUsers;
+use crate::activity::{ActivityConfig, action_label};
 use super::dlq::DeadLetterProducer;
 use super::status::IngestStatus;
 use crate::store::copy_format::RowRef;
@@ -36,6 +38,8 @@ pub enum WriterEvent {
 }
 
 pub struct WriterSettings {
+    /// Sessions and rollups kept in the batch transaction (None: off).
+    pub activity: Option<ActivityConfig>,
     pub group: String,
     pub topic: String,
     pub method: InsertMethod,
@@ -51,6 +55,7 @@ pub struct BatchWriter {
     events: std::sync::mpsc::Sender<WriterEvent>,
     /// partition → epoch whose batches must be dropped (fenced).
     fenced: HashMap<i32, u64>,
+    active_users: ActiveUsers,
 }
 
 enum AttemptError {
@@ -66,7 +71,7 @@ impl BatchWriter {
         status: Arc<IngestStatus>,
         events: std::sync::mpsc::Sender<WriterEvent>,
     ) -> Self {
-        BatchWriter { pool, dlq, settings, status, events, fenced: HashMap::new() }
+        BatchWriter { pool, dlq, settings, status, events, fenced: HashMap::new(), active_users: ActiveUsers::default() }
     }
 
     /// Handles commands until the consumer thread drops its sender.
@@ -101,7 +106,7 @@ impl BatchWriter {
             debug!(?stale, "dropping rows of fenced partitions");
             batch.remove_partitions(&stale);
         }
-        if batch.progress.is_empty() {
+        if batch.progress.is_empty() && batch.alerts.is_empty() {
             return;
         }
         let started = Instant::now();
@@ -141,7 +146,7 @@ impl BatchWriter {
                         let _ = self.events.send(WriterEvent::Fenced { partition: p.partition, epoch: p.epoch });
                     }
                     batch.remove_partitions(&partitions);
-                    if batch.progress.is_empty() {
+                    if batch.progress.is_empty() && batch.alerts.is_empty() {
                         return;
                     }
                 }
@@ -188,11 +193,13 @@ impl BatchWriter {
                 .iter()
                 .map(|p| OffsetAdvance { partition: p.partition, expected: p.expected, next_offset: p.next_offset })
                 .collect(),
+            alerts: batch.alerts.iter().map(|(t, published)| (t, *published)).collect(),
+            activity: self.settings.activity.as_ref(),
         };
         writer::write(&mut client, &set, self.settings.method).await.map_err(AttemptError::Write)
     }
 
-    fn committed(&self, batch: &Batch, result: WriteResult, started: Instant) {
+    fn committed(&mut self, batch: &Batch, result: WriteResult, started: Instant) {
         let elapsed = started.elapsed();
         metrics::histogram!("audit_batch_write_duration_seconds").record(elapsed.as_secs_f64());
         metrics::histogram!("audit_batch_rows").record(batch.messages as f64);
@@ -205,9 +212,34 @@ impl BatchWriter {
             metrics::counter!("audit_events_dead_lettered_total", "reason" => letter.reason_code.clone()).increment(1);
         }
         self.status.batch_committed();
+        if let Some(newest) = batch.rows.iter().map(|r| r.event.occurred_at).max() {
+            self.status.note_event_time(newest);
+        }
+        if self.settings.activity.is_some() {
+            self.record_activity_metrics(batch);
+        }
         debug!(inserted = result.inserted, duplicates = result.duplicates, ms = elapsed.as_millis() as u64, "batch committed");
         let offsets = batch.progress.iter().map(|p| (p.partition, p.next_offset)).collect();
         let _ = self.events.send(WriterEvent::Committed(offsets));
+    }
+
+    /// Logins, events by action and distinct active users (HyperLogLog over
+    /// the last hour of event time).
+    fn record_activity_metrics(&mut self, batch: &Batch) {
+        let mut by_action: HashMap<&'static str, u64> = HashMap::new();
+        for row in &batch.rows {
+            *by_action.entry(action_label(&row.event.action)).or_default() += 1;
+            if let Some(user) = row.event.user_id.as_deref() {
+                self.active_users.add(user, row.event.occurred_at);
+            }
+        }
+        for (action, n) in by_action {
+            metrics::counter!("audit_events_by_action_total", "action" => action).increment(n);
+            if action == "AUTH_LOGIN" {
+                metrics::counter!("audit_logins_total").increment(n);
+            }
+        }
+        metrics::gauge!("audit_active_users_last_hour").set(self.active_users.estimate());
     }
 
     async fn pause(&self, backoff: Duration) -> Duration {

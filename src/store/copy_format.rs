@@ -92,16 +92,53 @@ impl CopyEncoder {
     }
 }
 
-fn put_null(b: &mut BytesMut) {
+/// A binary COPY stream for any small table: the caller writes each row's
+/// field count, then its fields with the `put_*` functions.
+pub struct CopyStream {
+    pub buf: BytesMut,
+}
+
+impl CopyStream {
+    pub fn new() -> Self {
+        let mut buf = BytesMut::with_capacity(64 * 1024);
+        buf.put_slice(SIGNATURE);
+        buf.put_i32(0);
+        buf.put_i32(0);
+        CopyStream { buf }
+    }
+
+    pub fn row(&mut self, fields: i16) -> &mut BytesMut {
+        self.buf.put_i16(fields);
+        &mut self.buf
+    }
+
+    pub fn finish(mut self) -> BytesMut {
+        self.buf.put_i16(-1);
+        self.buf
+    }
+}
+
+impl Default for CopyStream {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+pub(crate) fn put_i64(b: &mut BytesMut, v: i64) {
+    b.put_i32(8);
+    b.put_i64(v);
+}
+
+pub(crate) fn put_null(b: &mut BytesMut) {
     b.put_i32(-1);
 }
 
-fn put_timestamptz(b: &mut BytesMut, micros: EpochMicros) {
+pub(crate) fn put_timestamptz(b: &mut BytesMut, micros: EpochMicros) {
     b.put_i32(8);
     b.put_i64(micros - PG_EPOCH_OFFSET_MICROS);
 }
 
-fn put_text(b: &mut BytesMut, value: Option<&str>) {
+pub(crate) fn put_text(b: &mut BytesMut, value: Option<&str>) {
     match value {
         Some(s) => {
             b.put_i32(s.len() as i32);
@@ -111,7 +148,7 @@ fn put_text(b: &mut BytesMut, value: Option<&str>) {
     }
 }
 
-fn put_inet(b: &mut BytesMut, ip: Option<IpAddr>) {
+pub(crate) fn put_inet(b: &mut BytesMut, ip: Option<IpAddr>) {
     match ip {
         Some(IpAddr::V4(v4)) => {
             b.put_i32(8);

@@ -17,6 +17,8 @@ pub struct Migration {
 pub const MIGRATIONS: &[Migration] = &[
     Migration { version: 1, name: "audit_log", sql: include_str!("../../migrations/0001_audit_log.sql") },
     Migration { version: 2, name: "alerts", sql: include_str!("../../migrations/0002_alerts.sql") },
+    Migration { version: 3, name: "admin_api", sql: include_str!("../../migrations/0003_admin_api.sql") },
+    Migration { version: 4, name: "activity", sql: include_str!("../../migrations/0004_activity.sql") },
 ];
 
 /// Arbitrary constant naming the migration lock.

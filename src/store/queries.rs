@@ -19,7 +19,7 @@ pub const TRUNCATE_STAGING: &str = "TRUNCATE audit_logs_staging";
 
 /// Moves the staged rows in, skipping event_ids already stored.
 pub const INSERT_FROM_STAGING: &str = "INSERT INTO audit_logs SELECT * FROM audit_logs_staging \
-     ON CONFLICT (event_id, created_at) DO NOTHING";
+     ON CONFLICT (event_id, created_at) DO NOTHING RETURNING event_id";
 
 /// The row-at-a-time alternative to COPY, kept for the insert-method
 /// benchmark: arrays in, duplicates skipped.
@@ -32,7 +32,8 @@ SELECT event_id, created_at, received_at, action, user_id, username, ip::inet, u
               $8::text[], $9::text[], $10::text[], $11::jsonb[], $12::int[], $13::bigint[])
        AS t(event_id, created_at, received_at, action, user_id, username, ip, user_agent,
             session_id, request_id, metadata, kafka_partition, kafka_offset)
-ON CONFLICT (event_id, created_at) DO NOTHING";
+ON CONFLICT (event_id, created_at) DO NOTHING
+RETURNING event_id";
 
 /// Advances the stored offsets of a batch's partitions, fenced: a partition
 /// moves only from the offset this consumer last read or wrote for it
@@ -71,5 +72,73 @@ pub const INSERT_DEAD_LETTERS: &str = "
 INSERT INTO dead_letters (topic, kafka_partition, kafka_offset, reason_code, reason, payload_bytes)
 SELECT $1, * FROM unnest($2::int[], $3::bigint[], $4::text[], $5::text[], $6::int[])";
 
+/// Alert transitions of a batch. $14 holds each row's sample event ids as
+/// comma-separated text.
+pub const INSERT_ALERTS: &str = "
+INSERT INTO alerts (alert_id, rule, subject, key_spec, key_hash, state, severity, count, threshold,
+                    window_seconds, episode_start, first_event_at, last_event_at, sample_event_ids,
+                    recommended_action, detected_at, published)
+SELECT alert_id, rule, subject, key_spec, key_hash, state, severity, count, threshold,
+       window_seconds, episode_start, first_event_at, last_event_at,
+       coalesce(string_to_array(nullif(samples, ''), ',')::uuid[], '{}'),
+       recommended_action, detected_at, published
+  FROM unnest($1::uuid[], $2::text[], $3::text[], $4::text[], $5::bigint[], $6::text[], $7::text[], $8::bigint[],
+              $9::bigint[], $10::bigint[], $11::timestamptz[], $12::timestamptz[], $13::timestamptz[], $14::text[],
+              $15::text[], $16::timestamptz[], $17::bool[])
+       AS t(alert_id, rule, subject, key_spec, key_hash, state, severity, count, threshold, window_seconds,
+            episode_start, first_event_at, last_event_at, samples, recommended_action, detected_at, published)
+ON CONFLICT (alert_id, state) DO NOTHING";
+
+/// Episodes that were open when the service stopped: the newest transition
+/// of each alert_id that has no `resolved` row.
+pub const OPEN_ALERTS: &str = "
+SELECT DISTINCT ON (a.alert_id) a.alert_id, a.rule, a.key_spec, a.key_hash, a.subject, a.state, a.severity,
+       a.episode_start, coalesce(a.last_event_at, a.episode_start)
+  FROM alerts a
+ WHERE NOT EXISTS (SELECT 1 FROM alerts r WHERE r.alert_id = a.alert_id AND r.state = 'resolved')
+ ORDER BY a.alert_id, a.detected_at DESC, a.id DESC";
+
+/// The stored events detector state is rebuilt from: since $1, of the
+/// partitions $2, whose action is one of $3 or starts with one of $4.
+pub const REBUILD_EVENTS: &str = "
+SELECT event_id, created_at, action, user_id, username, ip_address, user_agent, session_id, request_id,
+       metadata, kafka_partition
+  FROM audit_logs
+ WHERE created_at >= $1
+   AND kafka_partition = ANY($2::int[])
+   AND (action = ANY($3::text[]) OR EXISTS (SELECT 1 FROM unnest($4::text[]) p WHERE starts_with(action, p)))
+ ORDER BY created_at, kafka_partition, kafka_offset";
+
+/// Activity deltas of a batch (binary COPY, see migrations/0004).
+pub const COPY_USER_HOURLY_DELTAS: &str =
+    "COPY activity_user_hourly_deltas (user_id, hour, action, events) FROM STDIN BINARY";
+pub const COPY_HOURLY_DELTAS: &str = "COPY activity_hourly_deltas (hour, action, events) FROM STDIN BINARY";
+pub const COPY_SESSION_DELTAS: &str = "COPY session_deltas (session_id, user_id, ip_address, user_agent, started_at, \
+     last_seen_at, ended_at, end_reason) FROM STDIN BINARY";
+
+/// Folds pending activity deltas; returns delta rows moved.
+pub const ACTIVITY_COMPACT: &str = "SELECT activity_compact()";
+/// Closes sessions idle since before $1 - $2 (event time); $2 is an interval as text.
+pub const ACTIVITY_CLOSE_IDLE: &str = "SELECT activity_close_idle($1, $2::text::interval)";
+pub const ACTIVE_SESSIONS: &str = "SELECT count(*) FROM sessions WHERE ended_at IS NULL";
+
 /// Creates the missing daily partitions between two dates (inclusive).
 pub const ENSURE_PARTITIONS: &str = "SELECT audit_ensure_partitions($1::date, $2::date)";
+
+/// `audit-service replay`: the stored events the rules look at with event
+/// time in [$1, $2), in event-time order, with the columns of
+/// [`REBUILD_EVENTS`]; $3 exact actions, $4 action prefixes.
+pub const REPLAY_EVENTS: &str = "
+SELECT event_id, created_at, action, user_id, username, ip_address, user_agent, session_id, request_id,
+       metadata, kafka_partition
+  FROM audit_logs
+ WHERE created_at >= $1 AND created_at < $2
+   AND (action = ANY($3::text[]) OR EXISTS (SELECT 1 FROM unnest($4::text[]) p WHERE starts_with(action, p)))
+ ORDER BY created_at, kafka_partition, kafka_offset";
+
+/// How many rows [`REPLAY_EVENTS`] returns (for the progress bar).
+pub const REPLAY_COUNT: &str = "
+SELECT count(*)
+  FROM audit_logs
+ WHERE created_at >= $1 AND created_at < $2
+   AND (action = ANY($3::text[]) OR EXISTS (SELECT 1 FROM unnest($4::text[]) p WHERE starts_with(action, p)))";

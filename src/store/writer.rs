@@ -3,13 +3,17 @@
 //! partition it covers. Either all of it commits or none of it does, which
 //! is what makes ingest exactly-once.
 
+use std::collections::HashSet;
 use std::pin::pin;
 
 use futures::SinkExt;
 use serde::{Deserialize, Serialize};
 use tokio_postgres::{Client, Transaction};
+use uuid::Uuid;
 
 use super::copy_format::{CopyEncoder, RowRef};
+use crate::activity::{ActivityConfig, ActivityDeltas};
+use crate::detect::Transition;
 use super::{is_data_error, is_unique_violation, queries};
 
 /// How rows get into audit_logs. Chosen by measurement; see BENCHMARKS.md.
@@ -54,6 +58,10 @@ pub struct WriteSet<'a> {
     pub rows: Vec<RowRef<'a>>,
     pub dead: Vec<DeadLetterRecord<'a>>,
     pub offsets: Vec<OffsetAdvance>,
+    /// Alert transitions and whether each was published.
+    pub alerts: Vec<(&'a Transition, bool)>,
+    /// Sessions and rollups to keep, when the activity tracker is on.
+    pub activity: Option<&'a ActivityConfig>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
@@ -85,16 +93,41 @@ pub enum WriteError {
 /// Writes and commits the set. The client must not be inside a transaction.
 pub async fn write(client: &mut Client, set: &WriteSet<'_>, method: InsertMethod) -> Result<WriteResult, WriteError> {
     let mut tx = client.transaction().await?;
-    let result = insert_rows(&mut tx, &set.rows, method).await?;
+    let (result, inserted) = insert_rows(&mut tx, &set.rows, method).await?;
+    if let Some(cfg) = set.activity {
+        // From the rows actually inserted: a duplicate adds nothing.
+        let events = set.rows.iter().filter(|r| inserted.contains(&r.event.event_id)).map(|r| r.event);
+        ActivityDeltas::from_events(cfg, events).write(&tx).await?;
+    }
     record_dead_letters(&tx, set).await?;
+    record_alerts(&tx, &set.alerts).await?;
     advance_offsets(&tx, set).await?;
     tx.commit().await?;
     Ok(result)
 }
 
-async fn insert_rows(tx: &mut Transaction<'_>, rows: &[RowRef<'_>], method: InsertMethod) -> Result<WriteResult, WriteError> {
+/// Which rows a write inserted: all of them, or only these event_ids.
+enum Inserted {
+    All,
+    Only(HashSet<Uuid>),
+}
+
+impl Inserted {
+    fn contains(&self, id: &Uuid) -> bool {
+        match self {
+            Inserted::All => true,
+            Inserted::Only(ids) => ids.contains(id),
+        }
+    }
+}
+
+async fn insert_rows(
+    tx: &mut Transaction<'_>,
+    rows: &[RowRef<'_>],
+    method: InsertMethod,
+) -> Result<(WriteResult, Inserted), WriteError> {
     if rows.is_empty() {
-        return Ok(WriteResult::default());
+        return Ok((WriteResult::default(), Inserted::All));
     }
     if method == InsertMethod::OptimisticCopy {
         let attempt = {
@@ -107,25 +140,33 @@ async fn insert_rows(tx: &mut Transaction<'_>, rows: &[RowRef<'_>], method: Inse
             }
         }?;
         if let Some(inserted) = attempt {
-            return Ok(WriteResult { inserted, duplicates: 0, staged: false });
+            return Ok((WriteResult { inserted, duplicates: 0, staged: false }, Inserted::All));
         }
     }
     let refs: Vec<&RowRef<'_>> = rows.iter().collect();
     let attempt = {
         let sp = tx.savepoint("dedup_insert").await?;
         match dedup_insert(&sp, &refs, method).await {
-            Ok(n) => sp.commit().await.map(|_| Some(n)),
+            Ok(ids) => sp.commit().await.map(|_| Some(ids)),
             Err(e) if is_data_error(&e) => Ok(None),
             Err(e) => Err(e),
         }
     }?;
     match attempt {
-        Some(inserted) => Ok(WriteResult { inserted, duplicates: rows.len() as u64 - inserted, staged: true }),
+        Some(ids) => {
+            let inserted = ids.len() as u64;
+            let result = WriteResult { inserted, duplicates: rows.len() as u64 - inserted, staged: true };
+            Ok((result, Inserted::Only(ids)))
+        }
         None => Err(WriteError::Rejected(find_rejected(tx, rows).await?)),
     }
 }
 
-async fn dedup_insert(tx: &Transaction<'_>, rows: &[&RowRef<'_>], method: InsertMethod) -> Result<u64, tokio_postgres::Error> {
+async fn dedup_insert(
+    tx: &Transaction<'_>,
+    rows: &[&RowRef<'_>],
+    method: InsertMethod,
+) -> Result<HashSet<Uuid>, tokio_postgres::Error> {
     match method {
         InsertMethod::Unnest => insert_unnest(tx, rows).await,
         InsertMethod::OptimisticCopy | InsertMethod::Staged => insert_staged(tx, rows).await,
@@ -177,14 +218,15 @@ async fn copy_rows<'r>(
     sink.finish().await
 }
 
-async fn insert_staged(tx: &Transaction<'_>, rows: &[&RowRef<'_>]) -> Result<u64, tokio_postgres::Error> {
+/// Returns the event_ids it inserted (the others were stored already).
+async fn insert_staged(tx: &Transaction<'_>, rows: &[&RowRef<'_>]) -> Result<HashSet<Uuid>, tokio_postgres::Error> {
     tx.batch_execute(queries::CREATE_STAGING).await?;
     tx.batch_execute(queries::TRUNCATE_STAGING).await?;
     copy_rows(tx, queries::COPY_STAGING, rows.iter().copied()).await?;
-    tx.execute(queries::INSERT_FROM_STAGING, &[]).await
+    Ok(tx.query(queries::INSERT_FROM_STAGING, &[]).await?.iter().map(|r| r.get(0)).collect())
 }
 
-async fn insert_unnest(tx: &Transaction<'_>, rows: &[&RowRef<'_>]) -> Result<u64, tokio_postgres::Error> {
+async fn insert_unnest(tx: &Transaction<'_>, rows: &[&RowRef<'_>]) -> Result<HashSet<Uuid>, tokio_postgres::Error> {
     use crate::event::EpochMicros;
     fn ts(micros: EpochMicros) -> chrono::DateTime<chrono::Utc> {
         chrono::DateTime::from_timestamp_micros(micros).unwrap_or_default()
@@ -222,14 +264,16 @@ async fn insert_unnest(tx: &Transaction<'_>, rows: &[&RowRef<'_>]) -> Result<u64
         partition.push(r.partition);
         offset.push(r.offset);
     }
-    tx.execute(
-        queries::INSERT_UNNEST,
-        &[
-            &event_id, &created_at, &received_at, &action, &user_id, &username, &ip, &user_agent, &session_id,
-            &request_id, &metadata, &partition, &offset,
-        ],
-    )
-    .await
+    let inserted = tx
+        .query(
+            queries::INSERT_UNNEST,
+            &[
+                &event_id, &created_at, &received_at, &action, &user_id, &username, &ip, &user_agent, &session_id,
+                &request_id, &metadata, &partition, &offset,
+            ],
+        )
+        .await?;
+    Ok(inserted.iter().map(|r| r.get(0)).collect())
 }
 
 async fn record_dead_letters(tx: &Transaction<'_>, set: &WriteSet<'_>) -> Result<(), tokio_postgres::Error> {
@@ -243,6 +287,46 @@ async fn record_dead_letters(tx: &Transaction<'_>, set: &WriteSet<'_>) -> Result
     let sizes: Vec<i32> = set.dead.iter().map(|d| d.payload_bytes).collect();
     tx.execute(queries::INSERT_DEAD_LETTERS, &[&set.topic, &partitions, &offsets, &codes, &reasons, &sizes])
         .await?;
+    Ok(())
+}
+
+/// Stores alert transitions; a re-detection after a restart (same alert_id
+/// and state) is stored once.
+pub async fn record_alerts(tx: &Transaction<'_>, alerts: &[(&Transition, bool)]) -> Result<(), tokio_postgres::Error> {
+    if alerts.is_empty() {
+        return Ok(());
+    }
+    let ts = |m: i64| chrono::DateTime::from_timestamp_micros(m).unwrap_or_default();
+    let ids: Vec<uuid::Uuid> = alerts.iter().map(|(a, _)| a.alert_id).collect();
+    let rules: Vec<&str> = alerts.iter().map(|(a, _)| a.rule.as_str()).collect();
+    let subjects: Vec<&str> = alerts.iter().map(|(a, _)| a.subject.as_str()).collect();
+    let key_specs: Vec<&str> = alerts.iter().map(|(a, _)| a.key_spec.as_str()).collect();
+    let key_hashes: Vec<i64> = alerts.iter().map(|(a, _)| a.key_hash as i64).collect();
+    let states: Vec<&str> = alerts.iter().map(|(a, _)| a.state.as_str()).collect();
+    let severities: Vec<&str> = alerts.iter().map(|(a, _)| a.severity.as_str()).collect();
+    let counts: Vec<i64> = alerts.iter().map(|(a, _)| i64::from(a.count)).collect();
+    let thresholds: Vec<i64> = alerts.iter().map(|(a, _)| i64::from(a.threshold)).collect();
+    let windows: Vec<i64> = alerts.iter().map(|(a, _)| a.window_seconds as i64).collect();
+    let starts: Vec<chrono::DateTime<chrono::Utc>> = alerts.iter().map(|(a, _)| ts(a.episode_start)).collect();
+    let firsts: Vec<Option<chrono::DateTime<chrono::Utc>>> = alerts.iter().map(|(a, _)| a.first_event_at.map(ts)).collect();
+    let lasts: Vec<Option<chrono::DateTime<chrono::Utc>>> = alerts.iter().map(|(a, _)| a.last_event_at.map(ts)).collect();
+    // uuid[] per row cannot go through unnest (arrays must be rectangular):
+    // each row's samples travel as one comma-separated text.
+    let samples: Vec<String> = alerts
+        .iter()
+        .map(|(a, _)| a.sample_event_ids.iter().map(ToString::to_string).collect::<Vec<_>>().join(","))
+        .collect();
+    let actions: Vec<&str> = alerts.iter().map(|(a, _)| a.recommended_action.as_str()).collect();
+    let detected: Vec<chrono::DateTime<chrono::Utc>> = alerts.iter().map(|(a, _)| ts(a.detected_at)).collect();
+    let published: Vec<bool> = alerts.iter().map(|(_, p)| *p).collect();
+    tx.execute(
+        queries::INSERT_ALERTS,
+        &[
+            &ids, &rules, &subjects, &key_specs, &key_hashes, &states, &severities, &counts, &thresholds, &windows,
+            &starts, &firsts, &lasts, &samples, &actions, &detected, &published,
+        ],
+    )
+    .await?;
     Ok(())
 }
 

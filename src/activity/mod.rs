@@ -1,0 +1,276 @@
+//! The activity tracker: sessions and per-hour rollups, kept exact in the
+//! ingest transaction so that reports never scan audit_logs.
+//!
+//! For each batch, the rows actually inserted (duplicates excluded) become
+//! deltas: counts per (user, hour, action) and per (hour, action), and one
+//! merged delta per session. They are appended with binary COPY (cheap: the
+//! delta tables have no index) in the same transaction as the rows. The
+//! compactor folds them into the final tables (`activity_compact()` in
+//! migrations/0004) and closes idle sessions; the `*_v` views add pending
+//! deltas, so readers always see exact figures.
+
+pub mod compactor;
+pub mod hll;
+
+use std::collections::HashMap;
+use std::net::IpAddr;
+use std::time::Duration;
+
+use futures::SinkExt;
+use serde::{Deserialize, Serialize};
+use tokio_postgres::Transaction;
+
+use crate::event::{AuthEvent, EpochMicros};
+use crate::store::copy_format::{CopyStream, put_i64, put_inet, put_null, put_text, put_timestamptz};
+use crate::store::queries;
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct ActivityConfig {
+    /// Sessions and rollups on (they cost a little ingest speed; see
+    /// BENCHMARKS.md).
+    pub enabled: bool,
+    /// A session with no event for this long (event time) is closed as
+    /// `idle_timeout`.
+    #[serde(with = "humantime_serde")]
+    pub idle_timeout: Duration,
+    /// How often pending deltas are folded into the final tables.
+    #[serde(with = "humantime_serde")]
+    pub compact_interval: Duration,
+    /// Actions that open a session (with a session_id).
+    pub session_open_actions: Vec<String>,
+    /// Actions that close their session, with the reason stored.
+    pub session_close_actions: Vec<SessionClose>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct SessionClose {
+    pub action: String,
+    pub reason: String,
+}
+
+impl Default for ActivityConfig {
+    fn default() -> Self {
+        ActivityConfig {
+            enabled: true,
+            idle_timeout: Duration::from_secs(30 * 60),
+            compact_interval: Duration::from_secs(2),
+            session_open_actions: vec!["AUTH_LOGIN".into()],
+            session_close_actions: vec![
+                SessionClose { action: "AUTH_LOGOUT".into(), reason: "logout".into() },
+                SessionClose { action: "TOKEN_REVOKED".into(), reason: "token_revoked".into() },
+            ],
+        }
+    }
+}
+
+const HOUR: i64 = 3_600_000_000;
+
+fn hour_of(t: EpochMicros) -> EpochMicros {
+    t.div_euclid(HOUR) * HOUR
+}
+
+/// One session's merged view of the events of a batch.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SessionDelta<'a> {
+    pub user_id: Option<&'a str>,
+    pub ip_address: Option<IpAddr>,
+    pub user_agent: Option<&'a str>,
+    pub started_at: Option<EpochMicros>,
+    pub last_seen_at: EpochMicros,
+    pub ended_at: Option<EpochMicros>,
+    pub end_reason: Option<&'a str>,
+}
+
+impl<'a> SessionDelta<'a> {
+    /// The same merge rules as `sessions_v` / `activity_compact()`.
+    fn merge(&mut self, other: SessionDelta<'a>) {
+        let other_starts_first = match (other.started_at, self.started_at) {
+            (Some(o), Some(s)) => o < s,
+            (Some(_), None) => true,
+            _ => false,
+        };
+        if other_starts_first || self.ip_address.is_none() {
+            self.ip_address = other.ip_address.or(self.ip_address);
+        }
+        if other_starts_first || self.user_agent.is_none() {
+            self.user_agent = other.user_agent.or(self.user_agent);
+        }
+        self.user_id = self.user_id.or(other.user_id);
+        self.started_at = match (self.started_at, other.started_at) {
+            (Some(a), Some(b)) => Some(a.min(b)),
+            (a, b) => a.or(b),
+        };
+        self.last_seen_at = self.last_seen_at.max(other.last_seen_at);
+        if let Some(end) = other.ended_at
+            && self.ended_at.is_none_or(|mine| end < mine)
+        {
+            self.ended_at = Some(end);
+            self.end_reason = other.end_reason;
+        }
+    }
+}
+
+/// What a batch's inserted rows add to the activity tables.
+#[derive(Debug, Default)]
+pub struct ActivityDeltas<'a> {
+    pub user_hourly: HashMap<(&'a str, EpochMicros, &'a str), i64>,
+    pub hourly: HashMap<(EpochMicros, &'a str), i64>,
+    pub sessions: HashMap<&'a str, SessionDelta<'a>>,
+}
+
+impl<'a> ActivityDeltas<'a> {
+    pub fn from_events(cfg: &'a ActivityConfig, events: impl IntoIterator<Item = &'a AuthEvent>) -> Self {
+        let mut d = ActivityDeltas::default();
+        for e in events {
+            let hour = hour_of(e.occurred_at);
+            *d.hourly.entry((hour, e.action.as_str())).or_default() += 1;
+            if let Some(user) = e.user_id.as_deref() {
+                *d.user_hourly.entry((user, hour, e.action.as_str())).or_default() += 1;
+            }
+            let Some(session) = e.session_id.as_deref() else { continue };
+            let opens = cfg.session_open_actions.iter().any(|a| *a == e.action);
+            let closes = cfg.session_close_actions.iter().find(|c| c.action == e.action);
+            let delta = SessionDelta {
+                user_id: e.user_id.as_deref(),
+                ip_address: if opens { e.ip_address } else { None },
+                user_agent: if opens { e.user_agent.as_deref() } else { None },
+                started_at: opens.then_some(e.occurred_at),
+                last_seen_at: e.occurred_at,
+                ended_at: closes.map(|_| e.occurred_at),
+                end_reason: closes.map(|c| c.reason.as_str()),
+            };
+            match d.sessions.get_mut(session) {
+                Some(existing) => existing.merge(delta),
+                None => {
+                    d.sessions.insert(session, delta);
+                }
+            }
+        }
+        d
+    }
+
+    /// Appends the deltas in the batch's transaction.
+    pub async fn write(&self, tx: &Transaction<'_>) -> Result<(), tokio_postgres::Error> {
+        if !self.user_hourly.is_empty() {
+            let mut s = CopyStream::new();
+            for ((user, hour, action), n) in &self.user_hourly {
+                let b = s.row(4);
+                put_text(b, Some(user));
+                put_timestamptz(b, *hour);
+                put_text(b, Some(action));
+                put_i64(b, *n);
+            }
+            copy(tx, queries::COPY_USER_HOURLY_DELTAS, s).await?;
+        }
+        if !self.hourly.is_empty() {
+            let mut s = CopyStream::new();
+            for ((hour, action), n) in &self.hourly {
+                let b = s.row(3);
+                put_timestamptz(b, *hour);
+                put_text(b, Some(action));
+                put_i64(b, *n);
+            }
+            copy(tx, queries::COPY_HOURLY_DELTAS, s).await?;
+        }
+        if !self.sessions.is_empty() {
+            let mut s = CopyStream::new();
+            for (session, d) in &self.sessions {
+                let b = s.row(8);
+                put_text(b, Some(session));
+                put_text(b, d.user_id);
+                put_inet(b, d.ip_address);
+                put_text(b, d.user_agent);
+                match d.started_at {
+                    Some(t) => put_timestamptz(b, t),
+                    None => put_null(b),
+                }
+                put_timestamptz(b, d.last_seen_at);
+                match d.ended_at {
+                    Some(t) => put_timestamptz(b, t),
+                    None => put_null(b),
+                }
+                put_text(b, d.end_reason);
+            }
+            copy(tx, queries::COPY_SESSION_DELTAS, s).await?;
+        }
+        Ok(())
+    }
+}
+
+async fn copy(tx: &Transaction<'_>, statement: &str, stream: CopyStream) -> Result<u64, tokio_postgres::Error> {
+    let sink = tx.copy_in(statement).await?;
+    let mut sink = std::pin::pin!(sink);
+    sink.send(stream.finish().freeze()).await?;
+    sink.finish().await
+}
+
+/// The metric label of an action: known actions as themselves, families by
+/// prefix, anything else as `other` (producers choose action strings; a
+/// label per arbitrary string would not be bounded).
+pub fn action_label(action: &str) -> &'static str {
+    match action {
+        "AUTH_LOGIN" => "AUTH_LOGIN",
+        "FAILED_AUTH_LOGIN" => "FAILED_AUTH_LOGIN",
+        "AUTH_LOGOUT" => "AUTH_LOGOUT",
+        "TOKEN_ISSUED" => "TOKEN_ISSUED",
+        "TOKEN_REVOKED" => "TOKEN_REVOKED",
+        a if a.starts_with("ADMIN_") => "ADMIN_*",
+        a if a.starts_with("SECURITY_") => "SECURITY_*",
+        _ => "other",
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use uuid::Uuid;
+
+    fn ev(action: &str, session: &str, at: i64) -> AuthEvent {
+        AuthEvent {
+            event_id: Uuid::new_v4(),
+            occurred_at: at,
+            action: action.into(),
+            user_id: Some("u1".into()),
+            username: None,
+            ip_address: Some("10.0.0.1".parse().unwrap()),
+            user_agent: Some("ua".into()),
+            session_id: Some(session.into()),
+            request_id: None,
+            metadata: vec![],
+        }
+    }
+
+    #[test]
+    fn a_logout_before_its_login_still_gives_one_closed_session() {
+        let cfg = ActivityConfig::default();
+        let events = [ev("AUTH_LOGOUT", "s1", 50), ev("AUTH_LOGIN", "s1", 10), ev("TOKEN_ISSUED", "s1", 20)];
+        let d = ActivityDeltas::from_events(&cfg, &events);
+        let s = &d.sessions["s1"];
+        assert_eq!((s.started_at, s.last_seen_at, s.ended_at, s.end_reason), (Some(10), 50, Some(50), Some("logout")));
+        assert_eq!(s.ip_address, Some("10.0.0.1".parse().unwrap()));
+    }
+
+    #[test]
+    fn the_first_end_wins_and_rollups_count_per_hour() {
+        let cfg = ActivityConfig::default();
+        let events = [
+            ev("AUTH_LOGIN", "s1", 10),
+            ev("TOKEN_REVOKED", "s1", 40),
+            ev("AUTH_LOGOUT", "s1", 30),
+            ev("AUTH_LOGIN", "s2", HOUR + 5),
+        ];
+        let d = ActivityDeltas::from_events(&cfg, &events);
+        assert_eq!((d.sessions["s1"].ended_at, d.sessions["s1"].end_reason), (Some(30), Some("logout")));
+        assert_eq!(d.user_hourly[&("u1", 0, "AUTH_LOGIN")], 1);
+        assert_eq!(d.user_hourly[&("u1", HOUR, "AUTH_LOGIN")], 1);
+        assert_eq!(d.hourly[&(0, "AUTH_LOGOUT")], 1);
+    }
+
+    #[test]
+    fn action_labels_are_bounded() {
+        assert_eq!(action_label("ADMIN_ROLE_GRANT"), "ADMIN_*");
+        assert_eq!(action_label("whatever-the-producer-says"), "other");
+    }
+}

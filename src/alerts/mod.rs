@@ -1,0 +1,228 @@
+//! Alert messages: their JSON and Avro forms (`schemas/alert.avsc`), and the
+//! publisher that sends them to the alerts topic through an idempotent
+//! producer, behind a per-rule storm limiter.
+
+pub mod publisher;
+pub mod view;
+
+use apache_avro::Schema;
+use apache_avro::types::Value;
+use serde::Serialize;
+
+use crate::detect::{AlertFormat, Transition};
+use crate::event::{EpochMicros, avro};
+
+pub const ALERT_SCHEMA: &str = include_str!("../../schemas/alert.avsc");
+
+/// The storm summary part of an aggregate alert.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct Withheld {
+    pub count: u64,
+    pub subjects: Vec<String>,
+}
+
+/// The message on the alerts topic.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct AlertMessage {
+    pub alert_id: String,
+    pub rule: String,
+    pub severity: &'static str,
+    pub state: &'static str,
+    pub subject: String,
+    pub count: u64,
+    pub threshold: u64,
+    pub window_seconds: u64,
+    #[serde(serialize_with = "rfc3339")]
+    pub episode_start: EpochMicros,
+    #[serde(serialize_with = "rfc3339_opt")]
+    pub first_event_at: Option<EpochMicros>,
+    #[serde(serialize_with = "rfc3339_opt")]
+    pub last_event_at: Option<EpochMicros>,
+    pub sample_event_ids: Vec<String>,
+    #[serde(serialize_with = "rfc3339")]
+    pub detected_at: EpochMicros,
+    pub recommended_action: &'static str,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub withheld: Option<Withheld>,
+}
+
+fn to_rfc3339(micros: EpochMicros) -> String {
+    chrono::DateTime::from_timestamp_micros(micros)
+        .map(|t| t.to_rfc3339_opts(chrono::SecondsFormat::Micros, true))
+        .unwrap_or_default()
+}
+
+fn rfc3339<S: serde::Serializer>(v: &EpochMicros, s: S) -> Result<S::Ok, S::Error> {
+    s.serialize_str(&to_rfc3339(*v))
+}
+
+fn rfc3339_opt<S: serde::Serializer>(v: &Option<EpochMicros>, s: S) -> Result<S::Ok, S::Error> {
+    match v {
+        Some(t) => s.serialize_str(&to_rfc3339(*t)),
+        None => s.serialize_none(),
+    }
+}
+
+impl AlertMessage {
+    pub fn from_transition(t: &Transition) -> AlertMessage {
+        AlertMessage {
+            alert_id: t.alert_id.to_string(),
+            rule: t.rule.clone(),
+            severity: t.severity.as_str(),
+            state: t.state.as_str(),
+            subject: t.subject.clone(),
+            count: u64::from(t.count),
+            threshold: u64::from(t.threshold),
+            window_seconds: t.window_seconds,
+            episode_start: t.episode_start,
+            first_event_at: t.first_event_at,
+            last_event_at: t.last_event_at,
+            sample_event_ids: t.sample_event_ids.iter().map(ToString::to_string).collect(),
+            detected_at: t.detected_at,
+            recommended_action: t.recommended_action.as_str(),
+            withheld: None,
+        }
+    }
+
+    /// The Kafka key: alerts of one subject stay in order.
+    pub fn key(&self) -> &str {
+        &self.subject
+    }
+
+    pub fn to_json(&self) -> Vec<u8> {
+        serde_json::to_vec(self).expect("an alert always serialises")
+    }
+
+    fn to_avro_value(&self) -> Value {
+        let enum_value = |symbols: &[&str], s: &str| {
+            Value::Enum(symbols.iter().position(|x| *x == s).unwrap_or(0) as u32, s.to_owned())
+        };
+        let ts_opt = |v: Option<EpochMicros>| match v {
+            Some(t) => Value::Union(1, Box::new(Value::TimestampMicros(t))),
+            None => Value::Union(0, Box::new(Value::Null)),
+        };
+        let strings = |v: &[String]| Value::Array(v.iter().cloned().map(Value::String).collect());
+        let withheld = match &self.withheld {
+            Some(w) => Value::Union(
+                1,
+                Box::new(Value::Record(vec![
+                    ("count".into(), Value::Long(w.count as i64)),
+                    ("subjects".into(), strings(&w.subjects)),
+                ])),
+            ),
+            None => Value::Union(0, Box::new(Value::Null)),
+        };
+        Value::Record(vec![
+            ("alert_id".into(), Value::String(self.alert_id.clone())),
+            ("rule".into(), Value::String(self.rule.clone())),
+            ("severity".into(), enum_value(&["warning", "critical"], self.severity)),
+            ("state".into(), enum_value(&["firing", "escalated", "resolved"], self.state)),
+            ("subject".into(), Value::String(self.subject.clone())),
+            ("count".into(), Value::Long(self.count as i64)),
+            ("threshold".into(), Value::Long(self.threshold as i64)),
+            ("window_seconds".into(), Value::Long(self.window_seconds as i64)),
+            ("episode_start".into(), Value::TimestampMicros(self.episode_start)),
+            ("first_event_at".into(), ts_opt(self.first_event_at)),
+            ("last_event_at".into(), ts_opt(self.last_event_at)),
+            ("sample_event_ids".into(), strings(&self.sample_event_ids)),
+            ("detected_at".into(), Value::TimestampMicros(self.detected_at)),
+            ("recommended_action".into(), enum_value(&["lock_account", "block_ip", "investigate"], self.recommended_action)),
+            ("withheld".into(), withheld),
+        ])
+    }
+}
+
+/// Encodes alerts in the configured format.
+pub struct AlertEncoder {
+    format: AlertFormat,
+    schema: Schema,
+    fingerprint: u64,
+}
+
+impl AlertEncoder {
+    pub fn new(format: AlertFormat) -> AlertEncoder {
+        let schema = Schema::parse_str(ALERT_SCHEMA).expect("schemas/alert.avsc is valid");
+        let fingerprint = avro::schema_fingerprint(&schema);
+        AlertEncoder { format, schema, fingerprint }
+    }
+
+    /// The CRC-64-AVRO fingerprint that frames Avro alerts.
+    pub fn fingerprint(&self) -> u64 {
+        self.fingerprint
+    }
+
+    pub fn encode(&self, alert: &AlertMessage) -> Vec<u8> {
+        match self.format {
+            AlertFormat::Json => alert.to_json(),
+            AlertFormat::Avro => {
+                let writer = apache_avro::writer::datum::GenericDatumWriter::builder(&self.schema)
+                    .build()
+                    .expect("a writer for a parsed schema");
+                let body = writer.write_value_to_vec(alert.to_avro_value()).expect("an alert matches its schema");
+                avro::single_object_frame(self.fingerprint, &body)
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::detect::{AlertState, RecommendedAction, Severity};
+    use uuid::Uuid;
+
+    fn transition() -> Transition {
+        Transition {
+            alert_id: Uuid::from_u128(7),
+            rule: "user_failed_logins".into(),
+            key_spec: "user".into(),
+            key_hash: 1,
+            subject: "user:42".into(),
+            state: AlertState::Escalated,
+            severity: Severity::Critical,
+            count: 11,
+            threshold: 10,
+            window_seconds: 60,
+            episode_start: 1_800_000_000_000_000,
+            first_event_at: Some(1_800_000_000_000_000),
+            last_event_at: Some(1_800_000_010_000_000),
+            sample_event_ids: vec![Uuid::from_u128(1), Uuid::from_u128(2)],
+            recommended_action: RecommendedAction::LockAccount,
+            detected_at: 1_800_000_010_100_000,
+        }
+    }
+
+    #[test]
+    fn json_has_the_contract_fields() {
+        let v: serde_json::Value = serde_json::from_slice(&AlertMessage::from_transition(&transition()).to_json()).unwrap();
+        assert_eq!(v["alert_id"], "00000000-0000-0000-0000-000000000007");
+        assert_eq!(v["state"], "escalated");
+        assert_eq!(v["severity"], "critical");
+        assert_eq!(v["count"], 11);
+        assert_eq!(v["threshold"], 10);
+        assert_eq!(v["window_seconds"], 60);
+        assert_eq!(v["first_event_at"], "2027-01-15T08:00:00.000000Z");
+        assert_eq!(v["recommended_action"], "lock_account");
+        assert_eq!(v["sample_event_ids"].as_array().unwrap().len(), 2);
+        assert!(v.get("withheld").is_none());
+    }
+
+    #[test]
+    fn avro_decodes_with_the_published_schema() {
+        let enc = AlertEncoder::new(AlertFormat::Avro);
+        let mut msg = AlertMessage::from_transition(&transition());
+        msg.withheld = Some(Withheld { count: 3, subjects: vec!["user:1".into()] });
+        let bytes = enc.encode(&msg);
+        let (fp, body) = avro::split_single_object(&bytes).unwrap();
+        assert_eq!(fp, enc.fingerprint());
+        // An independent reader: apache-avro with the .avsc file.
+        let schema = Schema::parse_str(ALERT_SCHEMA).unwrap();
+        let value = apache_avro::reader::datum::GenericDatumReader::builder(&schema).build().unwrap().read_value(&mut &body[..]).unwrap();
+        let Value::Record(fields) = value else { panic!("not a record") };
+        let get = |n: &str| fields.iter().find(|(k, _)| k == n).map(|(_, v)| v.clone()).unwrap();
+        assert_eq!(get("subject"), Value::String("user:42".into()));
+        assert_eq!(get("state"), Value::Enum(1, "escalated".into()));
+        assert_eq!(get("count"), Value::Long(11));
+        assert!(matches!(get("withheld"), Value::Union(1, _)));
+    }
+}

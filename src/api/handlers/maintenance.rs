@@ -1,0 +1,91 @@
+//! Maintenance mode (the runbook's "enable maintenance mode" under high
+//! load): `POST /api/v1/audit/maintenance` with `{"paused": true}` pauses
+//! consumption of the events topic on this instance, `false` resumes it.
+//! Nothing is lost: the events wait in Kafka, the lag grows and is reported
+//! by health and `audit_consumer_lag_messages`; the state shows in health
+//! and in `audit_ingest_paused{reason="maintenance"}`.
+//!
+//! The switch is made first and recorded in the audit trail after, so that
+//! an overloaded database cannot stop an operator from pausing; the answer
+//! says whether the record was written.
+
+use axum::extract::State;
+use axum::{Extension, Json};
+use serde::{Deserialize, Serialize};
+use uuid::Uuid;
+
+use crate::api::audit_trail::{self, Actor};
+use crate::api::error::ApiError;
+use crate::api::extract::ApiJson;
+use crate::api::middleware::{Caller, RequestId};
+use crate::api::params;
+use crate::api::{Ctx, db};
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct MaintenanceRequest {
+    pub paused: bool,
+    /// Why (kept in the audit trail).
+    pub reason: Option<String>,
+}
+
+#[derive(Debug, Serialize)]
+pub struct MaintenanceState {
+    pub paused: bool,
+    pub backpressure_paused: bool,
+    pub consumer_lag: i64,
+    /// Whether the switch was recorded in audit_logs (POST only).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub audit_event_id: Option<Uuid>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub recorded: Option<bool>,
+}
+
+pub async fn state(State(ctx): State<Ctx>) -> Json<MaintenanceState> {
+    let s = ctx.status.snapshot();
+    Json(MaintenanceState {
+        paused: s.maintenance_paused,
+        backpressure_paused: s.backpressure_paused,
+        consumer_lag: s.total_lag,
+        audit_event_id: None,
+        recorded: None,
+    })
+}
+
+pub async fn set(
+    State(ctx): State<Ctx>,
+    Extension(caller): Extension<Caller>,
+    Extension(request_id): Extension<RequestId>,
+    ApiJson(body): ApiJson<MaintenanceRequest>,
+) -> Result<Json<MaintenanceState>, ApiError> {
+    let reason = params::optional_text("reason", body.reason.as_deref(), 1024)?;
+    let was_paused = ctx.status.maintenance_paused();
+    ctx.status.set_maintenance_paused(body.paused);
+    let actor = Actor {
+        id: caller.principal.id(),
+        client_ip: caller.client_ip,
+        user_agent: caller.user_agent,
+        request_id: Some(request_id.0),
+    };
+    tracing::info!(actor = %actor.id, paused = body.paused, was_paused, reason = reason.as_deref().unwrap_or(""), "maintenance mode set");
+    let action = if body.paused { audit_trail::ACTION_MAINTENANCE_ON } else { audit_trail::ACTION_MAINTENANCE_OFF };
+    let metadata = serde_json::json!({"paused": body.paused, "was_paused": was_paused, "reason": reason});
+    let recorded = async {
+        let mut conn = db::connection(&ctx).await?;
+        let tx = db::read_write(&mut conn, ctx.config.api.statement_timeout).await?;
+        let id = audit_trail::record(&*tx, action, &actor, metadata).await?;
+        tx.commit().await?;
+        Ok::<_, ApiError>(id)
+    }
+    .await
+    .inspect_err(|e| tracing::warn!(error = ?e, "maintenance switch made but not recorded in the audit trail"))
+    .ok();
+    let s = ctx.status.snapshot();
+    Ok(Json(MaintenanceState {
+        paused: s.maintenance_paused,
+        backpressure_paused: s.backpressure_paused,
+        consumer_lag: s.total_lag,
+        recorded: Some(recorded.is_some()),
+        audit_event_id: recorded,
+    }))
+}

@@ -1,0 +1,780 @@
+//! Sliding-window attack detection on event time.
+//!
+//! Every event is evaluated as it arrives: crossing a threshold fires at
+//! once, never at window close. Each (rule, subject) has an alert lifecycle
+//! (firing → escalated → resolved) with an `alert_id` derived from rule,
+//! subject and episode start, so that a re-send after a restart carries the
+//! same id. The engine is single-threaded and deterministic: the same events
+//! in the same order give the same transitions (only the resolution of a
+//! quiet stream also looks at the wall clock).
+
+pub mod keys;
+pub mod rules;
+pub mod window;
+
+use std::collections::HashMap;
+use std::hash::BuildHasherDefault;
+use std::time::{Duration, Instant};
+
+use serde::{Deserialize, Serialize};
+use uuid::Uuid;
+
+use crate::event::{AuthEvent, EpochMicros};
+use keys::{KeyMap, KeySpec, StableHasher};
+
+/// Small maps on the per-event path: a fast fixed hash instead of SipHash
+/// (their keys are not attacker-chosen, or are bounded in number).
+type FastMap<K, V> = HashMap<K, V, BuildHasherDefault<StableHasher>>;
+pub use rules::{RecommendedAction, Rule, RuleConfig, RuleError, RuleKind, Severity};
+use window::KeyStates;
+
+/// Windows longer than this, or thresholds above `COARSE_CAPACITY`, keep
+/// bucket counts instead of event times.
+const EXACT_MAX_WINDOW: Duration = Duration::from_secs(3600);
+const COARSE_CAPACITY: usize = 1024;
+/// Distinct actions whose rule matches are remembered (producers choose
+/// action strings; the cache must not grow without bound).
+const ACTION_CACHE_MAX: usize = 1024;
+/// Transitions keep at most this many sample event ids.
+const MAX_SAMPLES: usize = 10;
+/// Namespace of alert ids (UUID v5 over rule, subject and episode start).
+const ALERT_ID_NAMESPACE: Uuid = Uuid::from_u128(0x6a0b_4d0e_8f3c_4c1d_9a57_2b1e_aa5e_d7c1);
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(rename_all = "snake_case")]
+pub enum AlertFormat {
+    #[default]
+    Json,
+    Avro,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct DetectConfig {
+    pub enabled: bool,
+    /// Actions that are failed logins (`@failure` in rules).
+    pub failure_actions: Vec<String>,
+    /// Actions that are successful logins (`@success` in rules).
+    pub success_actions: Vec<String>,
+    /// How far out of order (event time, per partition) an event may
+    /// arrive and still count; later ones are counted in a metric only.
+    #[serde(with = "humantime_serde")]
+    pub lateness: Duration,
+    /// An alert resolves once its count has stayed at or below the lowest
+    /// threshold this long.
+    #[serde(with = "humantime_serde")]
+    pub quiet_period: Duration,
+    pub alert_format: AlertFormat,
+    /// Storm limiter: alert messages per rule per second, and burst.
+    pub storm_limit_per_second: u32,
+    pub storm_burst: u32,
+    /// Keys tracked per rule at most; new keys beyond it are not tracked
+    /// (counted in `audit_detector_keys_dropped_total`).
+    pub max_keys_per_rule: usize,
+    /// On start, state is rebuilt from the events stored in this window
+    /// (at most; each rule needs its own window plus the lateness).
+    #[serde(with = "humantime_serde")]
+    pub rebuild_window_max: Duration,
+    pub rules: Vec<RuleConfig>,
+}
+
+impl Default for DetectConfig {
+    fn default() -> Self {
+        DetectConfig {
+            enabled: true,
+            failure_actions: vec!["FAILED_AUTH_LOGIN".into()],
+            success_actions: vec!["AUTH_LOGIN".into()],
+            lateness: Duration::from_secs(30),
+            quiet_period: Duration::from_secs(120),
+            alert_format: AlertFormat::Json,
+            storm_limit_per_second: 20,
+            storm_burst: 50,
+            max_keys_per_rule: 2_000_000,
+            rebuild_window_max: Duration::from_secs(24 * 3600),
+            rules: rules::default_rules(),
+        }
+    }
+}
+
+impl DetectConfig {
+    /// Compiles the enabled rules; errors name the rule.
+    pub fn compile(&self) -> Result<Vec<Rule>, RuleError> {
+        let mut out = Vec::new();
+        for (i, r) in self.rules.iter().enumerate() {
+            let rule = r.compile(i, &self.failure_actions, &self.success_actions)?;
+            if self.rules[..i].iter().any(|other| other.id == r.id) {
+                return Err(RuleError { index: i, id: r.id.clone(), message: "duplicate rule id".into() });
+            }
+            if r.enabled {
+                out.push(rule);
+            }
+        }
+        let instances: usize = out.iter().map(|r| r.keys.len()).sum();
+        if instances > 64 {
+            return Err(RuleError { index: 0, id: String::new(), message: "more than 64 rule keys in all".into() });
+        }
+        Ok(out)
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum AlertState {
+    Firing,
+    Escalated,
+    Resolved,
+}
+
+impl AlertState {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            AlertState::Firing => "firing",
+            AlertState::Escalated => "escalated",
+            AlertState::Resolved => "resolved",
+        }
+    }
+
+    pub fn parse(s: &str) -> Option<AlertState> {
+        match s {
+            "firing" => Some(AlertState::Firing),
+            "escalated" => Some(AlertState::Escalated),
+            "resolved" => Some(AlertState::Resolved),
+            _ => None,
+        }
+    }
+}
+
+/// One step of an alert's lifecycle.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Transition {
+    pub alert_id: Uuid,
+    pub rule: String,
+    pub key_spec: String,
+    pub key_hash: u64,
+    pub subject: String,
+    pub state: AlertState,
+    pub severity: Severity,
+    pub count: u32,
+    pub threshold: u32,
+    pub window_seconds: u64,
+    pub episode_start: EpochMicros,
+    pub first_event_at: Option<EpochMicros>,
+    pub last_event_at: Option<EpochMicros>,
+    pub sample_event_ids: Vec<Uuid>,
+    pub recommended_action: RecommendedAction,
+    /// Wall clock at detection.
+    pub detected_at: EpochMicros,
+}
+
+/// An alert still open in the database, picked up again after a restart.
+#[derive(Debug, Clone, PartialEq)]
+pub struct OpenEpisode {
+    pub alert_id: Uuid,
+    pub rule: String,
+    pub key_spec: String,
+    pub key_hash: u64,
+    pub subject: String,
+    pub state: AlertState,
+    pub severity: Severity,
+    pub episode_start: EpochMicros,
+    pub last_event_at: EpochMicros,
+}
+
+/// The alert id of an episode: the same rule, subject and start always
+/// give the same id.
+pub fn alert_id(rule: &str, subject: &str, episode_start: EpochMicros) -> Uuid {
+    Uuid::new_v5(&ALERT_ID_NAMESPACE, format!("{rule}\u{1f}{subject}\u{1f}{episode_start}").as_bytes())
+}
+
+struct Instance {
+    rule: usize,
+    key: KeySpec,
+    key_text: String,
+    /// Index of the distinct key spec, so that an event's key is hashed once
+    /// however many rules group by it.
+    key_slot: usize,
+    states: KeyStates,
+    /// Sequence rules: which keys may have A events, as bits of the key
+    /// hash. Most B events (successful logins) belong to keys without any:
+    /// the filter answers from cache where the map would miss it.
+    maybe_present: Option<KeyFilter>,
+}
+
+/// A one-hash membership filter over key hashes: no false negatives, a few
+/// false positives; rebuilt from the live keys on eviction.
+struct KeyFilter {
+    bits: Vec<u64>,
+}
+
+impl KeyFilter {
+    const BITS_LOG2: u32 = 22; // 512 KiB
+
+    fn new() -> KeyFilter {
+        KeyFilter { bits: vec![0; 1 << (Self::BITS_LOG2 - 6)] }
+    }
+
+    fn slot(key: u64) -> (usize, u64) {
+        let bit = (key >> (64 - Self::BITS_LOG2)) as usize;
+        (bit >> 6, 1 << (bit & 63))
+    }
+
+    fn insert(&mut self, key: u64) {
+        let (word, mask) = Self::slot(key);
+        self.bits[word] |= mask;
+    }
+
+    fn may_contain(&self, key: u64) -> bool {
+        let (word, mask) = Self::slot(key);
+        self.bits[word] & mask != 0
+    }
+
+    fn rebuild(&mut self, keys: impl Iterator<Item = u64>) {
+        self.bits.fill(0);
+        for k in keys {
+            self.insert(k);
+        }
+    }
+}
+
+struct Episode {
+    alert_id: Uuid,
+    state: AlertState,
+    severity: Severity,
+    subject: String,
+    start: EpochMicros,
+    /// When the count fell (or will fall) to the calm threshold.
+    calm_at: EpochMicros,
+    first_event_at: Option<EpochMicros>,
+    last_event_at: EpochMicros,
+    count: u32,
+    samples: Vec<Uuid>,
+}
+
+#[derive(Clone, Copy, Default)]
+struct ActionPlan {
+    /// Instances for which the action is an A (counted) event.
+    counted: u64,
+    /// Instances (sequence rules) for which it is a B event.
+    then: u64,
+    is_failure: bool,
+}
+
+/// Counters kept locally and flushed to the metrics recorder on `tick`, so
+/// that the per-event path does no atomic work.
+#[derive(Default)]
+struct PendingMetrics {
+    failed_logins: u64,
+    late: u64,
+    keys_dropped: Vec<u64>,
+    evicted: Vec<u64>,
+}
+
+pub struct Detector {
+    rules: Vec<Rule>,
+    instances: Vec<Instance>,
+    failure_actions: Vec<String>,
+    action_cache: FastMap<String, ActionPlan>,
+    lateness: i64,
+    quiet: i64,
+    max_keys: usize,
+    partition_max: FastMap<i32, EpochMicros>,
+    max_event_time: EpochMicros,
+    /// `max_event_time` as seen at the last tick, and when that was.
+    max_at_last_tick: EpochMicros,
+    wall_at_max: Instant,
+    episodes: FastMap<(usize, u64), Episode>,
+    /// Earliest event time at which some episode may resolve.
+    next_resolution: EpochMicros,
+    emitting: bool,
+    pending: PendingMetrics,
+    last_eviction: Instant,
+}
+
+fn micros(d: Duration) -> i64 {
+    i64::try_from(d.as_micros()).unwrap_or(i64::MAX)
+}
+
+fn wall_micros() -> EpochMicros {
+    chrono::Utc::now().timestamp_micros()
+}
+
+impl Detector {
+    pub fn new(cfg: &DetectConfig) -> Result<Detector, RuleError> {
+        let rules = cfg.compile()?;
+        let mut instances = Vec::new();
+        for (i, rule) in rules.iter().enumerate() {
+            for key in &rule.keys {
+                let coarse = rule.window_micros > micros(EXACT_MAX_WINDOW) || rule.capacity() > COARSE_CAPACITY;
+                let states = match rule.kind {
+                    RuleKind::DistinctCount => KeyStates::Distinct(KeyMap::default()),
+                    RuleKind::EventCount if coarse => KeyStates::Coarse(KeyMap::default()),
+                    _ => KeyStates::Times(KeyMap::default()),
+                };
+                let key_slot = match instances.iter().find(|inst: &&Instance| inst.key == *key) {
+                    Some(same) => same.key_slot,
+                    None => instances.iter().map(|inst| inst.key_slot + 1).max().unwrap_or(0),
+                };
+                let maybe_present = (rule.kind == RuleKind::Sequence).then(KeyFilter::new);
+                instances.push(Instance { rule: i, key: key.clone(), key_text: key.text(), key_slot, states, maybe_present });
+            }
+        }
+        let n = instances.len();
+        Ok(Detector {
+            rules,
+            instances,
+            failure_actions: cfg.failure_actions.clone(),
+            action_cache: FastMap::default(),
+            lateness: micros(cfg.lateness),
+            quiet: micros(cfg.quiet_period),
+            max_keys: cfg.max_keys_per_rule,
+            partition_max: FastMap::default(),
+            max_event_time: EpochMicros::MIN,
+            max_at_last_tick: EpochMicros::MIN,
+            wall_at_max: Instant::now(),
+            episodes: FastMap::default(),
+            next_resolution: EpochMicros::MAX,
+            emitting: true,
+            pending: PendingMetrics { keys_dropped: vec![0; n], evicted: vec![0; n], ..Default::default() },
+            last_eviction: Instant::now(),
+        })
+    }
+
+    pub fn rules(&self) -> &[Rule] {
+        &self.rules
+    }
+
+    /// While false (rebuilding state after a start), transitions update the
+    /// lifecycle but are not returned: they were sent before.
+    pub fn set_emitting(&mut self, on: bool) {
+        self.emitting = on;
+    }
+
+    /// The exact actions and prefixes any rule looks at (to select the
+    /// events worth replaying on rebuild).
+    pub fn relevant_actions(&self) -> (Vec<String>, Vec<String>) {
+        let mut exact = Vec::new();
+        let mut prefixes = Vec::new();
+        for rule in &self.rules {
+            for m in rule.actions.iter().chain(&rule.then_actions) {
+                match m {
+                    rules::ActionMatch::Exact(a) if !exact.contains(a) => exact.push(a.clone()),
+                    rules::ActionMatch::Prefix(p) if !prefixes.contains(p) => prefixes.push(p.clone()),
+                    _ => {}
+                }
+            }
+        }
+        (exact, prefixes)
+    }
+
+    /// How far back a rebuild must read: the longest window plus lateness.
+    pub fn rebuild_span(&self) -> Duration {
+        let longest = self.rules.iter().map(|r| r.window_micros).max().unwrap_or(0);
+        Duration::from_micros((longest.saturating_add(self.lateness)).max(0) as u64)
+    }
+
+    /// Picks up alerts that were open before a restart.
+    pub fn restore(&mut self, open: Vec<OpenEpisode>) {
+        for ep in open {
+            let Some(index) = self.instances.iter().position(|inst| {
+                self.rules[inst.rule].id == ep.rule && inst.key_text == ep.key_spec
+            }) else {
+                continue; // the rule was removed or changed its keys
+            };
+            self.episodes.insert(
+                (index, ep.key_hash),
+                Episode {
+                    alert_id: ep.alert_id,
+                    state: ep.state,
+                    severity: ep.severity,
+                    subject: ep.subject,
+                    start: ep.episode_start,
+                    calm_at: ep.last_event_at,
+                    first_event_at: None,
+                    last_event_at: ep.last_event_at,
+                    count: 0,
+                    samples: Vec::new(),
+                },
+            );
+            self.next_resolution = self.next_resolution.min(ep.last_event_at.saturating_add(self.quiet));
+        }
+    }
+
+    fn plan_for(&mut self, action: &str) -> ActionPlan {
+        if let Some(plan) = self.action_cache.get(action) {
+            return *plan;
+        }
+        let mut plan = ActionPlan { is_failure: self.failure_actions.iter().any(|f| f == action), ..Default::default() };
+        for (i, inst) in self.instances.iter().enumerate() {
+            let rule = &self.rules[inst.rule];
+            if rule.actions.iter().any(|m| m.matches(action)) {
+                plan.counted |= 1 << i;
+            }
+            if rule.then_actions.iter().any(|m| m.matches(action)) {
+                plan.then |= 1 << i;
+            }
+        }
+        if self.action_cache.len() < ACTION_CACHE_MAX {
+            self.action_cache.insert(action.to_owned(), plan);
+        }
+        plan
+    }
+
+    fn allowed(rule: &Rule, e: &AuthEvent) -> bool {
+        let allow = &rule.allow;
+        (!allow.users.is_empty()
+            && [e.user_id.as_deref(), e.username.as_deref()].into_iter().flatten().any(|u| allow.users.iter().any(|a| a == u)))
+            || (!allow.cidrs.is_empty() && e.ip_address.is_some_and(|ip| allow.cidrs.iter().any(|n| n.contains(&ip))))
+    }
+
+    /// Evaluates one event (from `partition`); transitions go to `out`.
+    pub fn observe(&mut self, e: &AuthEvent, partition: i32, out: &mut Vec<Transition>) {
+        let plan = self.plan_for(&e.action);
+        if plan.is_failure {
+            self.pending.failed_logins += 1;
+        }
+        if plan.counted | plan.then == 0 {
+            return;
+        }
+        let t = e.occurred_at;
+        let newest = self.partition_max.entry(partition).or_insert(t);
+        if t < newest.saturating_sub(self.lateness) {
+            self.pending.late += 1;
+            return;
+        }
+        *newest = (*newest).max(t);
+        self.max_event_time = self.max_event_time.max(t);
+        let mut key_hashes = [None; 64];
+        let mut mask = plan.counted | plan.then;
+        while mask != 0 {
+            let i = mask.trailing_zeros() as usize;
+            mask &= mask - 1;
+            let slot = self.instances[i].key_slot;
+            let key = *key_hashes[slot].get_or_insert_with(|| self.instances[i].key.hash(e));
+            self.observe_instance(i, e, key, plan.counted & (1 << i) != 0, plan.then & (1 << i) != 0, out);
+        }
+        if self.max_event_time >= self.next_resolution {
+            self.sweep(self.max_event_time, out);
+        }
+    }
+
+    fn observe_instance(
+        &mut self,
+        i: usize,
+        e: &AuthEvent,
+        key: Option<u64>,
+        counted: bool,
+        then: bool,
+        out: &mut Vec<Transition>,
+    ) {
+        let rule = &self.rules[self.instances[i].rule];
+        let Some(key) = key else { return };
+        if Self::allowed(rule, e) {
+            return;
+        }
+        let t = e.occurred_at;
+        let w = rule.window_micros;
+        let cap = rule.capacity();
+        let calm_threshold = rule.calm_threshold();
+        let max_keys = self.max_keys;
+        let kind = rule.kind;
+        let inst = &mut self.instances[i];
+        // The count to judge (None: nothing to judge for this event) and
+        // when it calms down.
+        let (count, calm_at, first) = match (&mut inst.states, kind) {
+            (KeyStates::Times(map), RuleKind::Sequence) => {
+                let filter = inst.maybe_present.as_mut().expect("sequence instances have a filter");
+                if counted {
+                    if let Some(list) = state_for(map, key, max_keys, &mut self.pending.keys_dropped[i]) {
+                        list.insert(t, cap);
+                        filter.insert(key);
+                    }
+                }
+                if !then || !filter.may_contain(key) {
+                    return;
+                }
+                let Some(list) = map.get(&key) else { return };
+                let failures = list.count_at(t, w);
+                if failures < rule.min_count {
+                    return;
+                }
+                (Some(failures), t, list.get(0))
+            }
+            (KeyStates::Times(map), _) => {
+                let Some(list) = state_for(map, key, max_keys, &mut self.pending.keys_dropped[i]) else { return };
+                // Out of order for this key (other partitions, or late
+                // within the lateness): it counts in every window it is in.
+                let in_order = list.newest().is_none_or(|n| t >= n);
+                list.insert(t, cap);
+                let count = if in_order { list.count_at(t, w) } else { list.peak_count_around(t, w) };
+                let first = list.iter().find(|x| *x > t - w);
+                (Some(count), list.calm_at(calm_threshold, w).unwrap_or(EpochMicros::MIN), first)
+            }
+            (KeyStates::Coarse(map), _) => {
+                let Some(buckets) = state_for(map, key, max_keys, &mut self.pending.keys_dropped[i]) else { return };
+                buckets.insert(t, w);
+                let count = buckets.count_at(t, w);
+                (Some(count), buckets.calm_at(calm_threshold, w).unwrap_or(EpochMicros::MIN), None)
+            }
+            (KeyStates::Distinct(map), _) => {
+                let mut h = StableHasher::default();
+                if !rule.distinct.as_ref().is_some_and(|f| f.hash_into(e, &mut h)) {
+                    return;
+                }
+                let value = std::hash::Hasher::finish(&h);
+                let Some(set) = state_for(map, key, max_keys, &mut self.pending.keys_dropped[i]) else { return };
+                let in_order = set.newest().is_none_or(|n| t >= n);
+                set.insert(value, t, cap);
+                let count = if in_order { set.count_at(t, w) } else { set.peak_count_around(t, w) };
+                (Some(count), set.calm_at(calm_threshold, w).unwrap_or(EpochMicros::MIN), None)
+            }
+        };
+        if let Some(count) = count {
+            self.judge(i, key, count, calm_at, first, e, out);
+        }
+    }
+
+    /// Moves the (rule, key) lifecycle for a new count at event `e`.
+    #[allow(clippy::too_many_arguments)]
+    fn judge(
+        &mut self,
+        i: usize,
+        key: u64,
+        count: u32,
+        calm_at: EpochMicros,
+        first: Option<EpochMicros>,
+        e: &AuthEvent,
+        out: &mut Vec<Transition>,
+    ) {
+        let t = e.occurred_at;
+        let rule_index = self.instances[i].rule;
+        let level = self.rules[rule_index].level_for(count);
+        // An episode whose quiet period has passed in event time ends
+        // before this event is judged (deterministic in replays).
+        if let Some(ep) = self.episodes.get(&(i, key))
+            && t >= ep.calm_at.saturating_add(self.quiet)
+            && ep.calm_at != EpochMicros::MIN
+        {
+            let ep = self.episodes.remove(&(i, key)).expect("present");
+            self.emit_resolved(i, key, ep, out);
+        }
+        match self.episodes.get_mut(&(i, key)) {
+            None => {
+                let Some((threshold, severity)) = level else { return };
+                let Some(subject) = self.instances[i].key.subject(e) else { return };
+                let rule = &self.rules[rule_index];
+                let ep = Episode {
+                    alert_id: alert_id(&rule.id, &subject, t),
+                    state: AlertState::Firing,
+                    severity,
+                    subject,
+                    start: t,
+                    calm_at: calm_at.max(t),
+                    first_event_at: first,
+                    last_event_at: t,
+                    count,
+                    samples: vec![e.event_id],
+                };
+                self.next_resolution = self.next_resolution.min(ep.calm_at.saturating_add(self.quiet));
+                let tr = self.transition(i, key, &ep, AlertState::Firing, threshold);
+                self.episodes.insert((i, key), ep);
+                self.push(tr, out);
+            }
+            Some(ep) => {
+                ep.last_event_at = ep.last_event_at.max(t);
+                ep.count = count;
+                if ep.samples.len() < MAX_SAMPLES && !ep.samples.contains(&e.event_id) {
+                    ep.samples.push(e.event_id);
+                }
+                if level.is_some() {
+                    ep.calm_at = ep.calm_at.max(calm_at).max(t);
+                }
+                let next = ep.calm_at.saturating_add(self.quiet);
+                self.next_resolution = self.next_resolution.min(next);
+                if let Some((threshold, severity)) = level
+                    && severity > ep.severity
+                {
+                    ep.severity = severity;
+                    ep.state = AlertState::Escalated;
+                    let ep = &self.episodes[&(i, key)];
+                    let tr = self.transition(i, key, ep, AlertState::Escalated, threshold);
+                    self.push(tr, out);
+                }
+            }
+        }
+    }
+
+    fn transition(&self, i: usize, key: u64, ep: &Episode, state: AlertState, threshold: u32) -> Transition {
+        let inst = &self.instances[i];
+        let rule = &self.rules[inst.rule];
+        // A sequence rule's threshold is its A-event count.
+        let threshold = if rule.kind == RuleKind::Sequence { rule.min_count } else { threshold };
+        Transition {
+            alert_id: ep.alert_id,
+            rule: rule.id.clone(),
+            key_spec: inst.key_text.clone(),
+            key_hash: key,
+            subject: ep.subject.clone(),
+            state,
+            severity: ep.severity,
+            count: ep.count,
+            threshold,
+            window_seconds: (rule.window_micros / 1_000_000) as u64,
+            episode_start: ep.start,
+            first_event_at: ep.first_event_at,
+            last_event_at: Some(ep.last_event_at),
+            sample_event_ids: ep.samples.clone(),
+            recommended_action: rule.recommended_action,
+            detected_at: wall_micros(),
+        }
+    }
+
+    fn emit_resolved(&mut self, i: usize, key: u64, mut ep: Episode, out: &mut Vec<Transition>) {
+        let rule = &self.rules[self.instances[i].rule];
+        ep.count = self.current_count(i, key, ep.calm_at.saturating_add(self.quiet));
+        let tr = self.transition(i, key, &ep, AlertState::Resolved, rule.calm_threshold());
+        self.push(tr, out);
+    }
+
+    fn current_count(&self, i: usize, key: u64, at: EpochMicros) -> u32 {
+        let inst = &self.instances[i];
+        let w = self.rules[inst.rule].window_micros;
+        match &inst.states {
+            KeyStates::Times(m) => m.get(&key).map_or(0, |l| l.count_at(at, w)),
+            KeyStates::Distinct(m) => m.get(&key).map_or(0, |s| s.count_at(at, w)),
+            KeyStates::Coarse(m) => m.get(&key).map_or(0, |b| b.count_at(at, w)),
+        }
+    }
+
+    fn push(&mut self, tr: Transition, out: &mut Vec<Transition>) {
+        metrics::counter!(
+            "audit_alerts_total",
+            "rule" => tr.rule.clone(),
+            "severity" => tr.severity.as_str(),
+            "state" => tr.state.as_str()
+        )
+        .increment(1);
+        if self.emitting {
+            out.push(tr);
+        }
+    }
+
+    /// Resolves every episode whose quiet period has passed at `clock`.
+    fn sweep(&mut self, clock: EpochMicros, out: &mut Vec<Transition>) {
+        let due: Vec<(usize, u64)> = self
+            .episodes
+            .iter()
+            .filter(|(_, ep)| ep.calm_at != EpochMicros::MIN && clock >= ep.calm_at.saturating_add(self.quiet))
+            .map(|(k, _)| *k)
+            .collect();
+        for (i, key) in due {
+            if let Some(ep) = self.episodes.remove(&(i, key)) {
+                self.emit_resolved(i, key, ep, out);
+            }
+        }
+        self.next_resolution =
+            self.episodes.values().map(|ep| ep.calm_at.saturating_add(self.quiet)).min().unwrap_or(EpochMicros::MAX);
+    }
+
+    /// Wall-clock housekeeping, about once a second: resolves alerts of a
+    /// stream that went quiet (event time advanced by the wall clock since
+    /// the newest event), evicts idle keys, publishes gauges.
+    pub fn tick(&mut self, out: &mut Vec<Transition>) {
+        // The newest event time is stamped with the wall clock here, not per
+        // event (a clock read per event costs more than the detection):
+        // the quiet-stream clock is exact to one tick.
+        if self.max_event_time != self.max_at_last_tick {
+            self.max_at_last_tick = self.max_event_time;
+            self.wall_at_max = Instant::now();
+        }
+        if self.max_event_time != EpochMicros::MIN {
+            let clock = self.max_event_time.saturating_add(micros(self.wall_at_max.elapsed()));
+            self.resolve_until(clock, out);
+        }
+        if self.last_eviction.elapsed() >= Duration::from_secs(10) {
+            self.evict();
+            self.last_eviction = Instant::now();
+        }
+        self.flush_metrics();
+    }
+
+    /// Resolves what is due at event-time `clock` (the tick's clock, made
+    /// explicit for tests and replays).
+    pub fn resolve_until(&mut self, clock: EpochMicros, out: &mut Vec<Transition>) {
+        if clock >= self.next_resolution {
+            self.sweep(clock, out);
+        }
+    }
+
+    fn evict(&mut self) {
+        if self.max_event_time == EpochMicros::MIN {
+            return;
+        }
+        for (i, inst) in self.instances.iter_mut().enumerate() {
+            let w = self.rules[inst.rule].window_micros;
+            let before = self.max_event_time.saturating_sub(w).saturating_sub(self.lateness);
+            let episodes = &self.episodes;
+            let gone = inst.states.evict(before, w, |key| episodes.contains_key(&(i, key)));
+            self.pending.evicted[i] += gone as u64;
+            if let (Some(filter), KeyStates::Times(m)) = (&mut inst.maybe_present, &inst.states) {
+                filter.rebuild(m.keys().copied());
+            }
+            // Times older than any window are dead weight in kept keys too.
+            if let KeyStates::Times(m) = &mut inst.states {
+                for list in m.values_mut() {
+                    list.prune(before);
+                }
+            } else if let KeyStates::Distinct(m) = &mut inst.states {
+                for set in m.values_mut() {
+                    set.prune(before);
+                }
+            }
+        }
+    }
+
+    fn flush_metrics(&mut self) {
+        let p = &mut self.pending;
+        metrics::counter!("audit_failed_logins_total").increment(std::mem::take(&mut p.failed_logins));
+        metrics::counter!("audit_detector_late_events_total").increment(std::mem::take(&mut p.late));
+        for (i, inst) in self.instances.iter().enumerate() {
+            let rule = self.rules[inst.rule].id.clone();
+            let labels = [("rule", rule), ("key", inst.key_text.clone())];
+            metrics::gauge!("audit_detector_keys", &labels).set(inst.states.len() as f64);
+            metrics::counter!("audit_detector_evictions_total", &labels).increment(std::mem::take(&mut p.evicted[i]));
+            metrics::counter!("audit_detector_keys_dropped_total", &labels)
+                .increment(std::mem::take(&mut p.keys_dropped[i]));
+        }
+        metrics::gauge!("audit_detector_open_alerts").set(self.episodes.len() as f64);
+    }
+
+    /// Keys tracked over all rules.
+    pub fn keys_tracked(&self) -> usize {
+        self.instances.iter().map(|i| i.states.len()).sum()
+    }
+
+    /// Approximate memory held by per-key state.
+    pub fn approx_state_bytes(&self) -> usize {
+        self.instances.iter().map(|i| i.states.approx_bytes()).sum()
+    }
+
+    pub fn open_alerts(&self) -> usize {
+        self.episodes.len()
+    }
+}
+
+/// The state of `key`, created when the rule has room for another key;
+/// None (and counted in `dropped`) when it tracks `max_keys` already. One
+/// hash probe either way.
+fn state_for<'m, V: Default>(map: &'m mut KeyMap<V>, key: u64, max_keys: usize, dropped: &mut u64) -> Option<&'m mut V> {
+    let full = map.len() >= max_keys;
+    match map.entry(key) {
+        std::collections::hash_map::Entry::Occupied(o) => Some(o.into_mut()),
+        std::collections::hash_map::Entry::Vacant(_) if full => {
+            *dropped += 1;
+            None
+        }
+        std::collections::hash_map::Entry::Vacant(v) => Some(v.insert(V::default())),
+    }
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,153 @@
+//! Detection inside the consumer thread: every decoded event goes through
+//! the detectors right away (an alert must not wait for its batch to be
+//! written), each transition is offered to the alert publisher and also
+//! stored with the batch, so that the alerts table and the offsets always
+//! agree. On assignment the detector state of the new partitions is rebuilt
+//! from the stored events and the alerts that were open.
+
+use std::collections::HashSet;
+use std::time::{Duration, Instant};
+
+use deadpool_postgres::Pool;
+use futures::{StreamExt, pin_mut};
+use tracing::info;
+use uuid::Uuid;
+
+use crate::alerts::publisher::AlertPublisher;
+use crate::detect::{AlertState, Detector, OpenEpisode, Severity, Transition};
+use crate::event::AuthEvent;
+use crate::store::queries;
+
+/// How often the wall-clock housekeeping runs.
+const TICK: Duration = Duration::from_secs(1);
+
+pub struct Detection {
+    detector: Detector,
+    publisher: AlertPublisher,
+    rebuild_window_max: Duration,
+    last_tick: Instant,
+    scratch: Vec<Transition>,
+    restored: bool,
+    rebuilt: HashSet<i32>,
+}
+
+impl Detection {
+    pub fn new(detector: Detector, publisher: AlertPublisher, rebuild_window_max: Duration) -> Detection {
+        Detection {
+            detector,
+            publisher,
+            rebuild_window_max,
+            last_tick: Instant::now(),
+            scratch: Vec::new(),
+            restored: false,
+            rebuilt: HashSet::new(),
+        }
+    }
+
+    /// Runs the detectors on one event; returns the transitions with
+    /// whether each was published.
+    pub fn observe(&mut self, event: &AuthEvent, partition: i32) -> Vec<(Transition, bool)> {
+        self.detector.observe(event, partition, &mut self.scratch);
+        self.publish()
+    }
+
+    /// Wall-clock housekeeping when due: resolutions of a quiet stream,
+    /// storm summaries, eviction.
+    pub fn tick_if_due(&mut self) -> Vec<(Transition, bool)> {
+        if self.last_tick.elapsed() < TICK {
+            return Vec::new();
+        }
+        self.last_tick = Instant::now();
+        self.detector.tick(&mut self.scratch);
+        let out = self.publish();
+        self.publisher.flush_withheld(chrono::Utc::now().timestamp_micros());
+        out
+    }
+
+    fn publish(&mut self) -> Vec<(Transition, bool)> {
+        if self.scratch.is_empty() {
+            return Vec::new();
+        }
+        let publisher = &mut self.publisher;
+        self.scratch.drain(..).map(|t| {
+            let sent = publisher.offer(&t);
+            (t, sent)
+        }).collect()
+    }
+
+    /// Rebuilds state for partitions not seen before: the open alerts (once)
+    /// and the stored events of the last window, replayed without emitting.
+    pub async fn rebuild(&mut self, pool: &Pool, partitions: &[i32]) -> Result<(), String> {
+        let fresh: Vec<i32> = partitions.iter().copied().filter(|p| !self.rebuilt.contains(p)).collect();
+        if fresh.is_empty() {
+            return Ok(());
+        }
+        let client = pool.get().await.map_err(|e| e.to_string())?;
+        if !self.restored {
+            let open = client.query(queries::OPEN_ALERTS, &[]).await.map_err(|e| e.to_string())?;
+            let episodes: Vec<OpenEpisode> = open
+                .iter()
+                .filter_map(|r| {
+                    Some(OpenEpisode {
+                        alert_id: r.get::<_, Uuid>(0),
+                        rule: r.get(1),
+                        key_spec: r.get(2),
+                        key_hash: r.get::<_, i64>(3) as u64,
+                        subject: r.get(4),
+                        state: AlertState::parse(r.get(5))?,
+                        severity: if r.get::<_, &str>(6) == "critical" { Severity::Critical } else { Severity::Warning },
+                        episode_start: r.get::<_, chrono::DateTime<chrono::Utc>>(7).timestamp_micros(),
+                        last_event_at: r.get::<_, chrono::DateTime<chrono::Utc>>(8).timestamp_micros(),
+                    })
+                })
+                .collect();
+            info!(open = episodes.len(), "restored open alerts");
+            self.detector.restore(episodes);
+            self.restored = true;
+        }
+        let span = self.detector.rebuild_span().min(self.rebuild_window_max);
+        let since = chrono::Utc::now() - chrono::Duration::from_std(span).unwrap_or_default();
+        let (exact, prefixes) = self.detector.relevant_actions();
+        let started = Instant::now();
+        let rows = client
+            .query_raw(queries::REBUILD_EVENTS, [&since as &(dyn tokio_postgres::types::ToSql + Sync), &fresh, &exact, &prefixes])
+            .await
+            .map_err(|e| e.to_string())?;
+        pin_mut!(rows);
+        self.detector.set_emitting(false);
+        let mut n = 0u64;
+        let mut discard = Vec::new();
+        while let Some(row) = rows.next().await {
+            let row = row.map_err(|e| e.to_string())?;
+            let event = row_to_event(&row);
+            self.detector.observe(&event, row.get(10), &mut discard);
+            discard.clear();
+            n += 1;
+        }
+        self.detector.set_emitting(true);
+        self.rebuilt.extend(fresh.iter().copied());
+        info!(events = n, partitions = ?fresh, ms = started.elapsed().as_millis() as u64, "detector state rebuilt from stored events");
+        Ok(())
+    }
+}
+
+/// An event read back by [`queries::REBUILD_EVENTS`] (or a query with its
+/// columns).
+pub(crate) fn row_to_event(row: &tokio_postgres::Row) -> AuthEvent {
+    let metadata: Option<serde_json::Value> = row.get(9);
+    AuthEvent {
+        event_id: row.get(0),
+        occurred_at: row.get::<_, chrono::DateTime<chrono::Utc>>(1).timestamp_micros(),
+        action: row.get(2),
+        user_id: row.get(3),
+        username: row.get(4),
+        ip_address: row.get(5),
+        user_agent: row.get(6),
+        session_id: row.get(7),
+        request_id: row.get(8),
+        metadata: metadata
+            .and_then(|m| m.as_object().cloned())
+            .map(|m| m.into_iter().map(|(k, v)| (k, v.as_str().unwrap_or_default().to_owned())).collect())
+            .unwrap_or_default(),
+    }
+}

@@ -1,0 +1,281 @@
+//! `audit-service replay`: runs the detectors of the CURRENT configuration
+//! over events already stored in PostgreSQL and prints the alerts they would
+//! raise, without publishing anything. Operators tune thresholds with it:
+//! change a rule, replay last week, compare.
+//!
+//! Detection runs on event time, so a replay of the same events gives the
+//! alerts the live service gave with the same rules. As on a service start,
+//! the rules' longest window before `--from` is read first to warm the
+//! windows up, without printing what it raises.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::io::{IsTerminal, Write};
+use std::time::{Duration, Instant};
+
+use chrono::{DateTime, Utc};
+use futures::{StreamExt, pin_mut};
+use tokio_postgres::types::ToSql;
+
+use crate::alerts::AlertMessage;
+use crate::alerts::view::AlertView;
+use crate::config::Config;
+use crate::detect::{AlertState, DetectConfig, Detector, RuleError, Transition};
+use crate::ingest::detection::row_to_event;
+use crate::store::{self, StoreError, queries};
+
+#[derive(Debug, Clone)]
+pub struct ReplayOptions {
+    /// Event time, inclusive.
+    pub from: DateTime<Utc>,
+    /// Event time, exclusive.
+    pub to: DateTime<Utc>,
+    /// Only these rules (by id); empty: every enabled rule.
+    pub rules: Vec<String>,
+    /// Print each alert as the JSON message the service would publish.
+    pub json: bool,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ReplayError {
+    #[error("--from ({from}) must be before --to ({to})")]
+    EmptyRange { from: DateTime<Utc>, to: DateTime<Utc> },
+    #[error("unknown rule `{rule}`; the configuration has: {known}")]
+    UnknownRule { rule: String, known: String },
+    #[error("detection rules: {0}")]
+    Rules(#[from] RuleError),
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    #[error("PostgreSQL: {0}")]
+    Db(#[from] tokio_postgres::Error),
+    #[error("the database has no audit_logs table: check DATABASE_URL, or run `audit-service migrate`")]
+    NotMigrated,
+    #[error("writing the output: {0}")]
+    Output(#[from] std::io::Error),
+}
+
+/// What a replay found.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct ReplayReport {
+    /// Events in the range the rules looked at.
+    pub events: u64,
+    /// Events before the range read to warm the windows up.
+    pub warmup_events: u64,
+    /// Per rule: firing, escalated, resolved transitions.
+    pub per_rule: BTreeMap<String, [u64; 3]>,
+    /// Per rule: the distinct subjects alerted on.
+    pub subjects: BTreeMap<String, BTreeSet<String>>,
+    pub elapsed: Duration,
+}
+
+impl ReplayReport {
+    fn count(&mut self, t: &Transition) {
+        let slot = match t.state {
+            AlertState::Firing => 0,
+            AlertState::Escalated => 1,
+            AlertState::Resolved => 2,
+        };
+        self.per_rule.entry(t.rule.clone()).or_default()[slot] += 1;
+        self.subjects.entry(t.rule.clone()).or_default().insert(t.subject.clone());
+    }
+
+    /// The per-rule table; `rules` are listed even without alerts.
+    pub fn print_summary(&self, rules: &[String], opts: &ReplayOptions, out: &mut dyn Write) -> std::io::Result<()> {
+        writeln!(out)?;
+        writeln!(
+            out,
+            "Replayed {} events from {} to {} ({} earlier events warmed the windows up) in {:.1}s; nothing was published.",
+            self.events,
+            opts.from.to_rfc3339(),
+            opts.to.to_rfc3339(),
+            self.warmup_events,
+            self.elapsed.as_secs_f64()
+        )?;
+        writeln!(out, "Alerts the current rules would raise, by rule:")?;
+        writeln!(out, "  {:<24} {:>7} {:>10} {:>9} {:>9}", "rule", "firing", "escalated", "resolved", "subjects")?;
+        let mut all: Vec<&String> = rules.iter().collect();
+        all.extend(self.per_rule.keys().filter(|r| !rules.contains(r)));
+        for rule in all {
+            let c = self.per_rule.get(rule).copied().unwrap_or_default();
+            let subjects = self.subjects.get(rule).map_or(0, BTreeSet::len);
+            writeln!(out, "  {rule:<24} {:>7} {:>10} {:>9} {:>9}", c[0], c[1], c[2], subjects)?;
+        }
+        Ok(())
+    }
+}
+
+/// The detect configuration limited to `only` (ids), every one of which
+/// must exist.
+pub fn select_rules(detect: &DetectConfig, only: &[String]) -> Result<DetectConfig, ReplayError> {
+    let mut detect = detect.clone();
+    if only.is_empty() {
+        return Ok(detect);
+    }
+    for id in only {
+        if !detect.rules.iter().any(|r| &r.id == id) {
+            let known = detect.rules.iter().map(|r| r.id.as_str()).collect::<Vec<_>>().join(", ");
+            return Err(ReplayError::UnknownRule { rule: id.clone(), known });
+        }
+    }
+    for rule in &mut detect.rules {
+        rule.enabled = only.contains(&rule.id);
+    }
+    Ok(detect)
+}
+
+/// Replays `[opts.from, opts.to)`: each alert is written to `out` as it is
+/// raised (a line, or JSON with `opts.json`); `progress` sees events done
+/// and the total.
+pub async fn run(
+    config: &Config,
+    opts: &ReplayOptions,
+    out: &mut dyn Write,
+    progress: &mut dyn FnMut(u64, u64),
+) -> Result<ReplayReport, ReplayError> {
+    if opts.from >= opts.to {
+        return Err(ReplayError::EmptyRange { from: opts.from, to: opts.to });
+    }
+    let detect = select_rules(&config.detect, &opts.rules)?;
+    let mut detector = Detector::new(&detect)?;
+    let started = Instant::now();
+
+    let pool = store::connect_pool(&config.database, 1)?;
+    let client = pool.get().await.map_err(StoreError::from)?;
+    let migrated: bool = client.query_one("SELECT to_regclass('audit_logs') IS NOT NULL", &[]).await?.get(0);
+    if !migrated {
+        return Err(ReplayError::NotMigrated);
+    }
+
+    let warm_span = detector.rebuild_span().min(detect.rebuild_window_max);
+    let warm_from = opts.from - chrono::Duration::from_std(warm_span).unwrap_or_default();
+    let (exact, prefixes) = detector.relevant_actions();
+    let total: i64 = client.query_one(queries::REPLAY_COUNT, &[&opts.from, &opts.to, &exact, &prefixes]).await?.get(0);
+    let total = total.max(0) as u64;
+    progress(0, total);
+
+    let params: [&(dyn ToSql + Sync); 4] = [&warm_from, &opts.to, &exact, &prefixes];
+    let rows = client.query_raw(queries::REPLAY_EVENTS, params).await?;
+    pin_mut!(rows);
+    let from = opts.from.timestamp_micros();
+    let mut report = ReplayReport::default();
+    let mut transitions = Vec::new();
+    detector.set_emitting(false);
+    let mut warming = true;
+    while let Some(row) = rows.next().await {
+        let row = row?;
+        let event = row_to_event(&row);
+        if warming && event.occurred_at >= from {
+            warming = false;
+            detector.set_emitting(true);
+        }
+        detector.observe(&event, row.get(10), &mut transitions);
+        if warming {
+            report.warmup_events += 1;
+            continue;
+        }
+        report.events += 1;
+        emit(&mut transitions, opts.json, out, &mut report)?;
+        if report.events.is_multiple_of(1024) {
+            progress(report.events, total);
+        }
+    }
+    detector.set_emitting(true);
+    // Episodes whose quiet period ends inside the range resolve in it.
+    let end = opts.to.min(Utc::now()).timestamp_micros();
+    detector.resolve_until(end, &mut transitions);
+    emit(&mut transitions, opts.json, out, &mut report)?;
+    progress(report.events, total.max(report.events));
+    report.elapsed = started.elapsed();
+    Ok(report)
+}
+
+fn emit(transitions: &mut Vec<Transition>, json: bool, out: &mut dyn Write, report: &mut ReplayReport) -> std::io::Result<()> {
+    for t in transitions.drain(..) {
+        let message = AlertMessage::from_transition(&t);
+        if json {
+            out.write_all(&message.to_json())?;
+            out.write_all(b"\n")?;
+        } else {
+            writeln!(out, "{}", AlertView::from(&message).line(true))?;
+        }
+        report.count(&t);
+    }
+    Ok(())
+}
+
+/// A text progress bar on stderr: redrawn in place on a terminal, a line
+/// every few seconds otherwise (logs, CI).
+pub struct ProgressBar {
+    terminal: bool,
+    started: Instant,
+    last_draw: Option<Instant>,
+    drawn: bool,
+}
+
+impl Default for ProgressBar {
+    fn default() -> Self {
+        ProgressBar::new()
+    }
+}
+
+impl ProgressBar {
+    const WIDTH: u64 = 30;
+
+    pub fn new() -> ProgressBar {
+        ProgressBar { terminal: std::io::stderr().is_terminal(), started: Instant::now(), last_draw: None, drawn: false }
+    }
+
+    pub fn update(&mut self, done: u64, total: u64) {
+        let every = if self.terminal { Duration::from_millis(100) } else { Duration::from_secs(5) };
+        let finished = done >= total;
+        if !finished && self.last_draw.is_some_and(|t| t.elapsed() < every) {
+            return;
+        }
+        self.last_draw = Some(Instant::now());
+        let line = Self::render(done, total, self.started.elapsed());
+        let mut err = std::io::stderr().lock();
+        let _ = if self.terminal { write!(err, "\r{line}") } else { writeln!(err, "{line}") };
+        self.drawn = true;
+    }
+
+    /// Ends the bar's line.
+    pub fn finish(&mut self) {
+        if self.terminal && self.drawn {
+            let _ = writeln!(std::io::stderr());
+        }
+    }
+
+    fn render(done: u64, total: u64, elapsed: Duration) -> String {
+        let filled = if total == 0 { Self::WIDTH } else { (done.min(total) * Self::WIDTH) / total };
+        let percent = if total == 0 { 100 } else { done.min(total) * 100 / total };
+        format!(
+            "[{}{}] {percent:>3}% {done}/{total} events {:.1}s",
+            "#".repeat(filled as usize),
+            "-".repeat((Self::WIDTH - filled) as usize),
+            elapsed.as_secs_f64()
+        )
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_bar_shows_done_out_of_total() {
+        assert_eq!(
+            ProgressBar::render(50, 200, Duration::from_millis(1500)),
+            "[#######-----------------------]  25% 50/200 events 1.5s"
+        );
+        assert!(ProgressBar::render(0, 0, Duration::ZERO).starts_with("[##############################] 100% 0/0"));
+    }
+
+    #[test]
+    fn rules_are_selected_by_id() {
+        let detect = DetectConfig::default();
+        let only = select_rules(&detect, &["ip_password_spraying".into()]).unwrap();
+        assert_eq!(only.compile().unwrap().len(), 1);
+        assert_eq!(select_rules(&detect, &[]).unwrap().compile().unwrap().len(), 5);
+        let err = select_rules(&detect, &["nope".into()]).unwrap_err().to_string();
+        assert!(err.contains("unknown rule `nope`") && err.contains("user_failed_logins"), "{err}");
+    }
+}

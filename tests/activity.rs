@@ -1,0 +1,280 @@
+//! The activity tracker end to end: rollups equal to GROUP BY over
+//! audit_logs, and sessions right under duplicates, disorder, idling and a
+//! SIGKILL restart.
+
+mod common;
+
+use std::time::Duration;
+
+use audit_service::activity::compactor;
+use audit_service::event::AuthEvent;
+use audit_service::kafka::embedded::EmbeddedKafka;
+use audit_service::loadgen::{self, WireFormat};
+use audit_service::service;
+use common::*;
+use tokio_util::sync::CancellationToken;
+use uuid::Uuid;
+
+const MIN: i64 = 60_000_000;
+
+async fn all_offsets(db: &TestDb) -> i64 {
+    db.count("SELECT coalesce(sum(next_offset), 0)::bigint FROM consumer_offsets").await
+}
+
+/// Rows in the first query and not the second, both ways: 0 when equal.
+async fn difference(db: &TestDb, a: &str, b: &str) -> i64 {
+    db.count(&format!("SELECT (SELECT count(*) FROM (({a}) EXCEPT ALL ({b})) x) + (SELECT count(*) FROM (({b}) EXCEPT ALL ({a})) y)"))
+        .await
+}
+
+const USER_ROLLUP: &str = "SELECT user_id, hour, action, events FROM activity_user_hourly_v";
+const USER_GROUP_BY: &str = "SELECT user_id, date_trunc('hour', created_at), action, count(*) FROM audit_logs \
+                             WHERE user_id IS NOT NULL GROUP BY 1, 2, 3";
+const SYSTEM_ROLLUP: &str = "SELECT hour, action, events FROM activity_hourly_v";
+const SYSTEM_GROUP_BY: &str = "SELECT date_trunc('hour', created_at), action, count(*) FROM audit_logs GROUP BY 1, 2";
+
+#[test]
+fn after_a_large_mixed_ingest_every_rollup_equals_the_group_by_exactly() {
+    let kafka = EmbeddedKafka::start(1).unwrap();
+    let names = Names::new();
+    names.create(&kafka, 4);
+    let rt = rt();
+    rt.block_on(async {
+        let db = TestDb::create().await;
+        let mut config = service_config(&db, &kafka, &names);
+        config.activity.compact_interval = Duration::from_millis(300);
+        config.detect.enabled = false;
+        // 60,000 events over three hours of event time (several hourly
+        // buckets), 3,000 of them producer retries in later batches.
+        let mut generator = loadgen::EventGenerator::new(44, 2_000);
+        let now = chrono::Utc::now().timestamp_micros();
+        let mut evs: Vec<AuthEvent> = (0..57_000).map(|i| generator.next_event(now - 180 * MIN + i * (180 * MIN / 57_000))).collect();
+        for i in 0..3_000 {
+            evs.push(evs[i * 19].clone());
+        }
+        for e in evs.iter_mut().step_by(97) {
+            e.user_id = None; // unknown users count system-wide only
+        }
+        let producer = producer(&kafka);
+        produce_events(&producer, &names.events, &evs, ALL_FORMATS);
+        let running = service::start(&config, CancellationToken::new()).await.unwrap();
+        eventually(Duration::from_secs(120), "all stored", || async {
+            (all_offsets(&db).await == evs.len() as i64).then_some(())
+        })
+        .await;
+        assert_eq!(db.count("SELECT count(*) FROM audit_logs").await, 57_000);
+        // Exact at any moment through the views (folded + pending deltas)...
+        assert_eq!(difference(&db, USER_ROLLUP, USER_GROUP_BY).await, 0);
+        assert_eq!(difference(&db, SYSTEM_ROLLUP, SYSTEM_GROUP_BY).await, 0);
+        // ...and in the final tables once the compactor has folded everything.
+        eventually(Duration::from_secs(30), "deltas folded", || async {
+            let pending = db.count("SELECT (SELECT count(*) FROM activity_user_hourly_deltas) + (SELECT count(*) FROM session_deltas)").await;
+            (pending == 0).then_some(())
+        })
+        .await;
+        running.stop();
+        running.wait().await;
+        assert_eq!(difference(&db, "SELECT user_id, hour, action, events FROM activity_user_hourly", USER_GROUP_BY).await, 0);
+        assert_eq!(difference(&db, "SELECT hour, action, events FROM activity_hourly", SYSTEM_GROUP_BY).await, 0);
+        // Sessions agree with the stored events too.
+        let sessions_from_logs = "SELECT session_id, min(created_at) FILTER (WHERE action = 'AUTH_LOGIN'), max(created_at) \
+                                  FROM audit_logs WHERE session_id IS NOT NULL GROUP BY 1";
+        assert_eq!(difference(&db, "SELECT session_id, started_at, last_seen_at FROM sessions", sessions_from_logs).await, 0);
+    });
+}
+
+fn session_event(action: &str, session: &str, user: &str, at: i64) -> AuthEvent {
+    AuthEvent {
+        event_id: Uuid::new_v4(),
+        occurred_at: at,
+        action: action.into(),
+        user_id: Some(user.into()),
+        username: Some(user.into()),
+        ip_address: Some("192.0.2.10".parse().unwrap()),
+        user_agent: Some(format!("agent-{session}")),
+        session_id: Some(session.into()),
+        request_id: None,
+        metadata: vec![],
+    }
+}
+
+#[test]
+fn sessions_open_and_close_under_duplicates_disorder_and_idling() {
+    let kafka = EmbeddedKafka::start(1).unwrap();
+    let names = Names::new();
+    names.create(&kafka, 2);
+    let rt = rt();
+    rt.block_on(async {
+        let db = TestDb::create().await;
+        let mut config = service_config(&db, &kafka, &names);
+        config.activity.idle_timeout = Duration::from_secs(600);
+        config.activity.compact_interval = Duration::from_millis(200);
+        let t0 = chrono::Utc::now().timestamp_micros() - 60 * MIN;
+        let login = session_event("AUTH_LOGIN", "normal", "ann", t0);
+        let mut evs = vec![
+            // A normal session.
+            login.clone(),
+            session_event("TOKEN_ISSUED", "normal", "ann", t0 + MIN),
+            session_event("AUTH_LOGOUT", "normal", "ann", t0 + 2 * MIN),
+            // A logout that arrives before its login.
+            session_event("AUTH_LOGOUT", "backwards", "ben", t0 + 5 * MIN),
+            session_event("AUTH_LOGIN", "backwards", "ben", t0 + MIN),
+            // Revoked.
+            session_event("AUTH_LOGIN", "revoked", "cid", t0),
+            session_event("TOKEN_REVOKED", "revoked", "cid", t0 + 3 * MIN),
+            // Idle: no event after login; others go on for more than 10 min.
+            session_event("AUTH_LOGIN", "idle", "dee", t0),
+            // Still open.
+            session_event("AUTH_LOGIN", "open", "eve", t0 + 25 * MIN),
+            session_event("TOKEN_ISSUED", "filler", "fay", t0 + 30 * MIN),
+        ];
+        // A producer retry of the normal login, later in the stream.
+        evs.push(login);
+        produce_events(&producer(&kafka), &names.events, &evs, &[WireFormat::Json]);
+        let running = service::start(&config, CancellationToken::new()).await.unwrap();
+        eventually(Duration::from_secs(60), "all stored and idle session closed", || async {
+            let stored = all_offsets(&db).await == evs.len() as i64;
+            let idle = db.count("SELECT count(*) FROM sessions WHERE session_id = 'idle' AND end_reason = 'idle_timeout'").await;
+            (stored && idle == 1).then_some(())
+        })
+        .await;
+        running.stop();
+        running.wait().await;
+        let client = db.client().await;
+        let rows = client
+            .query(
+                "SELECT session_id, user_id, (extract(epoch FROM started_at) * 1e6)::bigint, \
+                        (extract(epoch FROM ended_at) * 1e6)::bigint, end_reason, user_agent FROM sessions_v ORDER BY 1",
+                &[],
+            )
+            .await
+            .unwrap();
+        let got: Vec<(String, String, Option<i64>, Option<i64>, Option<String>)> =
+            rows.iter().map(|r| (r.get(0), r.get(1), r.get(2), r.get(3), r.get(4))).collect();
+        let s = |id: &str, user: &str, start: Option<i64>, end: Option<i64>, reason: Option<&str>| {
+            (id.to_owned(), user.to_owned(), start, end, reason.map(str::to_owned))
+        };
+        assert_eq!(
+            got,
+            vec![
+                s("backwards", "ben", Some(t0 + MIN), Some(t0 + 5 * MIN), Some("logout")),
+                s("filler", "fay", None, None, None),
+                s("idle", "dee", Some(t0), Some(t0 + 10 * MIN), Some("idle_timeout")),
+                s("normal", "ann", Some(t0), Some(t0 + 2 * MIN), Some("logout")),
+                s("open", "eve", Some(t0 + 25 * MIN), None, None),
+                s("revoked", "cid", Some(t0), Some(t0 + 3 * MIN), Some("token_revoked")),
+            ]
+        );
+        assert_eq!(rows.iter().find(|r| r.get::<_, String>(0) == "normal").unwrap().get::<_, String>(5), "agent-normal");
+        // The retried login was stored once and counted once.
+        assert_eq!(db.count("SELECT events FROM activity_user_hourly_v WHERE user_id = 'ann' AND action = 'AUTH_LOGIN'").await, 1);
+    });
+}
+
+#[test]
+fn sessions_survive_a_sigkill_restart() {
+    let kafka = EmbeddedKafka::start(1).unwrap();
+    let names = Names::new();
+    names.create(&kafka, 2);
+    let logs = tempfile::tempdir().unwrap();
+    let rt = rt();
+    rt.block_on(async {
+        let db = TestDb::create().await;
+        let env = service_env(&db, &kafka, &names);
+        let producer = producer(&kafka);
+        let t0 = chrono::Utc::now().timestamp_micros() - 10 * MIN;
+        let logins: Vec<AuthEvent> =
+            (0..200).map(|i| session_event("AUTH_LOGIN", &format!("k{i}"), &format!("user{i}"), t0 + i)).collect();
+        let mut service = ServiceProcess::spawn(&env, logs.path(), 0);
+        produce_events(&producer, &names.events, &logins, &[WireFormat::Json]);
+        eventually(Duration::from_secs(60), "logins stored", || async { (all_offsets(&db).await == 200).then_some(()) }).await;
+        service.sigkill();
+        let logouts: Vec<AuthEvent> =
+            (0..200).map(|i| session_event("AUTH_LOGOUT", &format!("k{i}"), &format!("user{i}"), t0 + MIN + i)).collect();
+        produce_events(&producer, &names.events, &logouts, &[WireFormat::Json]);
+        let mut service = ServiceProcess::spawn(&env, logs.path(), 1);
+        eventually(Duration::from_secs(60), "logouts stored", || async { (all_offsets(&db).await == 400).then_some(()) }).await;
+        assert!(service.sigterm(Duration::from_secs(30)).success(), "{}", service.tail());
+        // Fold what is pending, as the service would on its next tick.
+        let config = service_config(&db, &kafka, &names);
+        let pool = audit_service::store::connect_pool(&config.database, 2).unwrap();
+        compactor::compact_once(&pool, &config.activity, None).await.unwrap();
+        assert_eq!(db.count("SELECT count(*) FROM sessions").await, 200);
+        assert_eq!(db.count("SELECT count(*) FROM sessions WHERE end_reason = 'logout' AND started_at IS NOT NULL").await, 200);
+        assert_eq!(difference(&db, USER_ROLLUP, USER_GROUP_BY).await, 0);
+    });
+}
+
+/// GET with a bearer token over a real TCP connection; the JSON body.
+async fn get_json(addr: std::net::SocketAddr, path: &str, token: &str) -> (u16, serde_json::Value) {
+    let resp = reqwest::Client::new()
+        .get(format!("http://{addr}{path}"))
+        .bearer_auth(token)
+        .send()
+        .await
+        .unwrap();
+    let status = resp.status().as_u16();
+    (status, resp.json().await.unwrap())
+}
+
+#[test]
+fn the_activity_endpoints_answer_from_sessions_and_rollups() {
+    use sha2::Digest;
+    let kafka = EmbeddedKafka::start(1).unwrap();
+    let names = Names::new();
+    names.create(&kafka, 2);
+    let rt = rt();
+    rt.block_on(async {
+        let db = TestDb::create().await;
+        let mut config = service_config(&db, &kafka, &names);
+        let token = "activity-test-token-0123456789";
+        config.api.tokens = vec![audit_service::config::StaticTokenConfig {
+            name: "test".into(),
+            sha256: format!("{:x}", sha2::Sha256::digest(token.as_bytes())),
+        }];
+        let now = chrono::Utc::now().timestamp_micros();
+        let mut evs = vec![
+            session_event("AUTH_LOGIN", "a1", "alice", now - 3 * MIN),
+            session_event("AUTH_LOGOUT", "a1", "alice", now - 2 * MIN),
+            session_event("AUTH_LOGIN", "a2", "alice", now - MIN),
+            session_event("FAILED_AUTH_LOGIN", "a3", "alice", now - 4 * MIN),
+        ];
+        for i in 0..3 {
+            let mut e = session_event("ADMIN_ROLE_GRANT", "r1", "root", now - MIN + i);
+            e.session_id = None;
+            evs.push(e);
+        }
+        produce_events(&producer(&kafka), &names.events, &evs, &[WireFormat::Json]);
+        let running = service::start(&config, CancellationToken::new()).await.unwrap();
+        eventually(Duration::from_secs(60), "stored", || async { (all_offsets(&db).await == evs.len() as i64).then_some(()) }).await;
+
+        let (status, a) = get_json(running.http_addr, "/api/v1/audit/users/alice/activity", token).await;
+        assert_eq!(status, 200, "{a}");
+        assert_eq!(a["open_sessions"].as_array().unwrap().len(), 2, "{a}"); // a2, and a3 (a failure carries a session id)
+        assert_eq!(a["open_sessions"][0]["session_id"], "a2");
+        let recent = a["recent_sessions"].as_array().unwrap();
+        let a1 = recent.iter().find(|s| s["session_id"] == "a1").unwrap();
+        assert_eq!(a1["end_reason"], "logout");
+        assert_eq!(a["logins"]["last_24h"], 2);
+        assert_eq!(a["failed_logins"]["last_24h"], 1);
+        assert_eq!(a["distinct_ips"], serde_json::json!(["192.0.2.10"]));
+        let per_day: i64 = a["actions_per_day"].as_array().unwrap().iter().map(|d| d["events"].as_i64().unwrap()).sum();
+        assert_eq!(per_day, 4);
+
+        let (status, s) = get_json(running.http_addr, "/api/v1/audit/activity/summary", token).await;
+        assert_eq!(status, 200, "{s}");
+        assert_eq!(s["active_users"], 2);
+        assert_eq!(s["admin_actions_per_admin"], serde_json::json!([{"name": "root", "events": 3}]));
+        let top: i64 = s["top_actions"].as_array().unwrap().iter().map(|c| c["events"].as_i64().unwrap()).sum();
+        assert_eq!(top, evs.len() as i64);
+        assert!(s["active_sessions"].as_i64().unwrap() >= 2);
+
+        let (status, e) = get_json(running.http_addr, "/api/v1/audit/activity/summary?from=2026-13-01", token).await;
+        assert_eq!(status, 400, "{e}");
+        assert_eq!(e["error"]["code"], "invalid_timestamp");
+        let (status, _) = get_json(running.http_addr, "/api/v1/audit/users/alice/activity?days=100000", token).await;
+        assert_eq!(status, 400);
+        running.stop();
+        running.wait().await;
+    });
+}
