@@ -13,7 +13,6 @@ use audit_service::loadgen::{self, WireFormat};
 use audit_service::service;
 use common::*;
 use tokio_util::sync::CancellationToken;
-use uuid::Uuid;
 
 const MIN: i64 = 60_000_000;
 
@@ -84,18 +83,10 @@ fn after_a_large_mixed_ingest_every_rollup_equals_the_group_by_exactly() {
 }
 
 fn session_event(action: &str, session: &str, user: &str, at: i64) -> AuthEvent {
-    AuthEvent {
-        event_id: Uuid::new_v4(),
-        occurred_at: at,
-        action: action.into(),
-        user_id: Some(user.into()),
-        username: Some(user.into()),
-        ip_address: Some("192.0.2.10".parse().unwrap()),
-        user_agent: Some(format!("agent-{session}")),
-        session_id: Some(session.into()),
-        request_id: None,
-        metadata: vec![],
-    }
+    let mut e = auth_event(action, user, "192.0.2.10", at);
+    e.user_agent = Some(format!("agent-{session}"));
+    e.session_id = Some(session.into());
+    e
 }
 
 #[test]

@@ -15,52 +15,34 @@ use audit_service::loadgen::WireFormat;
 use audit_service::service;
 use common::*;
 use tokio_util::sync::CancellationToken;
-use uuid::Uuid;
 
-fn attempt(user: &str, ip: &str, action: &str, at: i64, n: u128) -> AuthEvent {
-    AuthEvent {
-        event_id: Uuid::from_u128(n),
-        occurred_at: at,
-        action: action.into(),
-        user_id: Some(user.into()),
-        username: Some(format!("{user}@example.com")),
-        ip_address: Some(ip.parse().unwrap()),
-        user_agent: Some("curl/8".into()),
-        session_id: None,
-        request_id: None,
-        metadata: vec![],
-    }
+fn attempt(user: &str, ip: &str, action: &str, at: i64) -> AuthEvent {
+    auth_event(action, user, ip, at)
 }
 
 /// Every rule's attack, in event time order, starting `t0`.
 fn attacks(t0: i64) -> Vec<AuthEvent> {
     let s = 1_000_000;
     let mut v = Vec::new();
-    let mut n = 1;
     let mut push = |e: AuthEvent| {
         v.push(e);
     };
     // Brute force on one user: 11 failures in 11 s (firing, then escalated).
     for i in 0..11 {
-        push(attempt("victim", "203.0.113.5", "FAILED_AUTH_LOGIN", t0 + i * s, n));
-        n += 1;
+        push(attempt("victim", "203.0.113.5", "FAILED_AUTH_LOGIN", t0 + i * s));
     }
     // Password spraying: one IP, 11 usernames.
     for i in 0..11 {
-        push(attempt(&format!("sprayed{i}"), "198.51.100.77", "FAILED_AUTH_LOGIN", t0 + 12 * s + i * 100_000, n));
-        n += 1;
+        push(attempt(&format!("sprayed{i}"), "198.51.100.77", "FAILED_AUTH_LOGIN", t0 + 12 * s + i * 100_000));
     }
     // Brute force then success: 5 failures, then a login.
     for i in 0..5 {
-        push(attempt("mallory-target", "192.0.2.44", "FAILED_AUTH_LOGIN", t0 + 14 * s + i * 100_000, n));
-        n += 1;
+        push(attempt("mallory-target", "192.0.2.44", "FAILED_AUTH_LOGIN", t0 + 14 * s + i * 100_000));
     }
-    push(attempt("mallory-target", "192.0.2.44", "AUTH_LOGIN", t0 + 15 * s, n));
-    n += 1;
+    push(attempt("mallory-target", "192.0.2.44", "AUTH_LOGIN", t0 + 15 * s));
     // A system-wide spike: 101 failures from many users and IPs in 30 s.
     for i in 0..101 {
-        push(attempt(&format!("spike{i}"), &format!("10.1.{}.{}", i / 200, i % 200), "FAILED_AUTH_LOGIN", t0 + 16 * s + i * 200_000, n));
-        n += 1;
+        push(attempt(&format!("spike{i}"), &format!("10.1.{}.{}", i / 200, i % 200), "FAILED_AUTH_LOGIN", t0 + 16 * s + i * 200_000));
     }
     v
 }
@@ -171,7 +153,7 @@ fn an_outside_consumer_reads_json_alerts_with_kcat_and_a_quiet_stream_resolves()
         let running = service::start(&config, CancellationToken::new()).await.unwrap();
         let t0 = chrono::Utc::now().timestamp_micros() - 5_000_000;
         let events: Vec<AuthEvent> =
-            (0..6).map(|i| attempt("quiet", "10.2.0.1", "FAILED_AUTH_LOGIN", t0 + i * 100_000, 500 + i as u128)).collect();
+            (0..6).map(|i| attempt("quiet", "10.2.0.1", "FAILED_AUTH_LOGIN", t0 + i * 100_000)).collect();
         produce_events(&producer(&kafka), &names.events, &events, &[WireFormat::Json]);
         // No more events: the alert resolves on the clock (event time of the
         // last event, advanced by the wall clock), 60 s window + 2 s quiet.
@@ -229,7 +211,7 @@ fn a_storm_is_limited_summarised_and_accounted_for() {
         for round in 0..11i64 {
             for u in 0..USERS {
                 let at = t0 + round * 5_000_000 + (u as i64 * 80);
-                events.push(attempt(&format!("storm{u}"), "10.3.0.1", "FAILED_AUTH_LOGIN", at, (round as u128) << 32 | u as u128));
+                events.push(attempt(&format!("storm{u}"), "10.3.0.1", "FAILED_AUTH_LOGIN", at));
             }
         }
         produce_events(&producer(&kafka), &names.events, &events, &[WireFormat::AvroConfluent(TEST_SCHEMA_ID)]);

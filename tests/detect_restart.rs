@@ -11,22 +11,10 @@ use audit_service::event::AuthEvent;
 use audit_service::kafka::embedded::EmbeddedKafka;
 use audit_service::loadgen::WireFormat;
 use common::*;
-use uuid::Uuid;
 
+/// A different address each time: only the per-user rule is in play.
 fn failure(user: &str, n: u32, at: i64) -> AuthEvent {
-    AuthEvent {
-        event_id: Uuid::new_v4(),
-        occurred_at: at,
-        action: "FAILED_AUTH_LOGIN".into(),
-        user_id: Some(user.into()),
-        username: Some(user.into()),
-        // A different address each time: only the per-user rule is in play.
-        ip_address: Some(format!("10.4.{}.{}", n / 250, n % 250 + 1).parse().unwrap()),
-        user_agent: None,
-        session_id: None,
-        request_id: None,
-        metadata: vec![],
-    }
+    auth_event("FAILED_AUTH_LOGIN", user, &format!("10.4.{}.{}", n / 250, n % 250 + 1), at)
 }
 
 #[test]

@@ -393,3 +393,20 @@ unsafe extern "C" {
     #[link_name = "kill"]
     fn libc_kill(pid: i32, sig: i32) -> i32;
 }
+
+/// An event with the fields detector and activity tests vary; the rest is
+/// fixed (username = user, no session). Adjust fields on the result.
+pub fn auth_event(action: &str, user: &str, ip: &str, at: i64) -> AuthEvent {
+    AuthEvent {
+        event_id: uuid::Uuid::new_v4(),
+        occurred_at: at,
+        action: action.into(),
+        user_id: Some(user.into()),
+        username: Some(user.into()),
+        ip_address: Some(ip.parse().expect("a valid IP in the test")),
+        user_agent: Some("test-agent/1.0".into()),
+        session_id: None,
+        request_id: None,
+        metadata: vec![],
+    }
+}
