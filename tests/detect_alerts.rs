@@ -150,13 +150,15 @@ fn an_outside_consumer_reads_json_alerts_with_kcat_and_a_quiet_stream_resolves()
         let db = TestDb::create().await;
         let mut config = service_config(&db, &kafka, &names);
         config.detect.quiet_period = Duration::from_secs(2);
+        // A 3 s window (instead of a minute) keeps the wait for resolution short.
+        config.detect.rules[0].window = Duration::from_secs(3);
         let running = service::start(&config, CancellationToken::new()).await.unwrap();
         let t0 = chrono::Utc::now().timestamp_micros() - 5_000_000;
         let events: Vec<AuthEvent> =
             (0..6).map(|i| attempt("quiet", "10.2.0.1", "FAILED_AUTH_LOGIN", t0 + i * 100_000)).collect();
         produce_events(&producer(&kafka), &names.events, &events, &[WireFormat::Json]);
         // No more events: the alert resolves on the clock (event time of the
-        // last event, advanced by the wall clock), 60 s window + 2 s quiet.
+        // last event, advanced by the wall clock), 3 s window + 2 s quiet.
         let lines = eventually(Duration::from_secs(90), "firing and resolved read by kcat", || async {
             let out = std::process::Command::new("kcat")
                 .args(["-C", "-b", kafka.bootstrap_servers(), "-t", &names.alerts, "-o", "beginning", "-e", "-q", "-f", "%k\t%s\n"])
