@@ -8,6 +8,7 @@ pub mod activity;
 pub mod alerts;
 pub mod api;
 pub mod config;
+pub mod demo;
 pub mod detect;
 pub mod event;
 pub mod http;

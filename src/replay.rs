@@ -8,6 +8,7 @@
 //! the rules' longest window before `--from` is read first to warm the
 //! windows up, without printing what it raises.
 
+use std::cell::Cell;
 use std::collections::{BTreeMap, BTreeSet};
 use std::io::{IsTerminal, Write};
 use std::time::{Duration, Instant};
@@ -173,24 +174,35 @@ pub async fn run(
             continue;
         }
         report.events += 1;
-        emit(&mut transitions, opts.json, out, &mut report)?;
+        emit(&mut transitions, event.occurred_at, opts.json, out, &mut report)?;
         if report.events.is_multiple_of(1024) {
             progress(report.events, total);
         }
     }
     detector.set_emitting(true);
-    // Episodes whose quiet period ends inside the range resolve in it.
+    // Episodes whose quiet period ends after the last event but inside the
+    // range resolve in it (stamped with the range's end).
     let end = opts.to.min(Utc::now()).timestamp_micros();
     detector.resolve_until(end, &mut transitions);
-    emit(&mut transitions, opts.json, out, &mut report)?;
+    emit(&mut transitions, end, opts.json, out, &mut report)?;
     progress(report.events, total.max(report.events));
     report.elapsed = started.elapsed();
     Ok(report)
 }
 
-fn emit(transitions: &mut Vec<Transition>, json: bool, out: &mut dyn Write, report: &mut ReplayReport) -> std::io::Result<()> {
+/// Writes the transitions raised at event time `clock`. Their
+/// `detected_at` is that event time (when the live service would have
+/// raised them), not the wall clock of the replay.
+fn emit(
+    transitions: &mut Vec<Transition>,
+    clock: i64,
+    json: bool,
+    out: &mut dyn Write,
+    report: &mut ReplayReport,
+) -> std::io::Result<()> {
     for t in transitions.drain(..) {
-        let message = AlertMessage::from_transition(&t);
+        let mut message = AlertMessage::from_transition(&t);
+        message.detected_at = clock;
         if json {
             out.write_all(&message.to_json())?;
             out.write_all(b"\n")?;
@@ -203,12 +215,16 @@ fn emit(transitions: &mut Vec<Transition>, json: bool, out: &mut dyn Write, repo
 }
 
 /// A text progress bar on stderr: redrawn in place on a terminal, a line
-/// every few seconds otherwise (logs, CI).
+/// every few seconds otherwise (logs, CI). Alert lines written through
+/// [`ProgressBar::writer`] clear it first when both go to the terminal.
 pub struct ProgressBar {
     terminal: bool,
+    /// stdout shares the terminal: its lines must not land inside the bar.
+    shared: bool,
     started: Instant,
-    last_draw: Option<Instant>,
-    drawn: bool,
+    last_draw: Cell<Option<Instant>>,
+    drawn: Cell<bool>,
+    last: Cell<(u64, u64)>,
 }
 
 impl Default for ProgressBar {
@@ -221,38 +237,84 @@ impl ProgressBar {
     const WIDTH: u64 = 30;
 
     pub fn new() -> ProgressBar {
-        ProgressBar { terminal: std::io::stderr().is_terminal(), started: Instant::now(), last_draw: None, drawn: false }
+        let terminal = std::io::stderr().is_terminal();
+        ProgressBar {
+            terminal,
+            shared: terminal && std::io::stdout().is_terminal(),
+            started: Instant::now(),
+            last_draw: Cell::new(None),
+            drawn: Cell::new(false),
+            last: Cell::new((0, 0)),
+        }
     }
 
-    pub fn update(&mut self, done: u64, total: u64) {
+    pub fn update(&self, done: u64, total: u64) {
+        self.last.set((done, total));
         let every = if self.terminal { Duration::from_millis(100) } else { Duration::from_secs(5) };
         let finished = done >= total;
-        if !finished && self.last_draw.is_some_and(|t| t.elapsed() < every) {
+        if !finished && self.last_draw.get().is_some_and(|t| t.elapsed() < every) {
             return;
         }
-        self.last_draw = Some(Instant::now());
+        self.draw();
+    }
+
+    fn draw(&self) {
+        let (done, total) = self.last.get();
+        self.last_draw.set(Some(Instant::now()));
         let line = Self::render(done, total, self.started.elapsed());
         let mut err = std::io::stderr().lock();
-        let _ = if self.terminal { write!(err, "\r{line}") } else { writeln!(err, "{line}") };
-        self.drawn = true;
+        let _ = if self.terminal { write!(err, "\r{line}\x1b[K") } else { writeln!(err, "{line}") };
+        self.drawn.set(self.terminal);
     }
 
     /// Ends the bar's line.
-    pub fn finish(&mut self) {
-        if self.terminal && self.drawn {
+    pub fn finish(&self) {
+        if self.drawn.get() {
             let _ = writeln!(std::io::stderr());
+            self.drawn.set(false);
         }
     }
 
+    /// `out` with the bar moved out of the way of each line written.
+    pub fn writer<W: Write>(&self, out: W) -> BarWriter<'_, W> {
+        BarWriter { bar: self, out }
+    }
+
     fn render(done: u64, total: u64, elapsed: Duration) -> String {
-        let filled = if total == 0 { Self::WIDTH } else { (done.min(total) * Self::WIDTH) / total };
-        let percent = if total == 0 { 100 } else { done.min(total) * 100 / total };
+        // Nothing to do counts as done.
+        let filled = (done.min(total) * Self::WIDTH).checked_div(total).unwrap_or(Self::WIDTH);
+        let percent = (done.min(total) * 100).checked_div(total).unwrap_or(100);
         format!(
             "[{}{}] {percent:>3}% {done}/{total} events {:.1}s",
             "#".repeat(filled as usize),
             "-".repeat((Self::WIDTH - filled) as usize),
             elapsed.as_secs_f64()
         )
+    }
+}
+
+/// See [`ProgressBar::writer`].
+pub struct BarWriter<'a, W: Write> {
+    bar: &'a ProgressBar,
+    out: W,
+}
+
+impl<W: Write> Write for BarWriter<'_, W> {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        if self.bar.shared && self.bar.drawn.get() {
+            let _ = write!(std::io::stderr(), "\r\x1b[K");
+            self.bar.drawn.set(false);
+        }
+        let n = self.out.write(buf)?;
+        if self.bar.shared && buf.ends_with(b"\n") {
+            self.out.flush()?;
+            self.bar.draw();
+        }
+        Ok(n)
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        self.out.flush()
     }
 }
 

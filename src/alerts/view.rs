@@ -122,10 +122,10 @@ impl AlertView {
         self.withheld.is_some()
     }
 
-    /// The event time the alert is about: its latest event, else when it
-    /// was detected.
+    /// When the transition happened: a resolution when it was detected,
+    /// otherwise the event that crossed the threshold.
     pub fn event_time(&self) -> EpochMicros {
-        self.last_event_at.unwrap_or(self.detected_at)
+        if self.state == "resolved" { self.detected_at } else { self.last_event_at.unwrap_or(self.detected_at) }
     }
 
     /// One readable line, e.g.

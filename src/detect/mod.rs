@@ -277,7 +277,8 @@ pub struct Detector {
     lateness: i64,
     quiet: i64,
     max_keys: usize,
-    partition_max: FastMap<i32, EpochMicros>,
+    /// Newest event time per partition (index = partition number).
+    partition_max: Vec<EpochMicros>,
     max_event_time: EpochMicros,
     /// `max_event_time` as seen at the last tick, and when that was.
     max_at_last_tick: EpochMicros,
@@ -286,6 +287,8 @@ pub struct Detector {
     /// Earliest event time at which some episode may resolve.
     next_resolution: EpochMicros,
     emitting: bool,
+    /// Open episodes per instance (most instances have none most of the time).
+    open_per_instance: Vec<u32>,
     pending: PendingMetrics,
     last_eviction: Instant,
 }
@@ -327,13 +330,14 @@ impl Detector {
             lateness: micros(cfg.lateness),
             quiet: micros(cfg.quiet_period),
             max_keys: cfg.max_keys_per_rule,
-            partition_max: FastMap::default(),
+            partition_max: Vec::new(),
             max_event_time: EpochMicros::MIN,
             max_at_last_tick: EpochMicros::MIN,
             wall_at_max: Instant::now(),
             episodes: FastMap::default(),
             next_resolution: EpochMicros::MAX,
             emitting: true,
+            open_per_instance: vec![0; n],
             pending: PendingMetrics { keys_dropped: vec![0; n], evicted: vec![0; n], ..Default::default() },
             last_eviction: Instant::now(),
         })
@@ -380,6 +384,7 @@ impl Detector {
             }) else {
                 continue; // the rule was removed or changed its keys
             };
+            self.open_per_instance[index] += 1;
             self.episodes.insert(
                 (index, ep.key_hash),
                 Episode {
@@ -436,7 +441,14 @@ impl Detector {
             return;
         }
         let t = e.occurred_at;
-        let newest = self.partition_max.entry(partition).or_insert(t);
+        let slot = usize::try_from(partition).unwrap_or(0);
+        if slot >= self.partition_max.len() {
+            self.partition_max.resize(slot + 1, EpochMicros::MIN);
+        }
+        let newest = &mut self.partition_max[slot];
+        if *newest == EpochMicros::MIN {
+            *newest = t;
+        }
         if t < newest.saturating_sub(self.lateness) {
             self.pending.late += 1;
             return;
@@ -477,6 +489,11 @@ impl Detector {
         let calm_threshold = rule.calm_threshold();
         let max_keys = self.max_keys;
         let kind = rule.kind;
+        // Below every threshold and no open episode: nothing to judge, and
+        // the calm time and first event need not be computed (the common
+        // case, kept cheap).
+        let quiet_instance = self.open_per_instance[i] == 0;
+        let needs_judging = |count: u32| !quiet_instance || rule.level_for(count).is_some();
         let inst = &mut self.instances[i];
         // The count to judge (None: nothing to judge for this event) and
         // when it calms down.
@@ -506,6 +523,9 @@ impl Detector {
                 let in_order = list.newest().is_none_or(|n| t >= n);
                 list.insert(t, cap);
                 let count = if in_order { list.count_at(t, w) } else { list.peak_count_around(t, w) };
+                if !needs_judging(count) {
+                    return;
+                }
                 let first = list.iter().find(|x| *x > t - w);
                 (Some(count), list.calm_at(calm_threshold, w).unwrap_or(EpochMicros::MIN), first)
             }
@@ -513,6 +533,9 @@ impl Detector {
                 let Some(buckets) = state_for(map, key, max_keys, &mut self.pending.keys_dropped[i]) else { return };
                 buckets.insert(t, w);
                 let count = buckets.count_at(t, w);
+                if !needs_judging(count) {
+                    return;
+                }
                 (Some(count), buckets.calm_at(calm_threshold, w).unwrap_or(EpochMicros::MIN), None)
             }
             (KeyStates::Distinct(map), _) => {
@@ -525,6 +548,9 @@ impl Detector {
                 let in_order = set.newest().is_none_or(|n| t >= n);
                 set.insert(value, t, cap);
                 let count = if in_order { set.count_at(t, w) } else { set.peak_count_around(t, w) };
+                if !needs_judging(count) {
+                    return;
+                }
                 (Some(count), set.calm_at(calm_threshold, w).unwrap_or(EpochMicros::MIN), None)
             }
         };
@@ -577,6 +603,7 @@ impl Detector {
                 self.next_resolution = self.next_resolution.min(ep.calm_at.saturating_add(self.quiet));
                 let tr = self.transition(i, key, &ep, AlertState::Firing, threshold);
                 self.episodes.insert((i, key), ep);
+                self.open_per_instance[i] += 1;
                 self.push(tr, out);
             }
             Some(ep) => {
@@ -629,6 +656,7 @@ impl Detector {
     }
 
     fn emit_resolved(&mut self, i: usize, key: u64, mut ep: Episode, out: &mut Vec<Transition>) {
+        self.open_per_instance[i] = self.open_per_instance[i].saturating_sub(1);
         let rule = &self.rules[self.instances[i].rule];
         ep.count = self.current_count(i, key, ep.calm_at.saturating_add(self.quiet));
         let tr = self.transition(i, key, &ep, AlertState::Resolved, rule.calm_threshold());
