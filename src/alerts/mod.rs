@@ -165,36 +165,38 @@ impl AlertEncoder {
     }
 }
 
+/// An escalated alert, for the tests of this module and its submodules.
+#[cfg(test)]
+pub(crate) fn sample_transition() -> Transition {
+    use crate::detect::{AlertState, RecommendedAction, Severity};
+    use uuid::Uuid;
+    Transition {
+        alert_id: Uuid::from_u128(7),
+        rule: "user_failed_logins".into(),
+        key_spec: "user".into(),
+        key_hash: 1,
+        subject: "user:42".into(),
+        state: AlertState::Escalated,
+        severity: Severity::Critical,
+        count: 11,
+        threshold: 10,
+        window_seconds: 60,
+        episode_start: 1_800_000_000_000_000,
+        first_event_at: Some(1_800_000_000_000_000),
+        last_event_at: Some(1_800_000_010_000_000),
+        sample_event_ids: vec![uuid::Uuid::from_u128(1), uuid::Uuid::from_u128(2)],
+        recommended_action: RecommendedAction::LockAccount,
+        detected_at: 1_800_000_010_100_000,
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::detect::{AlertState, RecommendedAction, Severity};
-    use uuid::Uuid;
-
-    fn transition() -> Transition {
-        Transition {
-            alert_id: Uuid::from_u128(7),
-            rule: "user_failed_logins".into(),
-            key_spec: "user".into(),
-            key_hash: 1,
-            subject: "user:42".into(),
-            state: AlertState::Escalated,
-            severity: Severity::Critical,
-            count: 11,
-            threshold: 10,
-            window_seconds: 60,
-            episode_start: 1_800_000_000_000_000,
-            first_event_at: Some(1_800_000_000_000_000),
-            last_event_at: Some(1_800_000_010_000_000),
-            sample_event_ids: vec![Uuid::from_u128(1), Uuid::from_u128(2)],
-            recommended_action: RecommendedAction::LockAccount,
-            detected_at: 1_800_000_010_100_000,
-        }
-    }
 
     #[test]
     fn json_has_the_contract_fields() {
-        let v: serde_json::Value = serde_json::from_slice(&AlertMessage::from_transition(&transition()).to_json()).unwrap();
+        let v: serde_json::Value = serde_json::from_slice(&AlertMessage::from_transition(&sample_transition()).to_json()).unwrap();
         assert_eq!(v["alert_id"], "00000000-0000-0000-0000-000000000007");
         assert_eq!(v["state"], "escalated");
         assert_eq!(v["severity"], "critical");
@@ -210,7 +212,7 @@ mod tests {
     #[test]
     fn avro_decodes_with_the_published_schema() {
         let enc = AlertEncoder::new(AlertFormat::Avro);
-        let mut msg = AlertMessage::from_transition(&transition());
+        let mut msg = AlertMessage::from_transition(&sample_transition());
         msg.withheld = Some(Withheld { count: 3, subjects: vec!["user:1".into()] });
         let bytes = enc.encode(&msg);
         let (fp, body) = avro::split_single_object(&bytes).unwrap();

@@ -224,28 +224,14 @@ mod rfc3339_micros_opt {
 mod tests {
     use super::*;
     use crate::alerts::{AlertEncoder, Withheld};
-    use crate::detect::{AlertFormat, AlertState, RecommendedAction, Severity, Transition};
+    use crate::detect::AlertFormat;
     use uuid::Uuid;
 
     fn message() -> AlertMessage {
-        AlertMessage::from_transition(&Transition {
-            alert_id: Uuid::from_u128(0xabcdef12_0000_0000_0000_000000000001),
-            rule: "user_failed_logins".into(),
-            key_spec: "user".into(),
-            key_hash: 1,
-            subject: "user:42".into(),
-            state: AlertState::Escalated,
-            severity: Severity::Critical,
-            count: 11,
-            threshold: 10,
-            window_seconds: 60,
-            episode_start: 1_800_000_000_000_000,
-            first_event_at: Some(1_800_000_000_000_000),
-            last_event_at: Some(1_800_000_010_000_000),
-            sample_event_ids: vec![Uuid::from_u128(1)],
-            recommended_action: RecommendedAction::LockAccount,
-            detected_at: 1_800_000_010_100_000,
-        })
+        let mut t = crate::alerts::sample_transition();
+        t.alert_id = Uuid::from_u128(0xabcdef12_0000_0000_0000_000000000001);
+        t.sample_event_ids.truncate(1);
+        AlertMessage::from_transition(&t)
     }
 
     #[test]
