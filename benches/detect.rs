@@ -127,9 +127,13 @@ struct Chunks {
 const CHUNK: usize = 4096;
 const EVENTS: usize = 2_000_000;
 
+fn events_total() -> usize {
+    std::env::var("AUDIT_BENCH_EVENTS").ok().and_then(|v| v.parse().ok()).unwrap_or(EVENTS)
+}
+
 impl Chunks {
     fn new(users: u64) -> Chunks {
-        Chunks { generator: EventGenerator::new(9, users), next: 0, total: EVENTS, buf: Vec::with_capacity(CHUNK) }
+        Chunks { generator: EventGenerator::new(9, users), next: 0, total: events_total(), buf: Vec::with_capacity(CHUNK) }
     }
 
     fn next_chunk(&mut self) -> Option<&[AuthEvent]> {
@@ -174,7 +178,11 @@ fn main() {
     println!("|---|---|---|---|");
     // 100 k users (the load generator's default population), then 1 M:
     // ten times the keys, most state out of cache.
-    for users in [100_000u64, 1_000_000] {
+    let populations: Vec<u64> = match std::env::var("AUDIT_BENCH_USERS") {
+        Ok(v) => v.split(',').filter_map(|u| u.parse().ok()).collect(),
+        Err(_) => vec![100_000, 1_000_000],
+    };
+    for users in populations {
         let detector_s = best_of(3, || {
             let mut d = Detector::new(&DetectConfig::default()).unwrap();
             let mut out = Vec::new();
@@ -183,9 +191,22 @@ fn main() {
                 out.clear();
             })
         });
-        let n = EVENTS as f64;
+        let n = events_total() as f64;
         if only_detector {
-            println!("| audit-service detector | {users} | {:.0} | |", n / detector_s);
+            let mut d = Detector::new(&DetectConfig::default()).unwrap();
+            let mut out = Vec::new();
+            let mut transitions = 0;
+            timed(users, |e| {
+                d.observe(e, 0, &mut out);
+                transitions += out.len();
+                out.clear();
+            });
+            println!(
+                "| audit-service detector | {users} | {:.0} | | transitions {transitions}, keys {}, open {} |",
+                n / detector_s,
+                d.keys_tracked(),
+                d.open_alerts()
+            );
             continue;
         }
         let naive_s = best_of(3, || {

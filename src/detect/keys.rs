@@ -196,9 +196,10 @@ impl Hasher for StableHasher {
         }
         let rest = chunks.remainder();
         if !rest.is_empty() {
-            let mut buf = [0u8; 8];
-            buf[..rest.len()].copy_from_slice(rest);
-            self.write_u64(u64::from_le_bytes(buf));
+            // Little-endian word of the last 1..=7 bytes (a loop: cheaper
+            // than a memcpy call for so few).
+            let word = rest.iter().rev().fold(0u64, |w, b| (w << 8) | u64::from(*b));
+            self.write_u64(word);
         }
         // The length as a word of its own: "ab" + "c" never equals "a" + "bc",
         // and zero padding never equals a real byte.

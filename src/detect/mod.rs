@@ -194,47 +194,14 @@ struct Instance {
     /// however many rules group by it.
     key_slot: usize,
     states: KeyStates,
-    /// Sequence rules: which keys may have A events, as bits of the key
-    /// hash. Most B events (successful logins) belong to keys without any:
-    /// the filter answers from cache where the map would miss it.
-    maybe_present: Option<KeyFilter>,
+    /// Sequence rules: the keys with at least `min_count` A events kept,
+    /// the only ones a B event can complete. Most B events (successful
+    /// logins) belong to other keys; this small set answers for them from
+    /// cache where a lookup in the big state map would miss it.
+    armed: Option<KeySet>,
 }
 
-/// A one-hash membership filter over key hashes: no false negatives, a few
-/// false positives; rebuilt from the live keys on eviction.
-struct KeyFilter {
-    bits: Vec<u64>,
-}
-
-impl KeyFilter {
-    const BITS_LOG2: u32 = 22; // 512 KiB
-
-    fn new() -> KeyFilter {
-        KeyFilter { bits: vec![0; 1 << (Self::BITS_LOG2 - 6)] }
-    }
-
-    fn slot(key: u64) -> (usize, u64) {
-        let bit = (key >> (64 - Self::BITS_LOG2)) as usize;
-        (bit >> 6, 1 << (bit & 63))
-    }
-
-    fn insert(&mut self, key: u64) {
-        let (word, mask) = Self::slot(key);
-        self.bits[word] |= mask;
-    }
-
-    fn may_contain(&self, key: u64) -> bool {
-        let (word, mask) = Self::slot(key);
-        self.bits[word] & mask != 0
-    }
-
-    fn rebuild(&mut self, keys: impl Iterator<Item = u64>) {
-        self.bits.fill(0);
-        for k in keys {
-            self.insert(k);
-        }
-    }
-}
+type KeySet = std::collections::HashSet<u64, BuildHasherDefault<keys::PassThroughHasher>>;
 
 struct Episode {
     alert_id: Uuid,
@@ -289,6 +256,8 @@ pub struct Detector {
     emitting: bool,
     /// Open episodes per instance (most instances have none most of the time).
     open_per_instance: Vec<u32>,
+    /// The current event's key hash per key slot (see `observe`).
+    slot_hashes: Vec<Option<u64>>,
     pending: PendingMetrics,
     last_eviction: Instant,
 }
@@ -317,8 +286,8 @@ impl Detector {
                     Some(same) => same.key_slot,
                     None => instances.iter().map(|inst| inst.key_slot + 1).max().unwrap_or(0),
                 };
-                let maybe_present = (rule.kind == RuleKind::Sequence).then(KeyFilter::new);
-                instances.push(Instance { rule: i, key: key.clone(), key_text: key.text(), key_slot, states, maybe_present });
+                let armed = (rule.kind == RuleKind::Sequence).then(KeySet::default);
+                instances.push(Instance { rule: i, key: key.clone(), key_text: key.text(), key_slot, states, armed });
             }
         }
         let n = instances.len();
@@ -338,6 +307,7 @@ impl Detector {
             next_resolution: EpochMicros::MAX,
             emitting: true,
             open_per_instance: vec![0; n],
+            slot_hashes: vec![None; n],
             pending: PendingMetrics { keys_dropped: vec![0; n], evicted: vec![0; n], ..Default::default() },
             last_eviction: Instant::now(),
         })
@@ -455,13 +425,20 @@ impl Detector {
         }
         *newest = (*newest).max(t);
         self.max_event_time = self.max_event_time.max(t);
-        let mut key_hashes = [None; 64];
+        // Each key is hashed once per event however many rules use it; the
+        // bitmask says which slots hold this event's hash (no per-event
+        // clearing of the array).
+        let mut hashed: u64 = 0;
         let mut mask = plan.counted | plan.then;
         while mask != 0 {
             let i = mask.trailing_zeros() as usize;
             mask &= mask - 1;
             let slot = self.instances[i].key_slot;
-            let key = *key_hashes[slot].get_or_insert_with(|| self.instances[i].key.hash(e));
+            if hashed & (1 << slot) == 0 {
+                self.slot_hashes[slot] = self.instances[i].key.hash(e);
+                hashed |= 1 << slot;
+            }
+            let key = self.slot_hashes[slot];
             self.observe_instance(i, e, key, plan.counted & (1 << i) != 0, plan.then & (1 << i) != 0, out);
         }
         if self.max_event_time >= self.next_resolution {
@@ -499,14 +476,14 @@ impl Detector {
         // when it calms down.
         let (count, calm_at, first) = match (&mut inst.states, kind) {
             (KeyStates::Times(map), RuleKind::Sequence) => {
-                let filter = inst.maybe_present.as_mut().expect("sequence instances have a filter");
-                if counted {
-                    if let Some(list) = state_for(map, key, max_keys, &mut self.pending.keys_dropped[i]) {
-                        list.insert(t, cap);
-                        filter.insert(key);
+                let armed = inst.armed.as_mut().expect("sequence instances keep an armed set");
+                if counted && let Some(list) = state_for(map, key, max_keys, &mut self.pending.keys_dropped[i]) {
+                    list.insert(t, cap);
+                    if list.len() >= rule.min_count as usize {
+                        armed.insert(key);
                     }
                 }
-                if !then || !filter.may_contain(key) {
+                if !then || !armed.contains(&key) {
                     return;
                 }
                 let Some(list) = map.get(&key) else { return };
@@ -743,13 +720,14 @@ impl Detector {
             let episodes = &self.episodes;
             let gone = inst.states.evict(before, w, |key| episodes.contains_key(&(i, key)));
             self.pending.evicted[i] += gone as u64;
-            if let (Some(filter), KeyStates::Times(m)) = (&mut inst.maybe_present, &inst.states) {
-                filter.rebuild(m.keys().copied());
-            }
             // Times older than any window are dead weight in kept keys too.
             if let KeyStates::Times(m) = &mut inst.states {
                 for list in m.values_mut() {
                     list.prune(before);
+                }
+                if let Some(armed) = &mut inst.armed {
+                    let min = self.rules[inst.rule].min_count as usize;
+                    armed.retain(|k| m.get(k).is_some_and(|l| l.len() >= min));
                 }
             } else if let KeyStates::Distinct(m) = &mut inst.states {
                 for set in m.values_mut() {
