@@ -140,7 +140,8 @@ fn sessions_open_and_close_under_duplicates_disorder_and_idling() {
             )
             .await
             .unwrap();
-        let got: Vec<(String, String, Option<i64>, Option<i64>, Option<String>)> =
+        type SessionRow = (String, String, Option<i64>, Option<i64>, Option<String>);
+        let got: Vec<SessionRow> =
             rows.iter().map(|r| (r.get(0), r.get(1), r.get(2), r.get(3), r.get(4))).collect();
         let s = |id: &str, user: &str, start: Option<i64>, end: Option<i64>, reason: Option<&str>| {
             (id.to_owned(), user.to_owned(), start, end, reason.map(str::to_owned))

@@ -79,7 +79,10 @@ fn alerting_rule_unit_tests_pass() {
 
 /// `(alert, severity)` pairs defined in rules.yml, and every alert's
 /// runbook_url.
-fn defined_alerts(rules: &str) -> (BTreeSet<(String, String)>, BTreeMap<String, BTreeSet<String>>) {
+/// (alert, severity) pairs, and per alert its severities.
+type AlertIndex = (BTreeSet<(String, String)>, BTreeMap<String, BTreeSet<String>>);
+
+fn defined_alerts(rules: &str) -> AlertIndex {
     let mut pairs = BTreeSet::new();
     let mut runbooks: BTreeMap<String, BTreeSet<String>> = BTreeMap::new();
     let mut current: Option<String> = None;

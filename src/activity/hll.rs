@@ -13,15 +13,10 @@ const P: u32 = 12;
 const M: usize = 1 << P;
 const MINUTE: i64 = 60_000_000;
 
+#[derive(Default)]
 pub struct ActiveUsers {
     /// (minute index, registers), oldest first.
     minutes: VecDeque<(i64, Box<[u8; M]>)>,
-}
-
-impl Default for ActiveUsers {
-    fn default() -> Self {
-        ActiveUsers { minutes: VecDeque::new() }
-    }
 }
 
 impl ActiveUsers {

@@ -130,7 +130,7 @@ impl<'a> ActivityDeltas<'a> {
                 *d.user_hourly.entry((user, hour, e.action.as_str())).or_default() += 1;
             }
             let Some(session) = e.session_id.as_deref() else { continue };
-            let opens = cfg.session_open_actions.iter().any(|a| *a == e.action);
+            let opens = cfg.session_open_actions.contains(&e.action);
             let closes = cfg.session_close_actions.iter().find(|c| c.action == e.action);
             let delta = SessionDelta {
                 user_id: e.user_id.as_deref(),

@@ -323,49 +323,6 @@ INSERT INTO audit_logs (event_id, created_at, action, user_id, ip_address, user_
                         kafka_partition, kafka_offset)
 VALUES ($1, now(), $2, $3, $4, $5, $6, $7, -1, nextval('admin_event_offset_seq'))";
 
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn log_search_sql_has_one_fragment_per_filter() {
-        let empty = LogSearch::default().to_sql();
-        assert_eq!(empty.0, format!("SELECT {LOG_COLUMNS} FROM audit_logs ORDER BY created_at DESC, event_id DESC"));
-        assert!(empty.1.is_empty());
-
-        let search = LogSearch {
-            user_id: Some("u1".into()),
-            action: Some(ActionFilter::Prefix("SECURITY_".into())),
-            ip: Some("10.0.0.0/8".parse().unwrap()),
-            after: Some((Utc::now(), Uuid::nil())),
-            limit: Some(101),
-            ..Default::default()
-        };
-        let (sql, params) = search.to_sql();
-        assert_eq!(
-            sql,
-            format!(
-                "SELECT {LOG_COLUMNS} FROM audit_logs WHERE user_id = $1 AND action >= $2 AND action < $3 \
-                 AND ip_address <<= ($4::text)::inet AND created_at <= $5 AND (created_at < $6 OR event_id < $7) \
-                 ORDER BY created_at DESC, event_id DESC LIMIT $8"
-            )
-        );
-        assert_eq!(params.len(), 8);
-    }
-
-    #[test]
-    fn alert_search_sql() {
-        let (sql, params) =
-            AlertSearch { state: Some("firing".into()), severity: Some("critical".into()), limit: 10, ..Default::default() }
-                .to_sql();
-        assert_eq!(
-            sql,
-            format!("SELECT {ALERT_COLUMNS} FROM alerts WHERE state = $1 AND severity = $2 ORDER BY detected_at DESC, id DESC LIMIT $3")
-        );
-        assert_eq!(params.len(), 3);
-    }
-}
-
 // --- Activity (sessions and rollups; migrations/0004). None of these scans
 // audit_logs: they read the rollups and sessions, pending deltas included.
 
@@ -429,3 +386,46 @@ SELECT user_id, sum(events)::bigint AS n FROM activity_user_hourly_v
 pub const BUSIEST_HOURS: &str = "
 SELECT hour, sum(events)::bigint AS n FROM activity_hourly_v
  WHERE hour >= $1 AND hour < $2 GROUP BY hour ORDER BY n DESC, hour DESC LIMIT $3";
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn log_search_sql_has_one_fragment_per_filter() {
+        let empty = LogSearch::default().to_sql();
+        assert_eq!(empty.0, format!("SELECT {LOG_COLUMNS} FROM audit_logs ORDER BY created_at DESC, event_id DESC"));
+        assert!(empty.1.is_empty());
+
+        let search = LogSearch {
+            user_id: Some("u1".into()),
+            action: Some(ActionFilter::Prefix("SECURITY_".into())),
+            ip: Some("10.0.0.0/8".parse().unwrap()),
+            after: Some((Utc::now(), Uuid::nil())),
+            limit: Some(101),
+            ..Default::default()
+        };
+        let (sql, params) = search.to_sql();
+        assert_eq!(
+            sql,
+            format!(
+                "SELECT {LOG_COLUMNS} FROM audit_logs WHERE user_id = $1 AND action >= $2 AND action < $3 \
+                 AND ip_address <<= ($4::text)::inet AND created_at <= $5 AND (created_at < $6 OR event_id < $7) \
+                 ORDER BY created_at DESC, event_id DESC LIMIT $8"
+            )
+        );
+        assert_eq!(params.len(), 8);
+    }
+
+    #[test]
+    fn alert_search_sql() {
+        let (sql, params) =
+            AlertSearch { state: Some("firing".into()), severity: Some("critical".into()), limit: 10, ..Default::default() }
+                .to_sql();
+        assert_eq!(
+            sql,
+            format!("SELECT {ALERT_COLUMNS} FROM alerts WHERE state = $1 AND severity = $2 ORDER BY detected_at DESC, id DESC LIMIT $3")
+        );
+        assert_eq!(params.len(), 3);
+    }
+}

@@ -20,13 +20,13 @@ use serde::{Deserialize, Serialize};
 use uuid::Uuid;
 
 use crate::event::{AuthEvent, EpochMicros};
-use keys::{KeyMap, KeySpec, StableHasher};
+use keys::{KeySpec, StableHasher};
 
 /// Small maps on the per-event path: a fast fixed hash instead of SipHash
 /// (their keys are not attacker-chosen, or are bounded in number).
 type FastMap<K, V> = HashMap<K, V, BuildHasherDefault<StableHasher>>;
 pub use rules::{RecommendedAction, Rule, RuleConfig, RuleError, RuleKind, Severity};
-use window::KeyStates;
+use window::{Buckets, RuleState, SlotMap};
 
 /// Windows longer than this, or thresholds above `COARSE_CAPACITY`, keep
 /// bucket counts instead of event times.
@@ -186,14 +186,14 @@ pub fn alert_id(rule: &str, subject: &str, episode_start: EpochMicros) -> Uuid {
     Uuid::new_v5(&ALERT_ID_NAMESPACE, format!("{rule}\u{1f}{subject}\u{1f}{episode_start}").as_bytes())
 }
 
+/// One rule applied to one of its `group_by` keys.
 struct Instance {
     rule: usize,
     key: KeySpec,
     key_text: String,
-    /// Index of the distinct key spec, so that an event's key is hashed once
-    /// however many rules group by it.
-    key_slot: usize,
-    states: KeyStates,
+    /// The slot of its key spec, and its position in the slot's entries.
+    slot: usize,
+    member: usize,
     /// Sequence rules: the keys with at least `min_count` A events kept,
     /// the only ones a B event can complete. Most B events (successful
     /// logins) belong to other keys; this small set answers for them from
@@ -202,6 +202,29 @@ struct Instance {
 }
 
 type KeySet = std::collections::HashSet<u64, BuildHasherDefault<keys::PassThroughHasher>>;
+
+/// Every instance grouping by one key spec shares a slot: one map entry per
+/// key holds all their states, so an event costs one lookup per key, not
+/// one per rule.
+struct Slot {
+    key: KeySpec,
+    /// Instance indexes, in entry order.
+    members: Vec<usize>,
+    /// The same as a bit mask over instances.
+    member_mask: u64,
+    /// A fresh entry.
+    template: Vec<RuleState>,
+    map: SlotMap,
+}
+
+/// A count to judge, collected while a slot entry is borrowed.
+struct Judgment {
+    instance: usize,
+    key: u64,
+    count: u32,
+    calm_at: EpochMicros,
+    first: Option<EpochMicros>,
+}
 
 struct Episode {
     alert_id: Uuid,
@@ -239,6 +262,7 @@ struct PendingMetrics {
 pub struct Detector {
     rules: Vec<Rule>,
     instances: Vec<Instance>,
+    slots: Vec<Slot>,
     failure_actions: Vec<String>,
     action_cache: FastMap<String, ActionPlan>,
     lateness: i64,
@@ -256,8 +280,7 @@ pub struct Detector {
     emitting: bool,
     /// Open episodes per instance (most instances have none most of the time).
     open_per_instance: Vec<u32>,
-    /// The current event's key hash per key slot (see `observe`).
-    slot_hashes: Vec<Option<u64>>,
+    judgments: Vec<Judgment>,
     pending: PendingMetrics,
     last_eviction: Instant,
 }
@@ -274,26 +297,45 @@ impl Detector {
     pub fn new(cfg: &DetectConfig) -> Result<Detector, RuleError> {
         let rules = cfg.compile()?;
         let mut instances = Vec::new();
-        for (i, rule) in rules.iter().enumerate() {
+        let mut slots: Vec<Slot> = Vec::new();
+        for (r, rule) in rules.iter().enumerate() {
             for key in &rule.keys {
                 let coarse = rule.window_micros > micros(EXACT_MAX_WINDOW) || rule.capacity() > COARSE_CAPACITY;
-                let states = match rule.kind {
-                    RuleKind::DistinctCount => KeyStates::Distinct(KeyMap::default()),
-                    RuleKind::EventCount if coarse => KeyStates::Coarse(KeyMap::default()),
-                    _ => KeyStates::Times(KeyMap::default()),
+                let fresh = match rule.kind {
+                    RuleKind::DistinctCount => RuleState::Distinct(Default::default()),
+                    RuleKind::EventCount if coarse => RuleState::Coarse(None),
+                    _ => RuleState::Times(Default::default()),
                 };
-                let key_slot = match instances.iter().find(|inst: &&Instance| inst.key == *key) {
-                    Some(same) => same.key_slot,
-                    None => instances.iter().map(|inst| inst.key_slot + 1).max().unwrap_or(0),
+                let i = instances.len();
+                let slot = match slots.iter().position(|s| s.key == *key) {
+                    Some(s) => s,
+                    None => {
+                        slots.push(Slot {
+                            key: key.clone(),
+                            members: Vec::new(),
+                            member_mask: 0,
+                            template: Vec::new(),
+                            map: SlotMap::new(1),
+                        });
+                        slots.len() - 1
+                    }
                 };
+                let member = slots[slot].members.len();
+                slots[slot].members.push(i);
+                slots[slot].member_mask |= 1 << i;
+                slots[slot].template.push(fresh);
                 let armed = (rule.kind == RuleKind::Sequence).then(KeySet::default);
-                instances.push(Instance { rule: i, key: key.clone(), key_text: key.text(), key_slot, states, armed });
+                instances.push(Instance { rule: r, key: key.clone(), key_text: key.text(), slot, member, armed });
             }
+        }
+        for slot in &mut slots {
+            slot.map = SlotMap::new(slot.members.len());
         }
         let n = instances.len();
         Ok(Detector {
             rules,
             instances,
+            slots,
             failure_actions: cfg.failure_actions.clone(),
             action_cache: FastMap::default(),
             lateness: micros(cfg.lateness),
@@ -307,7 +349,7 @@ impl Detector {
             next_resolution: EpochMicros::MAX,
             emitting: true,
             open_per_instance: vec![0; n],
-            slot_hashes: vec![None; n],
+            judgments: Vec::new(),
             pending: PendingMetrics { keys_dropped: vec![0; n], evicted: vec![0; n], ..Default::default() },
             last_eviction: Instant::now(),
         })
@@ -425,129 +467,165 @@ impl Detector {
         }
         *newest = (*newest).max(t);
         self.max_event_time = self.max_event_time.max(t);
-        // Each key is hashed once per event however many rules use it; the
-        // bitmask says which slots hold this event's hash (no per-event
-        // clearing of the array).
-        let mut hashed: u64 = 0;
-        let mut mask = plan.counted | plan.then;
-        while mask != 0 {
-            let i = mask.trailing_zeros() as usize;
-            mask &= mask - 1;
-            let slot = self.instances[i].key_slot;
-            if hashed & (1 << slot) == 0 {
-                self.slot_hashes[slot] = self.instances[i].key.hash(e);
-                hashed |= 1 << slot;
+        let active = plan.counted | plan.then;
+        let mut judgments = std::mem::take(&mut self.judgments);
+        for s in 0..self.slots.len() {
+            let mask = self.slots[s].member_mask & active;
+            if mask != 0 {
+                self.observe_slot(s, mask, &plan, e, &mut judgments);
             }
-            let key = self.slot_hashes[slot];
-            self.observe_instance(i, e, key, plan.counted & (1 << i) != 0, plan.then & (1 << i) != 0, out);
         }
+        for j in judgments.drain(..) {
+            self.judge(j, e, out);
+        }
+        self.judgments = judgments;
         if self.max_event_time >= self.next_resolution {
             self.sweep(self.max_event_time, out);
         }
     }
 
-    fn observe_instance(
-        &mut self,
-        i: usize,
-        e: &AuthEvent,
-        key: Option<u64>,
-        counted: bool,
-        then: bool,
-        out: &mut Vec<Transition>,
-    ) {
-        let rule = &self.rules[self.instances[i].rule];
-        let Some(key) = key else { return };
-        if Self::allowed(rule, e) {
+    /// One key slot for one event: one lookup, then each member rule.
+    fn observe_slot(&mut self, s: usize, mask: u64, plan: &ActionPlan, e: &AuthEvent, judgments: &mut Vec<Judgment>) {
+        let Detector { rules, instances, slots, pending, open_per_instance, max_keys, .. } = self;
+        let slot = &mut slots[s];
+        // Members that ignore this event (allow-listed subject) drop out.
+        let mut members = mask;
+        let mut m = mask;
+        while m != 0 {
+            let i = m.trailing_zeros() as usize;
+            m &= m - 1;
+            if Self::allowed(&rules[instances[i].rule], e) {
+                members &= !(1 << i);
+            }
+        }
+        if members == 0 {
             return;
         }
+        let Some(key) = slot.key.hash(e) else { return };
+        let counted = members & plan.counted;
+        if counted == 0 {
+            // Only B events of sequence rules: a key that is not armed
+            // (fewer A events than needed) cannot complete, and most are not.
+            let mut m = members;
+            let mut armed = false;
+            while m != 0 {
+                let i = m.trailing_zeros() as usize;
+                m &= m - 1;
+                armed |= instances[i].armed.as_ref().is_some_and(|a| a.contains(&key));
+            }
+            if !armed {
+                return;
+            }
+        }
+        let states = match slot.map.entry(key, &slot.template, counted != 0, *max_keys) {
+            Ok(states) => states,
+            Err(full) => {
+                if full {
+                    let mut m = counted;
+                    while m != 0 {
+                        let i = m.trailing_zeros() as usize;
+                        m &= m - 1;
+                        pending.keys_dropped[i] += 1;
+                    }
+                }
+                return;
+            }
+        };
+        let mut m = members;
+        while m != 0 {
+            let i = m.trailing_zeros() as usize;
+            m &= m - 1;
+            let inst = &mut instances[i];
+            let rule = &rules[inst.rule];
+            let is_counted = plan.counted & (1 << i) != 0;
+            let is_then = plan.then & (1 << i) != 0;
+            let quiet = open_per_instance[i] == 0;
+            if let Some((count, calm_at, first)) =
+                Self::observe_member(rule, inst, &mut states[inst.member], key, e, is_counted, is_then, quiet)
+            {
+                judgments.push(Judgment { instance: i, key, count, calm_at, first });
+            }
+        }
+    }
+
+    /// One rule's state for one key and event: the count to judge (with
+    /// when it calms down and the first event of the window), or None when
+    /// there is nothing to judge.
+    #[allow(clippy::too_many_arguments)]
+    fn observe_member(
+        rule: &Rule,
+        inst: &mut Instance,
+        state: &mut RuleState,
+        key: u64,
+        e: &AuthEvent,
+        counted: bool,
+        then: bool,
+        quiet_instance: bool,
+    ) -> Option<(u32, EpochMicros, Option<EpochMicros>)> {
         let t = e.occurred_at;
         let w = rule.window_micros;
         let cap = rule.capacity();
         let calm_threshold = rule.calm_threshold();
-        let max_keys = self.max_keys;
-        let kind = rule.kind;
         // Below every threshold and no open episode: nothing to judge, and
         // the calm time and first event need not be computed (the common
         // case, kept cheap).
-        let quiet_instance = self.open_per_instance[i] == 0;
         let needs_judging = |count: u32| !quiet_instance || rule.level_for(count).is_some();
-        let inst = &mut self.instances[i];
-        // The count to judge (None: nothing to judge for this event) and
-        // when it calms down.
-        let (count, calm_at, first) = match (&mut inst.states, kind) {
-            (KeyStates::Times(map), RuleKind::Sequence) => {
+        match state {
+            RuleState::Times(list) if rule.kind == RuleKind::Sequence => {
                 let armed = inst.armed.as_mut().expect("sequence instances keep an armed set");
-                if counted && let Some(list) = state_for(map, key, max_keys, &mut self.pending.keys_dropped[i]) {
+                if counted {
                     list.insert(t, cap);
                     if list.len() >= rule.min_count as usize {
                         armed.insert(key);
                     }
                 }
                 if !then || !armed.contains(&key) {
-                    return;
+                    return None;
                 }
-                let Some(list) = map.get(&key) else { return };
                 let failures = list.count_at(t, w);
-                if failures < rule.min_count {
-                    return;
-                }
-                (Some(failures), t, list.get(0))
+                (failures >= rule.min_count).then(|| (failures, t, list.get(0)))
             }
-            (KeyStates::Times(map), _) => {
-                let Some(list) = state_for(map, key, max_keys, &mut self.pending.keys_dropped[i]) else { return };
+            RuleState::Times(list) => {
                 // Out of order for this key (other partitions, or late
                 // within the lateness): it counts in every window it is in.
                 let in_order = list.newest().is_none_or(|n| t >= n);
                 list.insert(t, cap);
                 let count = if in_order { list.count_at(t, w) } else { list.peak_count_around(t, w) };
                 if !needs_judging(count) {
-                    return;
+                    return None;
                 }
                 let first = list.iter().find(|x| *x > t - w);
-                (Some(count), list.calm_at(calm_threshold, w).unwrap_or(EpochMicros::MIN), first)
+                Some((count, list.calm_at(calm_threshold, w).unwrap_or(EpochMicros::MIN), first))
             }
-            (KeyStates::Coarse(map), _) => {
-                let Some(buckets) = state_for(map, key, max_keys, &mut self.pending.keys_dropped[i]) else { return };
+            RuleState::Coarse(buckets) => {
+                let buckets = buckets.get_or_insert_with(|| Box::new(Buckets::new()));
                 buckets.insert(t, w);
                 let count = buckets.count_at(t, w);
                 if !needs_judging(count) {
-                    return;
+                    return None;
                 }
-                (Some(count), buckets.calm_at(calm_threshold, w).unwrap_or(EpochMicros::MIN), None)
+                Some((count, buckets.calm_at(calm_threshold, w).unwrap_or(EpochMicros::MIN), None))
             }
-            (KeyStates::Distinct(map), _) => {
+            RuleState::Distinct(set) => {
                 let mut h = StableHasher::default();
                 if !rule.distinct.as_ref().is_some_and(|f| f.hash_into(e, &mut h)) {
-                    return;
+                    return None;
                 }
                 let value = std::hash::Hasher::finish(&h);
-                let Some(set) = state_for(map, key, max_keys, &mut self.pending.keys_dropped[i]) else { return };
                 let in_order = set.newest().is_none_or(|n| t >= n);
                 set.insert(value, t, cap);
                 let count = if in_order { set.count_at(t, w) } else { set.peak_count_around(t, w) };
                 if !needs_judging(count) {
-                    return;
+                    return None;
                 }
-                (Some(count), set.calm_at(calm_threshold, w).unwrap_or(EpochMicros::MIN), None)
+                Some((count, set.calm_at(calm_threshold, w).unwrap_or(EpochMicros::MIN), None))
             }
-        };
-        if let Some(count) = count {
-            self.judge(i, key, count, calm_at, first, e, out);
         }
     }
 
     /// Moves the (rule, key) lifecycle for a new count at event `e`.
-    #[allow(clippy::too_many_arguments)]
-    fn judge(
-        &mut self,
-        i: usize,
-        key: u64,
-        count: u32,
-        calm_at: EpochMicros,
-        first: Option<EpochMicros>,
-        e: &AuthEvent,
-        out: &mut Vec<Transition>,
-    ) {
+    fn judge(&mut self, j: Judgment, e: &AuthEvent, out: &mut Vec<Transition>) {
+        let Judgment { instance: i, key, count, calm_at, first } = j;
         let t = e.occurred_at;
         let rule_index = self.instances[i].rule;
         let level = self.rules[rule_index].level_for(count);
@@ -634,19 +712,21 @@ impl Detector {
 
     fn emit_resolved(&mut self, i: usize, key: u64, mut ep: Episode, out: &mut Vec<Transition>) {
         self.open_per_instance[i] = self.open_per_instance[i].saturating_sub(1);
-        let rule = &self.rules[self.instances[i].rule];
         ep.count = self.current_count(i, key, ep.calm_at.saturating_add(self.quiet));
-        let tr = self.transition(i, key, &ep, AlertState::Resolved, rule.calm_threshold());
+        let calm_threshold = self.rules[self.instances[i].rule].calm_threshold();
+        let tr = self.transition(i, key, &ep, AlertState::Resolved, calm_threshold);
         self.push(tr, out);
     }
 
-    fn current_count(&self, i: usize, key: u64, at: EpochMicros) -> u32 {
+    fn current_count(&mut self, i: usize, key: u64, at: EpochMicros) -> u32 {
         let inst = &self.instances[i];
         let w = self.rules[inst.rule].window_micros;
-        match &inst.states {
-            KeyStates::Times(m) => m.get(&key).map_or(0, |l| l.count_at(at, w)),
-            KeyStates::Distinct(m) => m.get(&key).map_or(0, |s| s.count_at(at, w)),
-            KeyStates::Coarse(m) => m.get(&key).map_or(0, |b| b.count_at(at, w)),
+        let slot = &mut self.slots[inst.slot];
+        let Ok(states) = slot.map.entry(key, &slot.template, false, usize::MAX) else { return 0 };
+        match &states[inst.member] {
+            RuleState::Times(l) => l.count_at(at, w),
+            RuleState::Distinct(d) => d.count_at(at, w),
+            RuleState::Coarse(b) => b.as_ref().map_or(0, |b| b.count_at(at, w)),
         }
     }
 
@@ -714,24 +794,40 @@ impl Detector {
         if self.max_event_time == EpochMicros::MIN {
             return;
         }
-        for (i, inst) in self.instances.iter_mut().enumerate() {
-            let w = self.rules[inst.rule].window_micros;
-            let before = self.max_event_time.saturating_sub(w).saturating_sub(self.lateness);
-            let episodes = &self.episodes;
-            let gone = inst.states.evict(before, w, |key| episodes.contains_key(&(i, key)));
-            self.pending.evicted[i] += gone as u64;
-            // Times older than any window are dead weight in kept keys too.
-            if let KeyStates::Times(m) = &mut inst.states {
-                for list in m.values_mut() {
-                    list.prune(before);
+        let Detector { rules, instances, slots, episodes, pending, max_event_time, lateness, .. } = self;
+        for slot in slots.iter_mut() {
+            // Per member: the window, where it starts now, and (sequence
+            // rules) the armed keys rebuilt from what survives.
+            let members: Vec<(usize, i64, EpochMicros, Option<usize>)> = slot
+                .members
+                .iter()
+                .map(|&i| {
+                    let rule = &rules[instances[i].rule];
+                    let w = rule.window_micros;
+                    let before = max_event_time.saturating_sub(w).saturating_sub(*lateness);
+                    (i, w, before, (rule.kind == RuleKind::Sequence).then_some(rule.min_count as usize))
+                })
+                .collect();
+            let mut armed: Vec<KeySet> = members.iter().map(|_| KeySet::default()).collect();
+            let before_count = slot.map.len();
+            slot.map.retain(|key, states| {
+                let mut live = false;
+                for (j, (i, w, before, min_count)) in members.iter().enumerate() {
+                    states[j].prune(*before);
+                    live |= states[j].newest(*w).is_some_and(|t| t >= *before) || episodes.contains_key(&(*i, key));
+                    if let (Some(min), RuleState::Times(list)) = (min_count, &states[j])
+                        && list.len() >= *min
+                    {
+                        armed[j].insert(key);
+                    }
                 }
-                if let Some(armed) = &mut inst.armed {
-                    let min = self.rules[inst.rule].min_count as usize;
-                    armed.retain(|k| m.get(k).is_some_and(|l| l.len() >= min));
-                }
-            } else if let KeyStates::Distinct(m) = &mut inst.states {
-                for set in m.values_mut() {
-                    set.prune(before);
+                live
+            });
+            let gone = (before_count - slot.map.len()) as u64;
+            for (j, (i, ..)) in members.iter().enumerate() {
+                pending.evicted[*i] += gone;
+                if let Some(set) = &mut instances[*i].armed {
+                    *set = std::mem::take(&mut armed[j]);
                 }
             }
         }
@@ -744,7 +840,7 @@ impl Detector {
         for (i, inst) in self.instances.iter().enumerate() {
             let rule = self.rules[inst.rule].id.clone();
             let labels = [("rule", rule), ("key", inst.key_text.clone())];
-            metrics::gauge!("audit_detector_keys", &labels).set(inst.states.len() as f64);
+            metrics::gauge!("audit_detector_keys", &labels).set(self.slots[inst.slot].map.len() as f64);
             metrics::counter!("audit_detector_evictions_total", &labels).increment(std::mem::take(&mut p.evicted[i]));
             metrics::counter!("audit_detector_keys_dropped_total", &labels)
                 .increment(std::mem::take(&mut p.keys_dropped[i]));
@@ -752,33 +848,18 @@ impl Detector {
         metrics::gauge!("audit_detector_open_alerts").set(self.episodes.len() as f64);
     }
 
-    /// Keys tracked over all rules.
+    /// Keys tracked (a key shared by several rules counts once).
     pub fn keys_tracked(&self) -> usize {
-        self.instances.iter().map(|i| i.states.len()).sum()
+        self.slots.iter().map(|s| s.map.len()).sum()
     }
 
     /// Approximate memory held by per-key state.
     pub fn approx_state_bytes(&self) -> usize {
-        self.instances.iter().map(|i| i.states.approx_bytes()).sum()
+        self.slots.iter().map(|s| s.map.approx_bytes()).sum()
     }
 
     pub fn open_alerts(&self) -> usize {
         self.episodes.len()
-    }
-}
-
-/// The state of `key`, created when the rule has room for another key;
-/// None (and counted in `dropped`) when it tracks `max_keys` already. One
-/// hash probe either way.
-fn state_for<'m, V: Default>(map: &'m mut KeyMap<V>, key: u64, max_keys: usize, dropped: &mut u64) -> Option<&'m mut V> {
-    let full = map.len() >= max_keys;
-    match map.entry(key) {
-        std::collections::hash_map::Entry::Occupied(o) => Some(o.into_mut()),
-        std::collections::hash_map::Entry::Vacant(_) if full => {
-            *dropped += 1;
-            None
-        }
-        std::collections::hash_map::Entry::Vacant(v) => Some(v.insert(V::default())),
     }
 }
 

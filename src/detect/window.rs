@@ -147,40 +147,53 @@ impl TimeList {
     }
 }
 
-/// The most recently seen distinct values (by hash) and when.
+/// The most recently seen distinct values (by hash) and when. Boxed, so
+/// that the per-key state stays one word when empty.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct DistinctSet {
-    entries: Vec<(u64, EpochMicros)>,
+    // Boxed on purpose: one word in the key's entry instead of three.
+    #[allow(clippy::box_collection)]
+    entries: Option<Box<Vec<(u64, EpochMicros)>>>,
 }
 
 impl DistinctSet {
+    fn entries(&self) -> &[(u64, EpochMicros)] {
+        self.entries.as_deref().map_or(&[], |v| v.as_slice())
+    }
+
     /// Records `value` seen at `t`; beyond `cap` values the least recently
     /// seen goes.
     pub fn insert(&mut self, value: u64, t: EpochMicros, cap: usize) {
-        if let Some(entry) = self.entries.iter_mut().find(|(v, _)| *v == value) {
+        let entries = self.entries.get_or_insert_with(Default::default);
+        if let Some(entry) = entries.iter_mut().find(|(v, _)| *v == value) {
             entry.1 = entry.1.max(t);
             return;
         }
-        self.entries.push((value, t));
-        if self.entries.len() > cap
-            && let Some(oldest) = self.entries.iter().enumerate().min_by_key(|(_, (_, seen))| *seen).map(|(i, _)| i)
+        entries.push((value, t));
+        if entries.len() > cap
+            && let Some(oldest) = entries.iter().enumerate().min_by_key(|(_, (_, seen))| *seen).map(|(i, _)| i)
         {
-            self.entries.swap_remove(oldest);
+            entries.swap_remove(oldest);
         }
     }
 
     pub fn prune(&mut self, before: EpochMicros) {
-        self.entries.retain(|(_, seen)| *seen >= before);
+        if let Some(entries) = &mut self.entries {
+            entries.retain(|(_, seen)| *seen >= before);
+            if entries.is_empty() {
+                self.entries = None;
+            }
+        }
     }
 
     /// Distinct values last seen in the window ending at `t`.
     pub fn count_at(&self, t: EpochMicros, window: i64) -> u32 {
-        self.entries.iter().filter(|(_, seen)| *seen > t - window && *seen <= t).count() as u32
+        self.entries().iter().filter(|(_, seen)| *seen > t - window && *seen <= t).count() as u32
     }
 
     /// The highest distinct count of any window that holds `t`.
     pub fn peak_count_around(&self, t: EpochMicros, window: i64) -> u32 {
-        self.entries
+        self.entries()
             .iter()
             .map(|(_, seen)| *seen)
             .filter(|x| *x >= t && *x < t + window)
@@ -190,22 +203,22 @@ impl DistinctSet {
     }
 
     pub fn calm_at(&self, threshold: u32, window: i64) -> Option<EpochMicros> {
-        let mut seen: Vec<EpochMicros> = self.entries.iter().map(|(_, s)| *s).collect();
+        let mut seen: Vec<EpochMicros> = self.entries().iter().map(|(_, s)| *s).collect();
         seen.sort_unstable();
         let n = threshold as usize + 1;
         (seen.len() >= n).then(|| seen[seen.len() - n] + window)
     }
 
     pub fn newest(&self) -> Option<EpochMicros> {
-        self.entries.iter().map(|(_, s)| *s).max()
+        self.entries().iter().map(|(_, s)| *s).max()
     }
 
     pub fn is_empty(&self) -> bool {
-        self.entries.is_empty()
+        self.entries().is_empty()
     }
 
     pub fn heap_bytes(&self) -> usize {
-        self.entries.capacity() * 16
+        self.entries.as_ref().map_or(0, |v| std::mem::size_of::<Vec<(u64, EpochMicros)>>() + v.capacity() * 16)
     }
 }
 
@@ -287,49 +300,155 @@ impl Default for Buckets {
     }
 }
 
-/// The states of one rule instance, by key.
-pub enum KeyStates {
-    Times(KeyMap<TimeList>),
-    Distinct(KeyMap<DistinctSet>),
-    Coarse(KeyMap<Box<Buckets>>),
+/// What one rule keeps for one key.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum RuleState {
+    Times(TimeList),
+    Distinct(DistinctSet),
+    Coarse(Option<Box<Buckets>>),
 }
 
-impl KeyStates {
-    pub fn len(&self) -> usize {
+impl RuleState {
+    pub fn newest(&self, window: i64) -> Option<EpochMicros> {
         match self {
-            KeyStates::Times(m) => m.len(),
-            KeyStates::Distinct(m) => m.len(),
-            KeyStates::Coarse(m) => m.len(),
+            RuleState::Times(l) => l.newest(),
+            RuleState::Distinct(d) => d.newest(),
+            RuleState::Coarse(b) => b.as_ref().and_then(|b| b.newest(window)),
         }
+    }
+
+    /// Forgets what lies before `before` (a coarse window forgets on its own).
+    pub fn prune(&mut self, before: EpochMicros) {
+        match self {
+            RuleState::Times(l) => l.prune(before),
+            RuleState::Distinct(d) => d.prune(before),
+            RuleState::Coarse(_) => {}
+        }
+    }
+
+    pub fn heap_bytes(&self) -> usize {
+        match self {
+            RuleState::Times(l) => l.heap_bytes(),
+            RuleState::Distinct(d) => d.heap_bytes(),
+            RuleState::Coarse(b) => b.as_ref().map_or(0, |_| std::mem::size_of::<Buckets>()),
+        }
+    }
+}
+
+/// The states of every rule that groups by one key spec, one map entry per
+/// key: an event touches the key once however many rules use it. Up to four
+/// rules' states sit inline in the entry.
+pub enum SlotMap {
+    One(KeyMap<[RuleState; 1]>),
+    Two(KeyMap<[RuleState; 2]>),
+    Three(KeyMap<[RuleState; 3]>),
+    Four(KeyMap<[RuleState; 4]>),
+    Many(KeyMap<Box<[RuleState]>>),
+}
+
+/// Runs `$body` with `$m` bound to the variant's map.
+macro_rules! on_map {
+    ($self:expr, $m:ident => $body:expr) => {
+        match $self {
+            SlotMap::One($m) => $body,
+            SlotMap::Two($m) => $body,
+            SlotMap::Three($m) => $body,
+            SlotMap::Four($m) => $body,
+            SlotMap::Many($m) => $body,
+        }
+    };
+}
+
+fn table_bytes<V>(m: &KeyMap<V>) -> usize {
+    // hashbrown: one control byte per bucket; buckets ≈ capacity / 7 * 8.
+    let buckets = (m.capacity() * 8).div_ceil(7).next_power_of_two();
+    buckets * (std::mem::size_of::<(u64, V)>() + 1)
+}
+
+fn entry_of<'m, V: AsMut<[RuleState]>>(
+    map: &'m mut KeyMap<V>,
+    key: u64,
+    create: Option<&dyn Fn() -> V>,
+    max_keys: usize,
+) -> Result<&'m mut [RuleState], bool> {
+    use std::collections::hash_map::Entry;
+    let full = map.len() >= max_keys;
+    match map.entry(key) {
+        Entry::Occupied(o) => Ok(o.into_mut().as_mut()),
+        Entry::Vacant(_) if create.is_none() => Err(false),
+        Entry::Vacant(_) if full => Err(true),
+        Entry::Vacant(v) => Ok(v.insert(create.expect("checked")()).as_mut()),
+    }
+}
+
+impl SlotMap {
+    /// An empty map for entries shaped like `template`.
+    pub fn new(members: usize) -> SlotMap {
+        match members {
+            1 => SlotMap::One(KeyMap::default()),
+            2 => SlotMap::Two(KeyMap::default()),
+            3 => SlotMap::Three(KeyMap::default()),
+            4 => SlotMap::Four(KeyMap::default()),
+            _ => SlotMap::Many(KeyMap::default()),
+        }
+    }
+
+    pub fn len(&self) -> usize {
+        on_map!(self, m => m.len())
     }
 
     pub fn is_empty(&self) -> bool {
         self.len() == 0
     }
 
-    /// Drops keys whose newest event is before `before`, except `keep`;
-    /// returns how many went.
-    pub fn evict(&mut self, before: EpochMicros, window: i64, keep: impl Fn(u64) -> bool) -> usize {
-        let n = self.len();
-        match self {
-            KeyStates::Times(m) => m.retain(|k, v| keep(*k) || v.newest().is_some_and(|t| t >= before)),
-            KeyStates::Distinct(m) => m.retain(|k, v| keep(*k) || v.newest().is_some_and(|t| t >= before)),
-            KeyStates::Coarse(m) => m.retain(|k, v| keep(*k) || v.newest(window).is_some_and(|t| t >= before)),
+    /// The states of `key`; created from `template` when `create` and the
+    /// map has room. `Err(true)`: not created because the map is full;
+    /// `Err(false)`: absent and not asked to create.
+    pub fn entry(
+        &mut self,
+        key: u64,
+        template: &[RuleState],
+        create: bool,
+        max_keys: usize,
+    ) -> Result<&mut [RuleState], bool> {
+        macro_rules! array {
+            ($m:expr, $n:literal) => {{
+                let make = || -> [RuleState; $n] { std::array::from_fn(|j| template[j].clone()) };
+                entry_of($m, key, create.then_some(&make as &dyn Fn() -> [RuleState; $n]), max_keys)
+            }};
         }
-        n - self.len()
+        match self {
+            SlotMap::One(m) => array!(m, 1),
+            SlotMap::Two(m) => array!(m, 2),
+            SlotMap::Three(m) => array!(m, 3),
+            SlotMap::Four(m) => array!(m, 4),
+            SlotMap::Many(m) => {
+                let make = || -> Box<[RuleState]> { template.to_vec().into_boxed_slice() };
+                entry_of(m, key, create.then_some(&make as &dyn Fn() -> Box<[RuleState]>), max_keys)
+            }
+        }
+    }
+
+    /// Keeps the keys for which `keep` says so (it may prune the states).
+    pub fn retain(&mut self, mut keep: impl FnMut(u64, &mut [RuleState]) -> bool) {
+        on_map!(self, m => m.retain(|k, v| keep(*k, v.as_mut())))
+    }
+
+    pub fn keys(&self) -> Vec<u64> {
+        on_map!(self, m => m.keys().copied().collect())
     }
 
     /// Approximate bytes held: table slots plus heap per key.
     pub fn approx_bytes(&self) -> usize {
-        fn table<V>(m: &KeyMap<V>) -> usize {
-            // hashbrown: one control byte per bucket; buckets ≈ capacity / 7 * 8.
-            let buckets = (m.capacity() * 8).div_ceil(7).next_power_of_two();
-            buckets * (std::mem::size_of::<(u64, V)>() + 1)
+        fn heap<V: AsRef<[RuleState]>>(m: &KeyMap<V>) -> usize {
+            m.values().map(|v| v.as_ref().iter().map(RuleState::heap_bytes).sum::<usize>()).sum()
         }
         match self {
-            KeyStates::Times(m) => table(m) + m.values().map(TimeList::heap_bytes).sum::<usize>(),
-            KeyStates::Distinct(m) => table(m) + m.values().map(DistinctSet::heap_bytes).sum::<usize>(),
-            KeyStates::Coarse(m) => table(m) + m.len() * std::mem::size_of::<Buckets>(),
+            SlotMap::One(m) => table_bytes(m) + heap(m),
+            SlotMap::Two(m) => table_bytes(m) + heap(m),
+            SlotMap::Three(m) => table_bytes(m) + heap(m),
+            SlotMap::Four(m) => table_bytes(m) + heap(m),
+            SlotMap::Many(m) => table_bytes(m) + heap(m) + m.len() * 16,
         }
     }
 }
@@ -352,6 +471,7 @@ mod tests {
         l.prune(8 * S);
         assert_eq!(l, TimeList::One(9 * S));
         assert_eq!(std::mem::size_of::<TimeList>(), 16);
+        assert_eq!(std::mem::size_of::<RuleState>(), 16, "two rules of a key share a 40-byte entry");
     }
 
     #[test]
