@@ -9,13 +9,15 @@
 -- sees exact figures.
 
 -- Events per user, hour and action (admin actions per admin included).
+-- fillfactor: room on each page, so that adding to a count is a HOT update
+-- (no index entry rewritten).
 CREATE TABLE activity_user_hourly (
     user_id text        NOT NULL,
     hour    timestamptz NOT NULL,
     action  text COLLATE "C" NOT NULL,
     events  bigint      NOT NULL,
     PRIMARY KEY (user_id, hour, action)
-);
+) WITH (fillfactor = 80);
 CREATE INDEX activity_user_hourly_hour_idx ON activity_user_hourly (hour);
 
 -- Events per hour and action, system-wide (events without a user too).
@@ -24,20 +26,7 @@ CREATE TABLE activity_hourly (
     action text COLLATE "C" NOT NULL,
     events bigint      NOT NULL,
     PRIMARY KEY (hour, action)
-);
-
-CREATE TABLE activity_user_hourly_deltas (
-    user_id text        NOT NULL,
-    hour    timestamptz NOT NULL,
-    action  text COLLATE "C" NOT NULL,
-    events  bigint      NOT NULL
-);
-
-CREATE TABLE activity_hourly_deltas (
-    hour   timestamptz NOT NULL,
-    action text COLLATE "C" NOT NULL,
-    events bigint      NOT NULL
-);
+) WITH (fillfactor = 50);
 
 -- One row per session. Every column merges commutatively (earliest start,
 -- latest activity, first end), so duplicates and out-of-order events (a
@@ -52,34 +41,64 @@ CREATE TABLE sessions (
     ended_at     timestamptz,
     -- logout | token_revoked | idle_timeout
     end_reason   text
-);
-CREATE INDEX sessions_user_idx ON sessions (user_id, last_seen_at DESC);
-CREATE INDEX sessions_open_idx ON sessions (last_seen_at) WHERE ended_at IS NULL;
+) WITH (fillfactor = 70);
+-- No index holds last_seen_at, which nearly every event moves: those updates
+-- stay HOT (heap only). A user's sessions are few; sorting them is cheap.
+CREATE INDEX sessions_user_idx ON sessions (user_id);
 
-CREATE TABLE session_deltas (
-    session_id   text        NOT NULL,
-    user_id      text,
-    ip_address   inet,
-    user_agent   text,
-    started_at   timestamptz,
-    last_seen_at timestamptz NOT NULL,
-    ended_at     timestamptz,
-    end_reason   text
+-- The deltas of one ingest transaction, as ONE row of parallel arrays:
+-- a batch of thousands of events costs one tuple here instead of
+-- thousands (per-tuple overhead was most of the tracker's ingest cost).
+-- Rollup part: (user_id or NULL, hour, action, events); session part: one
+-- merged entry per session of the batch. Arrays are stored uncompressed.
+CREATE TABLE activity_delta_batches (
+    id            bigint GENERATED ALWAYS AS IDENTITY PRIMARY KEY,
+    user_ids      text[]        NOT NULL,
+    hours         timestamptz[] NOT NULL,
+    actions       text[]        NOT NULL,
+    events        bigint[]      NOT NULL,
+    session_ids   text[]        NOT NULL,
+    s_user_ids    text[]        NOT NULL,
+    s_ips         inet[]        NOT NULL,
+    s_agents      text[]        NOT NULL,
+    s_started     timestamptz[] NOT NULL,
+    s_last_seen   timestamptz[] NOT NULL,
+    s_ended       timestamptz[] NOT NULL,
+    s_reasons     text[]        NOT NULL
 );
+ALTER TABLE activity_delta_batches
+    ALTER COLUMN user_ids SET STORAGE EXTERNAL, ALTER COLUMN hours SET STORAGE EXTERNAL,
+    ALTER COLUMN actions SET STORAGE EXTERNAL, ALTER COLUMN events SET STORAGE EXTERNAL,
+    ALTER COLUMN session_ids SET STORAGE EXTERNAL, ALTER COLUMN s_user_ids SET STORAGE EXTERNAL,
+    ALTER COLUMN s_ips SET STORAGE EXTERNAL, ALTER COLUMN s_agents SET STORAGE EXTERNAL,
+    ALTER COLUMN s_started SET STORAGE EXTERNAL, ALTER COLUMN s_last_seen SET STORAGE EXTERNAL,
+    ALTER COLUMN s_ended SET STORAGE EXTERNAL, ALTER COLUMN s_reasons SET STORAGE EXTERNAL;
+
+-- The pending deltas, one row per entry.
+CREATE VIEW activity_rollup_deltas AS
+SELECT r.user_id, r.hour, r.action COLLATE "C" AS action, r.events
+  FROM activity_delta_batches b,
+       unnest(b.user_ids, b.hours, b.actions, b.events) AS r(user_id, hour, action, events);
+
+CREATE VIEW session_deltas AS
+SELECT s.session_id, s.user_id, s.ip_address, s.user_agent, s.started_at, s.last_seen_at, s.ended_at, s.end_reason
+  FROM activity_delta_batches b,
+       unnest(b.session_ids, b.s_user_ids, b.s_ips, b.s_agents, b.s_started, b.s_last_seen, b.s_ended, b.s_reasons)
+           AS s(session_id, user_id, ip_address, user_agent, started_at, last_seen_at, ended_at, end_reason);
 
 -- Exact figures at any moment: folded rows plus pending deltas.
 CREATE VIEW activity_user_hourly_v AS
 SELECT user_id, hour, action, sum(events)::bigint AS events
   FROM (SELECT user_id, hour, action, events FROM activity_user_hourly
         UNION ALL
-        SELECT user_id, hour, action, events FROM activity_user_hourly_deltas) u
+        SELECT user_id, hour, action, events FROM activity_rollup_deltas WHERE user_id IS NOT NULL) u
  GROUP BY user_id, hour, action;
 
 CREATE VIEW activity_hourly_v AS
 SELECT hour, action, sum(events)::bigint AS events
   FROM (SELECT hour, action, events FROM activity_hourly
         UNION ALL
-        SELECT hour, action, events FROM activity_hourly_deltas) u
+        SELECT hour, action, events FROM activity_rollup_deltas) u
  GROUP BY hour, action;
 
 -- The merge rules of a session, shared by the view and the compactor.
@@ -96,8 +115,8 @@ SELECT session_id,
   FROM (SELECT * FROM sessions UNION ALL SELECT * FROM session_deltas) s
  GROUP BY session_id;
 
--- Folds every pending delta into the final tables; returns how many delta
--- rows it moved. Runs in the caller's transaction.
+-- Folds every pending delta into the final tables; returns how many rollup
+-- and session rows it wrote. Runs in the caller's transaction.
 CREATE FUNCTION activity_compact() RETURNS bigint
 LANGUAGE plpgsql AS $$
 DECLARE
@@ -107,21 +126,33 @@ BEGIN
     -- One compactor at a time (several instances may run one each).
     PERFORM pg_advisory_xact_lock(hashtext('activity_compact'));
 
-    WITH d AS (DELETE FROM activity_user_hourly_deltas RETURNING *),
-         a AS (SELECT user_id, hour, action, sum(events) AS events FROM d GROUP BY 1, 2, 3),
-         up AS (INSERT INTO activity_user_hourly AS t SELECT * FROM a
-                ON CONFLICT (user_id, hour, action) DO UPDATE SET events = t.events + EXCLUDED.events)
-    SELECT count(*) INTO n FROM d;
+    -- Take the pending batches (and nothing that commits meanwhile).
+    CREATE TEMP TABLE IF NOT EXISTS activity_folding (LIKE activity_delta_batches) ON COMMIT DELETE ROWS;
+    WITH taken AS (DELETE FROM activity_delta_batches RETURNING *)
+    INSERT INTO activity_folding SELECT * FROM taken;
+    GET DIAGNOSTICS n = ROW_COUNT;
+    IF n = 0 THEN
+        RETURN 0;
+    END IF;
+
+    WITH r AS (SELECT u.* FROM activity_folding b,
+                      unnest(b.user_ids, b.hours, b.actions, b.events) AS u(user_id, hour, action, events)),
+         a AS (SELECT user_id, hour, action, sum(events) AS events FROM r WHERE user_id IS NOT NULL GROUP BY 1, 2, 3)
+    INSERT INTO activity_user_hourly AS t SELECT * FROM a
+    ON CONFLICT (user_id, hour, action) DO UPDATE SET events = t.events + EXCLUDED.events;
+    GET DIAGNOSTICS n = ROW_COUNT;
     moved := moved + n;
 
-    WITH d AS (DELETE FROM activity_hourly_deltas RETURNING *),
-         a AS (SELECT hour, action, sum(events) AS events FROM d GROUP BY 1, 2),
-         up AS (INSERT INTO activity_hourly AS t SELECT * FROM a
-                ON CONFLICT (hour, action) DO UPDATE SET events = t.events + EXCLUDED.events)
-    SELECT count(*) INTO n FROM d;
-    moved := moved + n;
+    WITH r AS (SELECT u.* FROM activity_folding b,
+                      unnest(b.hours, b.actions, b.events) AS u(hour, action, events)),
+         a AS (SELECT hour, action, sum(events) AS events FROM r GROUP BY 1, 2)
+    INSERT INTO activity_hourly AS t SELECT * FROM a
+    ON CONFLICT (hour, action) DO UPDATE SET events = t.events + EXCLUDED.events;
 
-    WITH d AS (DELETE FROM session_deltas RETURNING *),
+    WITH d AS (SELECT s.* FROM activity_folding b,
+                      unnest(b.session_ids, b.s_user_ids, b.s_ips, b.s_agents, b.s_started, b.s_last_seen, b.s_ended,
+                             b.s_reasons)
+                      AS s(session_id, user_id, ip_address, user_agent, started_at, last_seen_at, ended_at, end_reason)),
          a AS (SELECT session_id,
                       (array_agg(user_id ORDER BY started_at NULLS LAST) FILTER (WHERE user_id IS NOT NULL))[1] AS user_id,
                       (array_agg(ip_address ORDER BY started_at NULLS LAST) FILTER (WHERE ip_address IS NOT NULL))[1] AS ip_address,
@@ -130,21 +161,21 @@ BEGIN
                       max(last_seen_at) AS last_seen_at,
                       min(ended_at) AS ended_at,
                       (array_agg(end_reason ORDER BY ended_at) FILTER (WHERE ended_at IS NOT NULL))[1] AS end_reason
-                 FROM d GROUP BY session_id),
-         up AS (INSERT INTO sessions AS s SELECT * FROM a
-                ON CONFLICT (session_id) DO UPDATE SET
-                    user_id      = coalesce(s.user_id, EXCLUDED.user_id),
-                    ip_address   = CASE WHEN EXCLUDED.started_at < s.started_at OR s.ip_address IS NULL
-                                        THEN coalesce(EXCLUDED.ip_address, s.ip_address) ELSE s.ip_address END,
-                    user_agent   = CASE WHEN EXCLUDED.started_at < s.started_at OR s.user_agent IS NULL
-                                        THEN coalesce(EXCLUDED.user_agent, s.user_agent) ELSE s.user_agent END,
-                    started_at   = least(s.started_at, EXCLUDED.started_at),
-                    last_seen_at = greatest(s.last_seen_at, EXCLUDED.last_seen_at),
-                    end_reason   = CASE WHEN EXCLUDED.ended_at IS NOT NULL
-                                         AND (s.ended_at IS NULL OR EXCLUDED.ended_at < s.ended_at)
-                                        THEN EXCLUDED.end_reason ELSE s.end_reason END,
-                    ended_at     = least(s.ended_at, EXCLUDED.ended_at))
-    SELECT count(*) INTO n FROM d;
+                 FROM d GROUP BY session_id)
+    INSERT INTO sessions AS s SELECT * FROM a
+    ON CONFLICT (session_id) DO UPDATE SET
+        user_id      = coalesce(s.user_id, EXCLUDED.user_id),
+        ip_address   = CASE WHEN EXCLUDED.started_at < s.started_at OR s.ip_address IS NULL
+                            THEN coalesce(EXCLUDED.ip_address, s.ip_address) ELSE s.ip_address END,
+        user_agent   = CASE WHEN EXCLUDED.started_at < s.started_at OR s.user_agent IS NULL
+                            THEN coalesce(EXCLUDED.user_agent, s.user_agent) ELSE s.user_agent END,
+        started_at   = least(s.started_at, EXCLUDED.started_at),
+        last_seen_at = greatest(s.last_seen_at, EXCLUDED.last_seen_at),
+        end_reason   = CASE WHEN EXCLUDED.ended_at IS NOT NULL
+                             AND (s.ended_at IS NULL OR EXCLUDED.ended_at < s.ended_at)
+                            THEN EXCLUDED.end_reason ELSE s.end_reason END,
+        ended_at     = least(s.ended_at, EXCLUDED.ended_at);
+    GET DIAGNOSTICS n = ROW_COUNT;
     moved := moved + n;
     RETURN moved;
 END

@@ -154,6 +154,9 @@ pub struct IngestConfig {
     pub drain_timeout: Duration,
     /// `optimistic_copy` (default), `staged` or `unnest`; see BENCHMARKS.md.
     pub insert_method: InsertMethod,
+    /// Writers working in parallel, each over its own connection; partition
+    /// `p` always goes to writer `p % writers` (its batches stay in order).
+    pub writers: usize,
 }
 
 impl Default for IngestConfig {
@@ -166,6 +169,7 @@ impl Default for IngestConfig {
             retry_max_backoff: Duration::from_secs(10),
             drain_timeout: Duration::from_secs(30),
             insert_method: InsertMethod::default(),
+            writers: 2,
         }
     }
 }
@@ -510,6 +514,15 @@ impl Config {
         }
         if i.batch_max_age.is_zero() {
             return Err(ConfigError::field("ingest.batch_max_age", "must be greater than zero"));
+        }
+        if i.writers == 0 || i.writers > 16 {
+            return Err(ConfigError::field("ingest.writers", "must be between 1 and 16"));
+        }
+        if self.database.pool_size < i.writers + 1 {
+            return Err(ConfigError::field(
+                "database.pool_size",
+                format!("must be at least ingest.writers + 1 ({}): one connection per writer and one for upkeep", i.writers + 1),
+            ));
         }
         if i.max_queued_batches == 0 {
             return Err(ConfigError::field("ingest.max_queued_batches", "must be at least 1"));

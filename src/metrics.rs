@@ -68,6 +68,8 @@ fn describe_all() {
     describe_counter!("audit_detector_keys_dropped_total", "New keys not tracked because a rule reached max_keys_per_rule.");
     describe_gauge!("audit_detector_open_alerts", "Alert episodes currently open (firing or escalated).");
     describe_gauge!("audit_active_sessions", "Sessions open (not logged out, revoked or idle).");
+    describe_gauge!("audit_activity_deltas_pending", "Activity delta rows written and not yet folded (the views include them).");
+    describe_counter!("audit_activity_deltas_folded_total", "Activity delta rows folded into sessions and rollups.");
     describe_counter!("audit_logins_total", "Successful logins stored (rate: logins per second).");
     describe_counter!("audit_events_by_action_total", "Events stored, by action family (known actions, ADMIN_*, SECURITY_*, other).");
     describe_gauge!("audit_active_users_last_hour", "Distinct users with events in the last hour of event time (HyperLogLog, ~1.6 % error).");

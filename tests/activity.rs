@@ -41,7 +41,7 @@ fn after_a_large_mixed_ingest_every_rollup_equals_the_group_by_exactly() {
     rt.block_on(async {
         let db = TestDb::create().await;
         let mut config = service_config(&db, &kafka, &names);
-        config.activity.compact_interval = Duration::from_millis(300);
+        config.activity.compact_when_idle_for = Duration::from_millis(300);
         config.detect.enabled = false;
         // 60,000 events over three hours of event time (several hourly
         // buckets), 3,000 of them producer retries in later batches.
@@ -67,7 +67,7 @@ fn after_a_large_mixed_ingest_every_rollup_equals_the_group_by_exactly() {
         assert_eq!(difference(&db, SYSTEM_ROLLUP, SYSTEM_GROUP_BY).await, 0);
         // ...and in the final tables once the compactor has folded everything.
         eventually(Duration::from_secs(30), "deltas folded", || async {
-            let pending = db.count("SELECT (SELECT count(*) FROM activity_user_hourly_deltas) + (SELECT count(*) FROM session_deltas)").await;
+            let pending = db.count("SELECT count(*) FROM activity_delta_batches").await;
             (pending == 0).then_some(())
         })
         .await;
@@ -99,7 +99,8 @@ fn sessions_open_and_close_under_duplicates_disorder_and_idling() {
         let db = TestDb::create().await;
         let mut config = service_config(&db, &kafka, &names);
         config.activity.idle_timeout = Duration::from_secs(600);
-        config.activity.compact_interval = Duration::from_millis(200);
+        config.activity.compact_when_idle_for = Duration::from_millis(200);
+        config.activity.session_sweep_interval = Duration::from_millis(200);
         let t0 = chrono::Utc::now().timestamp_micros() - 60 * MIN;
         let login = session_event("AUTH_LOGIN", "normal", "ann", t0);
         let mut evs = vec![
@@ -190,7 +191,7 @@ fn sessions_survive_a_sigkill_restart() {
         // Fold what is pending, as the service would on its next tick.
         let config = service_config(&db, &kafka, &names);
         let pool = audit_service::store::connect_pool(&config.database, 2).unwrap();
-        compactor::compact_once(&pool, &config.activity, None).await.unwrap();
+        compactor::compact_once(&pool).await.unwrap();
         assert_eq!(db.count("SELECT count(*) FROM sessions").await, 200);
         assert_eq!(db.count("SELECT count(*) FROM sessions WHERE end_reason = 'logout' AND started_at IS NOT NULL").await, 200);
         assert_eq!(difference(&db, USER_ROLLUP, USER_GROUP_BY).await, 0);

@@ -1,7 +1,15 @@
-//! Folds activity deltas into the final tables, closes idle sessions (by
-//! event time) and publishes the session gauge, every `compact_interval`.
+//! Folds activity deltas into the final tables, and closes idle sessions.
+//!
+//! Folding is background work, paced so that it does not compete with a
+//! burst of ingest: it runs once ingest has been idle for
+//! `compact_when_idle_for`, or when the pending deltas exceed
+//! `max_pending_deltas`, or `compact_interval` after the last fold at the
+//! latest. Readers see exact figures meanwhile (the views add what is
+//! pending). Every `session_sweep_interval` it also closes idle sessions (by
+//! event time) and publishes the open-session gauge.
 
 use std::sync::Arc;
+use std::time::{Duration, Instant};
 
 use deadpool_postgres::Pool;
 use tokio_util::sync::CancellationToken;
@@ -11,39 +19,82 @@ use super::ActivityConfig;
 use crate::ingest::status::IngestStatus;
 use crate::store::queries;
 
+/// How often the compactor looks whether folding is due.
+const CHECK_EVERY: Duration = Duration::from_millis(250);
+
 /// One compaction, in one transaction; returns delta rows folded.
-pub async fn compact_once(pool: &Pool, cfg: &ActivityConfig, event_time: Option<i64>) -> Result<i64, String> {
+pub async fn compact_once(pool: &Pool) -> Result<i64, String> {
     let mut client = pool.get().await.map_err(|e| e.to_string())?;
     let tx = client.transaction().await.map_err(|e| e.to_string())?;
     let moved: i64 = tx.query_one(queries::ACTIVITY_COMPACT, &[]).await.map_err(|e| e.to_string())?.get(0);
+    tx.commit().await.map_err(|e| e.to_string())?;
+    metrics::counter!("audit_activity_deltas_folded_total").increment(moved.max(0) as u64);
+    Ok(moved)
+}
+
+/// Closes sessions idle as of `event_time` (the newest stored event time)
+/// and publishes how many are open.
+pub async fn sweep_sessions(pool: &Pool, cfg: &ActivityConfig, event_time: Option<i64>) -> Result<(), String> {
+    let client = pool.get().await.map_err(|e| e.to_string())?;
     if let Some(t) = event_time.and_then(chrono::DateTime::from_timestamp_micros) {
-        let idle = chrono::Duration::from_std(cfg.idle_timeout).unwrap_or_default();
-        let idle = postgres_interval(idle);
+        let idle = format!("{} seconds", cfg.idle_timeout.as_secs());
         let closed: i64 =
-            tx.query_one(queries::ACTIVITY_CLOSE_IDLE, &[&t, &idle]).await.map_err(|e| e.to_string())?.get(0);
+            client.query_one(queries::ACTIVITY_CLOSE_IDLE, &[&t, &idle]).await.map_err(|e| e.to_string())?.get(0);
         if closed > 0 {
             debug!(closed, "sessions closed after idling");
         }
     }
-    let active: i64 = tx.query_one(queries::ACTIVE_SESSIONS, &[]).await.map_err(|e| e.to_string())?.get(0);
-    tx.commit().await.map_err(|e| e.to_string())?;
+    let active: i64 = client.query_one(queries::ACTIVE_SESSIONS, &[]).await.map_err(|e| e.to_string())?.get(0);
     metrics::gauge!("audit_active_sessions").set(active as f64);
-    Ok(moved)
+    Ok(())
 }
 
-/// An interval parameter as text (`'1800 seconds'`), cast in SQL.
-fn postgres_interval(d: chrono::Duration) -> String {
-    format!("{} seconds", d.num_seconds())
+/// Whether pending deltas should be folded now.
+fn fold_due(cfg: &ActivityConfig, pending: u64, idle_for: Duration, since_fold: Duration) -> bool {
+    pending > 0
+        && (idle_for >= cfg.compact_when_idle_for || pending >= cfg.max_pending_deltas || since_fold >= cfg.compact_interval)
 }
 
 pub async fn run(pool: Pool, cfg: ActivityConfig, status: Arc<IngestStatus>, cancel: CancellationToken) {
+    let mut last_fold = Instant::now();
+    let mut last_sweep = Instant::now();
     loop {
         tokio::select! {
             _ = cancel.cancelled() => return,
-            _ = tokio::time::sleep(cfg.compact_interval) => {}
+            _ = tokio::time::sleep(CHECK_EVERY) => {}
         }
-        if let Err(e) = compact_once(&pool, &cfg, status.max_event_time()).await {
-            warn!(error = %e, "activity compaction failed; will retry");
+        let pending = status.pending_deltas();
+        metrics::gauge!("audit_activity_deltas_pending").set(pending as f64);
+        if fold_due(&cfg, pending, status.idle_for(), last_fold.elapsed()) {
+            match compact_once(&pool).await {
+                Ok(_) => {
+                    status.deltas_folded(pending);
+                    last_fold = Instant::now();
+                }
+                Err(e) => warn!(error = %e, "activity compaction failed; will retry"),
+            }
         }
+        if last_sweep.elapsed() >= cfg.session_sweep_interval {
+            last_sweep = Instant::now();
+            if let Err(e) = sweep_sessions(&pool, &cfg, status.max_event_time()).await {
+                warn!(error = %e, "session sweep failed; will retry");
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn folding_waits_for_idle_ingest_unless_too_much_or_too_long() {
+        let cfg = ActivityConfig::default();
+        let s = Duration::from_secs;
+        assert!(!fold_due(&cfg, 0, s(10), s(1000)), "nothing pending");
+        assert!(!fold_due(&cfg, 10, Duration::from_millis(100), s(10)), "ingest busy");
+        assert!(fold_due(&cfg, 10, s(2), s(10)), "ingest idle");
+        assert!(fold_due(&cfg, cfg.max_pending_deltas, Duration::ZERO, s(1)), "too much pending");
+        assert!(fold_due(&cfg, 10, Duration::ZERO, cfg.compact_interval), "waited long enough");
     }
 }

@@ -26,7 +26,9 @@ impl ActiveUsers {
         if minute < newest - 59 {
             return; // older than the hour we report
         }
-        let index = match self.minutes.iter().position(|(m, _)| *m == minute) {
+        // Nearly every event is in the newest minute: look there first.
+        let newest_index = self.minutes.len().checked_sub(1).filter(|i| self.minutes[*i].0 == minute);
+        let index = match newest_index.or_else(|| self.minutes.iter().position(|(m, _)| *m == minute)) {
             Some(i) => i,
             None => {
                 let at = self.minutes.partition_point(|(m, _)| *m < minute);

@@ -21,7 +21,10 @@ use serde::{Deserialize, Serialize};
 use tokio_postgres::Transaction;
 
 use crate::event::{AuthEvent, EpochMicros};
-use crate::store::copy_format::{CopyStream, put_i64, put_inet, put_null, put_text, put_timestamptz};
+use crate::store::copy_format::{
+    CopyStream, OID_INET, OID_INT8, OID_TEXT, OID_TIMESTAMPTZ, put_array, put_i64, put_inet, put_null, put_text,
+    put_timestamptz,
+};
 use crate::store::queries;
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
@@ -34,9 +37,20 @@ pub struct ActivityConfig {
     /// `idle_timeout`.
     #[serde(with = "humantime_serde")]
     pub idle_timeout: Duration,
-    /// How often pending deltas are folded into the final tables.
+    /// Folding pending deltas into the final tables is background work: it
+    /// waits until ingest has been idle this long (readers see exact figures
+    /// either way: the views add what is pending)...
+    #[serde(with = "humantime_serde")]
+    pub compact_when_idle_for: Duration,
+    /// ...but no longer than this...
     #[serde(with = "humantime_serde")]
     pub compact_interval: Duration,
+    /// ...nor beyond this many pending delta rows.
+    pub max_pending_deltas: u64,
+    /// How often idle sessions are closed and open ones counted (each reads
+    /// the whole sessions table).
+    #[serde(with = "humantime_serde")]
+    pub session_sweep_interval: Duration,
     /// Actions that open a session (with a session_id).
     pub session_open_actions: Vec<String>,
     /// Actions that close their session, with the reason stored.
@@ -55,7 +69,10 @@ impl Default for ActivityConfig {
         ActivityConfig {
             enabled: true,
             idle_timeout: Duration::from_secs(30 * 60),
-            compact_interval: Duration::from_secs(2),
+            compact_when_idle_for: Duration::from_secs(1),
+            compact_interval: Duration::from_secs(300),
+            max_pending_deltas: 1_000_000,
+            session_sweep_interval: Duration::from_secs(60),
             session_open_actions: vec!["AUTH_LOGIN".into()],
             session_close_actions: vec![
                 SessionClose { action: "AUTH_LOGOUT".into(), reason: "logout".into() },
@@ -112,12 +129,19 @@ impl<'a> SessionDelta<'a> {
     }
 }
 
+/// Maps built per batch: a fast fixed hash (SipHash was a tenth of the
+/// writer's CPU here).
+type FastMap<K, V> = HashMap<K, V, std::hash::BuildHasherDefault<crate::detect::keys::StableHasher>>;
+
 /// What a batch's inserted rows add to the activity tables.
 #[derive(Debug, Default)]
 pub struct ActivityDeltas<'a> {
-    pub user_hourly: HashMap<(&'a str, EpochMicros, &'a str), i64>,
-    pub hourly: HashMap<(EpochMicros, &'a str), i64>,
-    pub sessions: HashMap<&'a str, SessionDelta<'a>>,
+    /// Events per (user, hour, action)...
+    pub user_hourly: FastMap<(&'a str, EpochMicros, &'a str), i64>,
+    /// ...and per (hour, action) of events without a user: the per-hour
+    /// rollup is the sum of both.
+    pub anonymous_hourly: FastMap<(EpochMicros, &'a str), i64>,
+    pub sessions: FastMap<&'a str, SessionDelta<'a>>,
 }
 
 impl<'a> ActivityDeltas<'a> {
@@ -125,9 +149,9 @@ impl<'a> ActivityDeltas<'a> {
         let mut d = ActivityDeltas::default();
         for e in events {
             let hour = hour_of(e.occurred_at);
-            *d.hourly.entry((hour, e.action.as_str())).or_default() += 1;
-            if let Some(user) = e.user_id.as_deref() {
-                *d.user_hourly.entry((user, hour, e.action.as_str())).or_default() += 1;
+            match e.user_id.as_deref() {
+                Some(user) => *d.user_hourly.entry((user, hour, e.action.as_str())).or_default() += 1,
+                None => *d.anonymous_hourly.entry((hour, e.action.as_str())).or_default() += 1,
             }
             let Some(session) = e.session_id.as_deref() else { continue };
             let opens = cfg.session_open_actions.contains(&e.action);
@@ -151,50 +175,44 @@ impl<'a> ActivityDeltas<'a> {
         d
     }
 
-    /// Appends the deltas in the batch's transaction.
+    /// Delta rows these add up to.
+    pub fn rows(&self) -> usize {
+        self.user_hourly.len() + self.anonymous_hourly.len() + self.sessions.len()
+    }
+
+    /// Appends the deltas in the batch's transaction, as one row of arrays.
     pub async fn write(&self, tx: &Transaction<'_>) -> Result<(), tokio_postgres::Error> {
-        if !self.user_hourly.is_empty() {
-            let mut s = CopyStream::new();
-            for ((user, hour, action), n) in &self.user_hourly {
-                let b = s.row(4);
-                put_text(b, Some(user));
-                put_timestamptz(b, *hour);
-                put_text(b, Some(action));
-                put_i64(b, *n);
-            }
-            copy(tx, queries::COPY_USER_HOURLY_DELTAS, s).await?;
+        if self.rows() == 0 {
+            return Ok(());
         }
-        if !self.hourly.is_empty() {
-            let mut s = CopyStream::new();
-            for ((hour, action), n) in &self.hourly {
-                let b = s.row(3);
-                put_timestamptz(b, *hour);
-                put_text(b, Some(action));
-                put_i64(b, *n);
-            }
-            copy(tx, queries::COPY_HOURLY_DELTAS, s).await?;
-        }
-        if !self.sessions.is_empty() {
-            let mut s = CopyStream::new();
-            for (session, d) in &self.sessions {
-                let b = s.row(8);
-                put_text(b, Some(session));
-                put_text(b, d.user_id);
-                put_inet(b, d.ip_address);
-                put_text(b, d.user_agent);
-                match d.started_at {
-                    Some(t) => put_timestamptz(b, t),
-                    None => put_null(b),
-                }
-                put_timestamptz(b, d.last_seen_at);
-                match d.ended_at {
-                    Some(t) => put_timestamptz(b, t),
-                    None => put_null(b),
-                }
-                put_text(b, d.end_reason);
-            }
-            copy(tx, queries::COPY_SESSION_DELTAS, s).await?;
-        }
+        // Rollup entries: per user, then those without a user (they count
+        // system-wide only).
+        let rollup: Vec<(Option<&str>, EpochMicros, &str, i64)> = self
+            .user_hourly
+            .iter()
+            .map(|((u, h, a), n)| (Some(*u), *h, *a, *n))
+            .chain(self.anonymous_hourly.iter().map(|((h, a), n)| (None, *h, *a, *n)))
+            .collect();
+        let sessions: Vec<(&&str, &SessionDelta<'_>)> = self.sessions.iter().collect();
+        let ts = |b: &mut bytes::BytesMut, t: &Option<EpochMicros>| match t {
+            Some(t) => put_timestamptz(b, *t),
+            None => put_null(b),
+        };
+        let mut s = CopyStream::new();
+        let b = s.row(12);
+        put_array(b, OID_TEXT, &rollup, |b, r| put_text(b, r.0));
+        put_array(b, OID_TIMESTAMPTZ, &rollup, |b, r| put_timestamptz(b, r.1));
+        put_array(b, OID_TEXT, &rollup, |b, r| put_text(b, Some(r.2)));
+        put_array(b, OID_INT8, &rollup, |b, r| put_i64(b, r.3));
+        put_array(b, OID_TEXT, &sessions, |b, (id, _)| put_text(b, Some(id)));
+        put_array(b, OID_TEXT, &sessions, |b, (_, d)| put_text(b, d.user_id));
+        put_array(b, OID_INET, &sessions, |b, (_, d)| put_inet(b, d.ip_address));
+        put_array(b, OID_TEXT, &sessions, |b, (_, d)| put_text(b, d.user_agent));
+        put_array(b, OID_TIMESTAMPTZ, &sessions, |b, (_, d)| ts(b, &d.started_at));
+        put_array(b, OID_TIMESTAMPTZ, &sessions, |b, (_, d)| put_timestamptz(b, d.last_seen_at));
+        put_array(b, OID_TIMESTAMPTZ, &sessions, |b, (_, d)| ts(b, &d.ended_at));
+        put_array(b, OID_TEXT, &sessions, |b, (_, d)| put_text(b, d.end_reason));
+        copy(tx, queries::COPY_ACTIVITY_DELTAS, s).await?;
         Ok(())
     }
 }
@@ -209,17 +227,25 @@ async fn copy(tx: &Transaction<'_>, statement: &str, stream: CopyStream) -> Resu
 /// The metric label of an action: known actions as themselves, families by
 /// prefix, anything else as `other` (producers choose action strings; a
 /// label per arbitrary string would not be bounded).
-pub fn action_label(action: &str) -> &'static str {
+pub const ACTION_LABELS: [&str; 8] =
+    ["AUTH_LOGIN", "FAILED_AUTH_LOGIN", "AUTH_LOGOUT", "TOKEN_ISSUED", "TOKEN_REVOKED", "ADMIN_*", "SECURITY_*", "other"];
+
+/// The index into [`ACTION_LABELS`] of an action.
+pub fn action_label_index(action: &str) -> usize {
     match action {
-        "AUTH_LOGIN" => "AUTH_LOGIN",
-        "FAILED_AUTH_LOGIN" => "FAILED_AUTH_LOGIN",
-        "AUTH_LOGOUT" => "AUTH_LOGOUT",
-        "TOKEN_ISSUED" => "TOKEN_ISSUED",
-        "TOKEN_REVOKED" => "TOKEN_REVOKED",
-        a if a.starts_with("ADMIN_") => "ADMIN_*",
-        a if a.starts_with("SECURITY_") => "SECURITY_*",
-        _ => "other",
+        "AUTH_LOGIN" => 0,
+        "FAILED_AUTH_LOGIN" => 1,
+        "AUTH_LOGOUT" => 2,
+        "TOKEN_ISSUED" => 3,
+        "TOKEN_REVOKED" => 4,
+        a if a.starts_with("ADMIN_") => 5,
+        a if a.starts_with("SECURITY_") => 6,
+        _ => 7,
     }
+}
+
+pub fn action_label(action: &str) -> &'static str {
+    ACTION_LABELS[action_label_index(action)]
 }
 
 #[cfg(test)]
@@ -265,7 +291,8 @@ mod tests {
         assert_eq!((d.sessions["s1"].ended_at, d.sessions["s1"].end_reason), (Some(30), Some("logout")));
         assert_eq!(d.user_hourly[&("u1", 0, "AUTH_LOGIN")], 1);
         assert_eq!(d.user_hourly[&("u1", HOUR, "AUTH_LOGIN")], 1);
-        assert_eq!(d.hourly[&(0, "AUTH_LOGOUT")], 1);
+        assert_eq!(d.user_hourly[&("u1", 0, "AUTH_LOGOUT")], 1);
+        assert!(d.anonymous_hourly.is_empty());
     }
 
     #[test]

@@ -33,15 +33,26 @@ const MAX_POLL_WAIT: Duration = Duration::from_millis(100);
 /// How long the loop waits for room in the writer's queue before it pauses
 /// its partitions and goes back to polling.
 const BRIEF_BACKPRESSURE_WAIT: Duration = Duration::from_millis(500);
+/// Messages taken from the client per loop turn at most.
+const BURST: usize = 256;
 /// How often the lag is asked of the brokers while consumption is paused.
 const LAG_PROBE_INTERVAL: Duration = Duration::from_secs(1);
+
+/// One writer and what goes to it: the partitions `p` with
+/// `p % lanes == lane`. Several lanes write in parallel over their own
+/// connections; a partition always takes the same lane, so its batches
+/// still commit in order (its offsets advance one transaction at a time).
+struct Lane {
+    builder: BatchBuilder,
+    /// A closed batch the writer's queue had no room for yet.
+    waiting: Option<Batch>,
+    commands: mpsc::Sender<WriterCommand>,
+}
 
 /// State shared between the poll loop and the rebalance callback (which
 /// runs inside `poll`, on the same thread: the lock is never contended).
 struct LoopState {
-    builder: BatchBuilder,
-    /// A closed batch the writer's queue had no room for yet.
-    waiting: Option<Batch>,
+    lanes: Vec<Lane>,
     positions: HashMap<i32, Position>,
     next_epoch: u64,
     /// Bumped on every assignment change, to re-apply a pause.
@@ -56,7 +67,6 @@ pub struct IngestContext {
     group: String,
     topic: String,
     state: Mutex<LoopState>,
-    commands: mpsc::Sender<WriterCommand>,
     status: Arc<IngestStatus>,
     drain_timeout: Duration,
     retry_backoff: (Duration, Duration),
@@ -78,7 +88,7 @@ impl IngestContext {
         runtime: Handle,
         pool: Pool,
         settings: ContextSettings,
-        commands: mpsc::Sender<WriterCommand>,
+        writers: Vec<mpsc::Sender<WriterCommand>>,
         status: Arc<IngestStatus>,
         detection: Option<Detection>,
         cancel: CancellationToken,
@@ -89,14 +99,19 @@ impl IngestContext {
             group: settings.group,
             topic: settings.topic,
             state: Mutex::new(LoopState {
-                builder: BatchBuilder::new(settings.batch_max_rows, settings.batch_max_age),
-                waiting: None,
+                lanes: writers
+                    .into_iter()
+                    .map(|commands| Lane {
+                        builder: BatchBuilder::new(settings.batch_max_rows, settings.batch_max_age),
+                        waiting: None,
+                        commands,
+                    })
+                    .collect(),
                 positions: HashMap::new(),
                 next_epoch: 1,
                 assignment_generation: 0,
                 detection,
             }),
-            commands,
             status,
             drain_timeout: settings.drain_timeout,
             retry_backoff: (settings.initial_backoff, settings.max_backoff),
@@ -202,29 +217,44 @@ impl IngestContext {
     /// Sends whatever is open or waiting to the writer and waits (bounded)
     /// until the writer has handled it.
     fn drain(&self) {
-        let batches: Vec<Batch> = {
+        let work: Vec<(mpsc::Sender<WriterCommand>, Vec<Batch>)> = {
             let mut state = self.state();
             let state = &mut *state;
-            let mut v: Vec<Batch> = state.waiting.take().into_iter().collect();
-            v.extend(state.builder.take(&mut state.positions));
-            v
+            state
+                .lanes
+                .iter_mut()
+                .map(|lane| {
+                    let mut v: Vec<Batch> = lane.waiting.take().into_iter().collect();
+                    v.extend(lane.builder.take(&mut state.positions));
+                    (lane.commands.clone(), v)
+                })
+                .collect()
         };
         let deadline = self.drain_timeout;
-        for batch in batches {
+        let mut acks = Vec::new();
+        for (commands, batches) in work {
+            for batch in batches {
+                let sent = self.runtime.block_on(async {
+                    tokio::time::timeout(deadline, commands.send(WriterCommand::Batch(batch))).await
+                });
+                if !matches!(sent, Ok(Ok(()))) {
+                    warn!("writer did not take the last batch in time; it will be read again");
+                    return;
+                }
+            }
+            let (ack_tx, ack_rx) = std::sync::mpsc::channel();
             let sent = self.runtime.block_on(async {
-                tokio::time::timeout(deadline, self.commands.send(WriterCommand::Batch(batch))).await
+                tokio::time::timeout(deadline, commands.send(WriterCommand::Barrier(ack_tx))).await
             });
-            if !matches!(sent, Ok(Ok(()))) {
-                warn!("writer did not take the last batch in time; it will be read again");
-                return;
+            if matches!(sent, Ok(Ok(()))) {
+                acks.push(ack_rx);
             }
         }
-        let (ack_tx, ack_rx) = std::sync::mpsc::channel();
-        let sent = self.runtime.block_on(async {
-            tokio::time::timeout(deadline, self.commands.send(WriterCommand::Barrier(ack_tx))).await
-        });
-        if matches!(sent, Ok(Ok(()))) && ack_rx.recv_timeout(deadline).is_err() {
-            warn!("writer did not finish in time; unwritten messages will be read again");
+        // The lanes finish in parallel; wait for each.
+        for ack in acks {
+            if ack.recv_timeout(deadline).is_err() {
+                warn!("writer did not finish in time; unwritten messages will be read again");
+            }
         }
     }
 }
@@ -289,7 +319,7 @@ pub fn run_loop(
             let state = &mut *guard;
             if let Some(detection) = state.detection.as_mut() {
                 let alerts = detection.tick_if_due();
-                state.builder.push_alerts(alerts);
+                state.lanes[0].builder.push_alerts(alerts);
             }
         }
         if !hand_off_due_batch(&ctx) {
@@ -298,7 +328,7 @@ pub fn run_loop(
         }
         let wait = {
             let state = ctx.state();
-            let backpressure = state.waiting.is_some();
+            let backpressure = state.lanes.iter().any(|l| l.waiting.is_some());
             let should_pause = backpressure || ctx.status.maintenance_paused();
             ctx.status.set_backpressure_paused(backpressure);
             match (should_pause, paused_generation) {
@@ -313,19 +343,33 @@ pub fn run_loop(
                 }
                 (false, None) => {}
             }
-            state.builder.time_until_due(Instant::now()).unwrap_or(MAX_POLL_WAIT).min(MAX_POLL_WAIT)
+            let now = Instant::now();
+            state.lanes.iter().filter_map(|l| l.builder.time_until_due(now)).min().unwrap_or(MAX_POLL_WAIT).min(MAX_POLL_WAIT)
         };
         if paused_generation.is_some() && last_lag_probe.elapsed() >= LAG_PROBE_INTERVAL {
             probe_lag(&consumer);
             last_lag_probe = Instant::now();
         }
-        match consumer.poll(wait) {
-            None => {}
-            Some(Err(e)) => {
-                metrics::counter!("audit_kafka_errors_total").increment(1);
-                warn!(error = %e, "consume error");
+        // Take what is already fetched in a burst, so that the loop's
+        // upkeep (clock reads, hand-off, pauses) is paid per burst, not per
+        // message. The burst may carry a batch a little past its size.
+        let mut wait = wait;
+        for _ in 0..BURST {
+            match consumer.poll(wait) {
+                None => break,
+                Some(Err(e)) => {
+                    metrics::counter!("audit_kafka_errors_total").increment(1);
+                    warn!(error = %e, "consume error");
+                    break;
+                }
+                Some(Ok(message)) => ingest_message(&ctx, &decoder, &message),
             }
-            Some(Ok(message)) => ingest_message(&ctx, &decoder, &message),
+            // A maintenance pause takes effect within one message, not one
+            // burst: the operator's switch is the point where intake stops.
+            if ctx.status.maintenance_paused() {
+                break;
+            }
+            wait = Duration::ZERO;
         }
     }
     info!("consumer stopping: flushing the open batch");
@@ -338,16 +382,31 @@ pub fn run_loop(
     info!("consumer stopped");
 }
 
-/// Closes a due batch and offers it to the writer; a full queue keeps it
-/// waiting (and the loop pauses). False when the writer is gone.
+/// Closes each lane's due batch and offers it to the lane's writer; a full
+/// queue keeps it waiting (and the loop pauses). False when a writer is gone.
 fn hand_off_due_batch(ctx: &IngestContext) -> bool {
-    let mut state = ctx.state();
-    let state = &mut *state;
-    if state.waiting.is_none() && state.builder.is_due(Instant::now()) {
-        state.waiting = state.builder.take(&mut state.positions);
+    let mut guard = ctx.state();
+    let state = &mut *guard;
+    let now = Instant::now();
+    for lane in &mut state.lanes {
+        if lane.waiting.is_none() && lane.builder.is_due(now) {
+            lane.waiting = lane.builder.take(&mut state.positions);
+        }
+        if !offer_waiting(ctx, lane) {
+            return false;
+        }
     }
-    if let Some(batch) = state.waiting.take() {
-        match ctx.commands.try_send(WriterCommand::Batch(batch)) {
+    true
+}
+
+/// The lane (writer) of a partition.
+fn lane_of(partition: i32, lanes: usize) -> usize {
+    partition.unsigned_abs() as usize % lanes.max(1)
+}
+
+fn offer_waiting(ctx: &IngestContext, lane: &mut Lane) -> bool {
+    if let Some(batch) = lane.waiting.take() {
+        match lane.commands.try_send(WriterCommand::Batch(batch)) {
             Ok(()) => {}
             Err(mpsc::error::TrySendError::Full(WriterCommand::Batch(batch))) => {
                 // The writer is busy: wait a little without polling. Fetching
@@ -355,12 +414,12 @@ fn hand_off_due_batch(ctx: &IngestContext) -> bool {
                 // pause (which drops that prefetch and costs a refetch) only
                 // pays off when the writer is stuck for longer.
                 let permit = ctx.runtime.block_on(async {
-                    tokio::time::timeout(BRIEF_BACKPRESSURE_WAIT, ctx.commands.reserve()).await
+                    tokio::time::timeout(BRIEF_BACKPRESSURE_WAIT, lane.commands.reserve()).await
                 });
                 match permit {
                     Ok(Ok(permit)) => permit.send(WriterCommand::Batch(batch)),
                     Ok(Err(_closed)) => return false,
-                    Err(_elapsed) => state.waiting = Some(batch),
+                    Err(_elapsed) => lane.waiting = Some(batch),
                 }
             }
             Err(_) => return false,
@@ -383,8 +442,10 @@ fn ingest_message(ctx: &IngestContext, decoder: &Decoder, message: &BorrowedMess
     };
     let payload = message.payload().unwrap_or_default();
     let mut backoff = ctx.retry_backoff.0;
+    // One clock read per message: the decoder's "now" and received_at.
+    let now = now_micros();
     let decoded = loop {
-        let result = decoder.decode(payload, now_micros());
+        let result = decoder.decode(payload, now);
         match result {
             Err(e) if e.is_transient() => {
                 // Not the message's fault (the schema registry is away):
@@ -399,26 +460,28 @@ fn ingest_message(ctx: &IngestContext, decoder: &Decoder, message: &BorrowedMess
             other => break other,
         }
     };
-    let mut state = ctx.state();
+    let mut guard = ctx.state();
+    let state = &mut *guard;
     if !state.positions.contains_key(&message.partition()) {
         // Consumed just before its partition was revoked; the next owner
         // reads it again.
         return;
     }
+    let lane = lane_of(message.partition(), state.lanes.len());
+    let builder = &mut state.lanes[lane].builder;
     match decoded {
         Ok((event, encoding)) => {
             metrics::counter!("audit_events_consumed_total", "encoding" => encoding.as_str()).increment(1);
-            let state = &mut *state;
             if let Some(detection) = state.detection.as_mut() {
                 let alerts = detection.observe(&event, message.partition());
-                state.builder.push_alerts(alerts);
+                builder.push_alerts(alerts);
             }
-            state.builder.push_event(source(), event, encoding, now_micros());
+            builder.push_event(source(), event, encoding, now);
         }
         Err(e) => {
             metrics::counter!("audit_events_consumed_total", "encoding" => "invalid").increment(1);
             debug!(reason = e.code(), partition = message.partition(), offset = message.offset(), "dead-lettering");
-            state.builder.push_dead(source(), &e);
+            builder.push_dead(source(), &e);
         }
     }
 }
@@ -464,8 +527,10 @@ fn reseek_fenced(consumer: &BaseConsumer<IngestContext>, partition: i32, epoch: 
     {
         let mut guard = ctx.state();
         let state = &mut *guard;
-        state.builder.discard_partitions(&[partition]);
-        if let Some(waiting) = &mut state.waiting {
+        let lane = lane_of(partition, state.lanes.len());
+        let lane = &mut state.lanes[lane];
+        lane.builder.discard_partitions(&[partition]);
+        if let Some(waiting) = &mut lane.waiting {
             waiting.remove_partitions(&[partition]);
         }
         let epoch = state.next_epoch;

@@ -26,6 +26,7 @@ pub const HEADER_TRUNCATED_FROM: &str = "dlq.payload.truncated_from";
 /// The cap applied after the broker refused a letter as too large anyway.
 const FALLBACK_PAYLOAD_CAP: usize = 64 * 1024;
 
+#[derive(Clone)]
 pub struct DeadLetterProducer {
     producer: FutureProducer,
     topic: String,

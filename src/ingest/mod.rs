@@ -15,7 +15,7 @@ pub mod dlq;
 pub mod status;
 pub mod writer;
 
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 
 use deadpool_postgres::Pool;
 use rdkafka::consumer::{BaseConsumer, Consumer};
@@ -23,6 +23,7 @@ use rdkafka::producer::FutureProducer;
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
+use crate::activity::hll::ActiveUsers;
 use crate::alerts::AlertEncoder;
 use crate::alerts::publisher::{AlertPublisher, run_sender};
 use crate::config::Config;
@@ -47,7 +48,7 @@ pub enum IngestError {
 /// The running pipeline; `join` waits until it has flushed and stopped.
 pub struct IngestHandle {
     consumer_thread: std::thread::JoinHandle<()>,
-    writer_task: tokio::task::JoinHandle<()>,
+    writer_tasks: Vec<tokio::task::JoinHandle<()>>,
     alert_sender: Option<tokio::task::JoinHandle<()>>,
 }
 
@@ -57,8 +58,10 @@ impl IngestHandle {
         if let Ok(Err(panic)) = consumer.await {
             tracing::error!(?panic, "consumer thread panicked");
         }
-        if let Err(e) = self.writer_task.await {
-            tracing::error!(error = %e, "writer task failed");
+        for task in self.writer_tasks {
+            if let Err(e) = task.await {
+                tracing::error!(error = %e, "writer task failed");
+            }
         }
         if let Some(sender) = self.alert_sender
             && let Err(e) = sender.await
@@ -79,7 +82,6 @@ pub fn start(
 ) -> Result<IngestHandle, IngestError> {
     let k = &config.kafka;
     let i = &config.ingest;
-    let (commands_tx, commands_rx) = mpsc::channel(i.max_queued_batches);
     let (events_tx, events_rx) = std::sync::mpsc::channel();
 
     let dlq_producer: FutureProducer = kafka::producer_config(k).create()?;
@@ -90,20 +92,31 @@ pub fn start(
         k.produce_timeout,
         k.dlq_max_payload_bytes,
     );
-    let writer = BatchWriter::new(
-        pool.clone(),
-        dlq,
-        WriterSettings {
-            activity: config.activity.enabled.then(|| config.activity.clone()),
-            group: k.group_id.clone(),
-            topic: k.events_topic.clone(),
-            method: i.insert_method,
-            initial_backoff: i.retry_initial_backoff,
-            max_backoff: i.retry_max_backoff,
-        },
-        status.clone(),
-        events_tx,
-    );
+    // One writer per lane, each with its own connection and queue.
+    let active_users = Arc::new(Mutex::new(ActiveUsers::default()));
+    let mut senders = Vec::new();
+    let mut writer_tasks = Vec::new();
+    for _ in 0..i.writers.max(1) {
+        let (commands_tx, commands_rx) = mpsc::channel(i.max_queued_batches);
+        let writer = BatchWriter::new(
+            pool.clone(),
+            dlq.clone(),
+            WriterSettings {
+                activity: config.activity.enabled.then(|| config.activity.clone()),
+                group: k.group_id.clone(),
+                topic: k.events_topic.clone(),
+                method: i.insert_method,
+                initial_backoff: i.retry_initial_backoff,
+                max_backoff: i.retry_max_backoff,
+            },
+            status.clone(),
+            events_tx.clone(),
+            active_users.clone(),
+        );
+        writer_tasks.push(tokio::spawn(writer.run(commands_rx)));
+        senders.push(commands_tx);
+    }
+    drop(events_tx);
 
     let (detection, alert_sender) = if config.detect.enabled {
         let detector = Detector::new(&config.detect)?;
@@ -136,7 +149,7 @@ pub fn start(
             initial_backoff: i.retry_initial_backoff,
             max_backoff: i.retry_max_backoff,
         },
-        commands_tx,
+        senders,
         status,
         detection,
         cancel,
@@ -144,9 +157,8 @@ pub fn start(
     let consumer: BaseConsumer<IngestContext> = kafka::consumer_config(k).create_with_context(context)?;
     consumer.subscribe(&[&k.events_topic])?;
 
-    let writer_task = tokio::spawn(writer.run(commands_rx));
     let consumer_thread = std::thread::Builder::new()
         .name("ingest-consumer".into())
         .spawn(move || consumer::run_loop(consumer, decoder, events_rx))?;
-    Ok(IngestHandle { consumer_thread, writer_task, alert_sender })
+    Ok(IngestHandle { consumer_thread, writer_tasks, alert_sender })
 }

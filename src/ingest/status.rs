@@ -16,6 +16,11 @@ pub struct IngestStatus {
     last_batch_at: AtomicI64,
     /// Newest event time (epoch micros) committed; i64::MIN before any.
     max_event_time: AtomicI64,
+    /// Activity delta rows written since the compactor last folded them.
+    pending_deltas: AtomicU64,
+    /// Monotonic time of the last commit, in ms since `started`.
+    last_commit_ms: AtomicU64,
+    started: std::sync::OnceLock<std::time::Instant>,
     batches_committed: AtomicU64,
     /// Unix seconds of the last database write failure; 0 when none.
     last_db_error_at: AtomicI64,
@@ -67,6 +72,31 @@ impl IngestStatus {
         self.last_batch_at.store(now, Ordering::SeqCst);
         self.batches_committed.fetch_add(1, Ordering::SeqCst);
         metrics::gauge!("audit_last_batch_stored_timestamp_seconds").set(now as f64);
+    }
+
+    fn since_start(&self) -> std::time::Duration {
+        self.started.get_or_init(std::time::Instant::now).elapsed()
+    }
+
+    /// A batch committed, appending `deltas` activity rows.
+    pub fn note_commit(&self, deltas: u64) {
+        self.pending_deltas.fetch_add(deltas, Ordering::SeqCst);
+        self.last_commit_ms.store(self.since_start().as_millis() as u64, Ordering::SeqCst);
+    }
+
+    pub fn pending_deltas(&self) -> u64 {
+        self.pending_deltas.load(Ordering::SeqCst)
+    }
+
+    /// The compactor folded `n` of them.
+    pub fn deltas_folded(&self, n: u64) {
+        let _ = self.pending_deltas.fetch_update(Ordering::SeqCst, Ordering::SeqCst, |p| Some(p.saturating_sub(n)));
+    }
+
+    /// How long since the last commit (since start when none).
+    pub fn idle_for(&self) -> std::time::Duration {
+        let last = std::time::Duration::from_millis(self.last_commit_ms.load(Ordering::SeqCst));
+        self.since_start().saturating_sub(last)
     }
 
     pub fn note_event_time(&self, t: i64) {

@@ -5,7 +5,7 @@
 //! this task is what pauses the consumer while PostgreSQL is away.
 
 use std::collections::HashMap;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use deadpool_postgres::Pool;
@@ -14,7 +14,7 @@ use tracing::{Instrument, debug, info_span, warn};
 
 use super::batch::Batch;
 use crate::activity::hll::ActiveUsers;
-use crate::activity::{ActivityConfig, action_label};
+use crate::activity::{ACTION_LABELS, ActivityConfig, action_label_index};
 use super::dlq::DeadLetterProducer;
 use super::status::IngestStatus;
 use crate::store::copy_format::RowRef;
@@ -55,7 +55,8 @@ pub struct BatchWriter {
     events: std::sync::mpsc::Sender<WriterEvent>,
     /// partition → epoch whose batches must be dropped (fenced).
     fenced: HashMap<i32, u64>,
-    active_users: ActiveUsers,
+    /// Shared by the lanes: one estimate of distinct active users.
+    active_users: Arc<Mutex<ActiveUsers>>,
 }
 
 enum AttemptError {
@@ -70,8 +71,9 @@ impl BatchWriter {
         settings: WriterSettings,
         status: Arc<IngestStatus>,
         events: std::sync::mpsc::Sender<WriterEvent>,
+        active_users: Arc<Mutex<ActiveUsers>>,
     ) -> Self {
-        BatchWriter { pool, dlq, settings, status, events, fenced: HashMap::new(), active_users: ActiveUsers::default() }
+        BatchWriter { pool, dlq, settings, status, events, fenced: HashMap::new(), active_users }
     }
 
     /// Handles commands until the consumer thread drops its sender.
@@ -212,6 +214,7 @@ impl BatchWriter {
             metrics::counter!("audit_events_dead_lettered_total", "reason" => letter.reason_code.clone()).increment(1);
         }
         self.status.batch_committed();
+        self.status.note_commit(result.activity_deltas);
         if let Some(newest) = batch.rows.iter().map(|r| r.event.occurred_at).max() {
             self.status.note_event_time(newest);
         }
@@ -226,20 +229,21 @@ impl BatchWriter {
     /// Logins, events by action and distinct active users (HyperLogLog over
     /// the last hour of event time).
     fn record_activity_metrics(&mut self, batch: &Batch) {
-        let mut by_action: HashMap<&'static str, u64> = HashMap::new();
+        let mut by_action = [0u64; ACTION_LABELS.len()];
+        let mut active_users = self.active_users.lock().unwrap_or_else(|e| e.into_inner());
         for row in &batch.rows {
-            *by_action.entry(action_label(&row.event.action)).or_default() += 1;
+            by_action[action_label_index(&row.event.action)] += 1;
             if let Some(user) = row.event.user_id.as_deref() {
-                self.active_users.add(user, row.event.occurred_at);
+                active_users.add(user, row.event.occurred_at);
             }
         }
-        for (action, n) in by_action {
-            metrics::counter!("audit_events_by_action_total", "action" => action).increment(n);
-            if action == "AUTH_LOGIN" {
-                metrics::counter!("audit_logins_total").increment(n);
+        for (action, n) in ACTION_LABELS.iter().zip(by_action) {
+            if n > 0 {
+                metrics::counter!("audit_events_by_action_total", "action" => *action).increment(n);
             }
         }
-        metrics::gauge!("audit_active_users_last_hour").set(self.active_users.estimate());
+        metrics::counter!("audit_logins_total").increment(by_action[0]);
+        metrics::gauge!("audit_active_users_last_hour").set(active_users.estimate());
     }
 
     async fn pause(&self, backoff: Duration) -> Duration {

@@ -124,6 +124,29 @@ impl Default for CopyStream {
     }
 }
 
+/// PostgreSQL type oids of the array elements written below.
+pub(crate) const OID_TEXT: u32 = 25;
+pub(crate) const OID_INT8: u32 = 20;
+pub(crate) const OID_TIMESTAMPTZ: u32 = 1184;
+pub(crate) const OID_INET: u32 = 869;
+
+/// A one-dimensional array field: `put_element` writes each element's
+/// length and bytes (or -1 for NULL) exactly as a field would be written.
+pub(crate) fn put_array<T>(b: &mut BytesMut, oid: u32, items: &[T], mut put_element: impl FnMut(&mut BytesMut, &T)) {
+    let len_at = b.len();
+    b.put_i32(0); // patched below
+    b.put_i32(1); // dimensions
+    b.put_i32(1); // may hold NULLs (a flag PostgreSQL does not require to be exact)
+    b.put_u32(oid);
+    b.put_i32(items.len() as i32);
+    b.put_i32(1); // lower bound
+    for item in items {
+        put_element(b, item);
+    }
+    let len = (b.len() - len_at - 4) as i32;
+    b[len_at..len_at + 4].copy_from_slice(&len.to_be_bytes());
+}
+
 pub(crate) fn put_i64(b: &mut BytesMut, v: i64) {
     b.put_i32(8);
     b.put_i64(v);

@@ -109,12 +109,9 @@ SELECT event_id, created_at, action, user_id, username, ip_address, user_agent, 
    AND (action = ANY($3::text[]) OR EXISTS (SELECT 1 FROM unnest($4::text[]) p WHERE starts_with(action, p)))
  ORDER BY created_at, kafka_partition, kafka_offset";
 
-/// Activity deltas of a batch (binary COPY, see migrations/0004).
-pub const COPY_USER_HOURLY_DELTAS: &str =
-    "COPY activity_user_hourly_deltas (user_id, hour, action, events) FROM STDIN BINARY";
-pub const COPY_HOURLY_DELTAS: &str = "COPY activity_hourly_deltas (hour, action, events) FROM STDIN BINARY";
-pub const COPY_SESSION_DELTAS: &str = "COPY session_deltas (session_id, user_id, ip_address, user_agent, started_at, \
-     last_seen_at, ended_at, end_reason) FROM STDIN BINARY";
+/// A batch's activity deltas: one row of parallel arrays (migrations/0004).
+pub const COPY_ACTIVITY_DELTAS: &str = "COPY activity_delta_batches (user_ids, hours, actions, events, session_ids, \
+     s_user_ids, s_ips, s_agents, s_started, s_last_seen, s_ended, s_reasons) FROM STDIN BINARY";
 
 /// Folds pending activity deltas; returns delta rows moved.
 pub const ACTIVITY_COMPACT: &str = "SELECT activity_compact()";

@@ -72,6 +72,8 @@ pub struct WriteResult {
     pub duplicates: u64,
     /// True when the batch took the de-duplicating path.
     pub staged: bool,
+    /// Activity delta rows appended (for the compactor's pacing).
+    pub activity_deltas: u64,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -93,11 +95,13 @@ pub enum WriteError {
 /// Writes and commits the set. The client must not be inside a transaction.
 pub async fn write(client: &mut Client, set: &WriteSet<'_>, method: InsertMethod) -> Result<WriteResult, WriteError> {
     let mut tx = client.transaction().await?;
-    let (result, inserted) = insert_rows(&mut tx, &set.rows, method).await?;
+    let (mut result, inserted) = insert_rows(&mut tx, &set.rows, method).await?;
     if let Some(cfg) = set.activity {
         // From the rows actually inserted: a duplicate adds nothing.
         let events = set.rows.iter().filter(|r| inserted.contains(&r.event.event_id)).map(|r| r.event);
-        ActivityDeltas::from_events(cfg, events).write(&tx).await?;
+        let deltas = ActivityDeltas::from_events(cfg, events);
+        deltas.write(&tx).await?;
+        result.activity_deltas = deltas.rows() as u64;
     }
     record_dead_letters(&tx, set).await?;
     record_alerts(&tx, &set.alerts).await?;
@@ -132,7 +136,7 @@ async fn insert_rows(
     if method == InsertMethod::OptimisticCopy {
         let attempt = {
             let sp = tx.savepoint("optimistic_copy").await?;
-            match copy_rows(&sp, queries::COPY_AUDIT_LOGS, rows).await {
+            match copy_rows(&sp, queries::COPY_AUDIT_LOGS, rows.iter()).await {
                 Ok(n) => sp.commit().await.map(|_| Some(n)),
                 // Dropping the savepoint rolls back to it.
                 Err(e) if is_unique_violation(&e) || is_data_error(&e) => Ok(None),
@@ -140,7 +144,7 @@ async fn insert_rows(
             }
         }?;
         if let Some(inserted) = attempt {
-            return Ok((WriteResult { inserted, duplicates: 0, staged: false }, Inserted::All));
+            return Ok((WriteResult { inserted, duplicates: 0, staged: false, activity_deltas: 0 }, Inserted::All));
         }
     }
     let refs: Vec<&RowRef<'_>> = rows.iter().collect();
@@ -155,7 +159,7 @@ async fn insert_rows(
     match attempt {
         Some(ids) => {
             let inserted = ids.len() as u64;
-            let result = WriteResult { inserted, duplicates: rows.len() as u64 - inserted, staged: true };
+            let result = WriteResult { inserted, duplicates: rows.len() as u64 - inserted, staged: true, activity_deltas: 0 };
             Ok((result, Inserted::Only(ids)))
         }
         None => Err(WriteError::Rejected(find_rejected(tx, rows).await?)),
@@ -206,9 +210,10 @@ async fn find_rejected(tx: &mut Transaction<'_>, rows: &[RowRef<'_>]) -> Result<
 async fn copy_rows<'r>(
     tx: &Transaction<'_>,
     statement: &str,
-    rows: impl IntoIterator<Item = &'r RowRef<'r>>,
+    rows: impl ExactSizeIterator<Item = &'r RowRef<'r>>,
 ) -> Result<u64, tokio_postgres::Error> {
-    let mut encoder = CopyEncoder::with_capacity(256 * 1024);
+    // Sized for a typical row, so the buffer rarely grows (and copies).
+    let mut encoder = CopyEncoder::with_capacity(rows.len() * 384);
     for row in rows {
         encoder.push(row);
     }
