@@ -11,14 +11,18 @@
 -- Events per user, hour and action (admin actions per admin included).
 -- fillfactor: room on each page, so that adding to a count is a HOT update
 -- (no index entry rewritten).
+-- Key columns compare bytewise (COLLATE "C"): the compactor sorts and
+-- inserts hundreds of thousands of keys, and locale rules buy nothing here.
 CREATE TABLE activity_user_hourly (
-    user_id text        NOT NULL,
+    user_id text COLLATE "C" NOT NULL,
     hour    timestamptz NOT NULL,
     action  text COLLATE "C" NOT NULL,
     events  bigint      NOT NULL,
     PRIMARY KEY (user_id, hour, action)
 ) WITH (fillfactor = 80);
-CREATE INDEX activity_user_hourly_hour_idx ON activity_user_hourly (hour);
+-- Folds append rows of recent hours: a BRIN index finds a time range at
+-- almost no cost to the fold (a B-tree here cost a second index insert).
+CREATE INDEX activity_user_hourly_hour_idx ON activity_user_hourly USING brin (hour);
 
 -- Events per hour and action, system-wide (events without a user too).
 CREATE TABLE activity_hourly (
@@ -32,8 +36,8 @@ CREATE TABLE activity_hourly (
 -- latest activity, first end), so duplicates and out-of-order events (a
 -- logout before its login) still give one correct session.
 CREATE TABLE sessions (
-    session_id   text        PRIMARY KEY,
-    user_id      text,
+    session_id   text COLLATE "C" PRIMARY KEY,
+    user_id      text COLLATE "C",
     ip_address   inet,
     user_agent   text,
     started_at   timestamptz,
@@ -76,12 +80,12 @@ ALTER TABLE activity_delta_batches
 
 -- The pending deltas, one row per entry.
 CREATE VIEW activity_rollup_deltas AS
-SELECT r.user_id, r.hour, r.action COLLATE "C" AS action, r.events
+SELECT r.user_id COLLATE "C" AS user_id, r.hour, r.action COLLATE "C" AS action, r.events
   FROM activity_delta_batches b,
        unnest(b.user_ids, b.hours, b.actions, b.events) AS r(user_id, hour, action, events);
 
 CREATE VIEW session_deltas AS
-SELECT s.session_id, s.user_id, s.ip_address, s.user_agent, s.started_at, s.last_seen_at, s.ended_at, s.end_reason
+SELECT s.session_id COLLATE "C" AS session_id, s.user_id COLLATE "C" AS user_id, s.ip_address, s.user_agent, s.started_at, s.last_seen_at, s.ended_at, s.end_reason
   FROM activity_delta_batches b,
        unnest(b.session_ids, b.s_user_ids, b.s_ips, b.s_agents, b.s_started, b.s_last_seen, b.s_ended, b.s_reasons)
            AS s(session_id, user_id, ip_address, user_agent, started_at, last_seen_at, ended_at, end_reason);
@@ -116,44 +120,46 @@ SELECT session_id,
  GROUP BY session_id;
 
 -- Folds every pending delta into the final tables; returns how many rollup
--- and session rows it wrote. Runs in the caller's transaction.
+-- and session rows it wrote. Runs in the caller's transaction, which must be
+-- REPEATABLE READ: every statement then sees the same delta rows, and the
+-- final DELETE removes exactly those (batches committed meanwhile stay for
+-- the next fold). A second compactor that raced on the same rows fails on
+-- its DELETE with a serialization error and rolls back: nothing is counted
+-- twice.
 CREATE FUNCTION activity_compact() RETURNS bigint
 LANGUAGE plpgsql AS $$
 DECLARE
     moved bigint := 0;
     n bigint;
 BEGIN
-    -- One compactor at a time (several instances may run one each).
-    PERFORM pg_advisory_xact_lock(hashtext('activity_compact'));
-
-    -- Take the pending batches (and nothing that commits meanwhile).
-    CREATE TEMP TABLE IF NOT EXISTS activity_folding (LIKE activity_delta_batches) ON COMMIT DELETE ROWS;
-    WITH taken AS (DELETE FROM activity_delta_batches RETURNING *)
-    INSERT INTO activity_folding SELECT * FROM taken;
-    GET DIAGNOSTICS n = ROW_COUNT;
-    IF n = 0 THEN
-        RETURN 0;
+    IF current_setting('transaction_isolation') <> 'repeatable read' THEN
+        RAISE EXCEPTION 'activity_compact() needs a REPEATABLE READ transaction';
     END IF;
+    PERFORM pg_advisory_xact_lock(hashtext('activity_compact'));
+    -- Aggregate and sort a fold in memory rather than in temp files.
+    PERFORM set_config('work_mem', '256MB', true);
 
-    WITH r AS (SELECT u.* FROM activity_folding b,
+    -- Sorted in key order, so that the upserts walk the index in order.
+    WITH r AS (SELECT u.* FROM activity_delta_batches b,
                       unnest(b.user_ids, b.hours, b.actions, b.events) AS u(user_id, hour, action, events)),
-         a AS (SELECT user_id, hour, action, sum(events) AS events FROM r WHERE user_id IS NOT NULL GROUP BY 1, 2, 3)
+         a AS (SELECT user_id COLLATE "C" AS user_id, hour, action COLLATE "C" AS action, sum(events) AS events
+                 FROM r WHERE user_id IS NOT NULL GROUP BY 1, 2, 3 ORDER BY 1, 2, 3)
     INSERT INTO activity_user_hourly AS t SELECT * FROM a
     ON CONFLICT (user_id, hour, action) DO UPDATE SET events = t.events + EXCLUDED.events;
     GET DIAGNOSTICS n = ROW_COUNT;
     moved := moved + n;
 
-    WITH r AS (SELECT u.* FROM activity_folding b,
+    WITH r AS (SELECT u.* FROM activity_delta_batches b,
                       unnest(b.hours, b.actions, b.events) AS u(hour, action, events)),
          a AS (SELECT hour, action, sum(events) AS events FROM r GROUP BY 1, 2)
     INSERT INTO activity_hourly AS t SELECT * FROM a
     ON CONFLICT (hour, action) DO UPDATE SET events = t.events + EXCLUDED.events;
 
-    WITH d AS (SELECT s.* FROM activity_folding b,
+    WITH d AS (SELECT s.* FROM activity_delta_batches b,
                       unnest(b.session_ids, b.s_user_ids, b.s_ips, b.s_agents, b.s_started, b.s_last_seen, b.s_ended,
                              b.s_reasons)
                       AS s(session_id, user_id, ip_address, user_agent, started_at, last_seen_at, ended_at, end_reason)),
-         a AS (SELECT session_id,
+         a AS (SELECT session_id COLLATE "C" AS session_id,
                       (array_agg(user_id ORDER BY started_at NULLS LAST) FILTER (WHERE user_id IS NOT NULL))[1] AS user_id,
                       (array_agg(ip_address ORDER BY started_at NULLS LAST) FILTER (WHERE ip_address IS NOT NULL))[1] AS ip_address,
                       (array_agg(user_agent ORDER BY started_at NULLS LAST) FILTER (WHERE user_agent IS NOT NULL))[1] AS user_agent,
@@ -161,7 +167,7 @@ BEGIN
                       max(last_seen_at) AS last_seen_at,
                       min(ended_at) AS ended_at,
                       (array_agg(end_reason ORDER BY ended_at) FILTER (WHERE ended_at IS NOT NULL))[1] AS end_reason
-                 FROM d GROUP BY session_id)
+                 FROM d GROUP BY 1 ORDER BY 1)
     INSERT INTO sessions AS s SELECT * FROM a
     ON CONFLICT (session_id) DO UPDATE SET
         user_id      = coalesce(s.user_id, EXCLUDED.user_id),
@@ -177,6 +183,8 @@ BEGIN
         ended_at     = least(s.ended_at, EXCLUDED.ended_at);
     GET DIAGNOSTICS n = ROW_COUNT;
     moved := moved + n;
+
+    DELETE FROM activity_delta_batches;
     RETURN moved;
 END
 $$;

@@ -25,7 +25,13 @@ const CHECK_EVERY: Duration = Duration::from_millis(250);
 /// One compaction, in one transaction; returns delta rows folded.
 pub async fn compact_once(pool: &Pool) -> Result<i64, String> {
     let mut client = pool.get().await.map_err(|e| e.to_string())?;
-    let tx = client.transaction().await.map_err(|e| e.to_string())?;
+    // REPEATABLE READ: one snapshot of the deltas for the whole fold.
+    let tx = client
+        .build_transaction()
+        .isolation_level(tokio_postgres::IsolationLevel::RepeatableRead)
+        .start()
+        .await
+        .map_err(|e| e.to_string())?;
     let moved: i64 = tx.query_one(queries::ACTIVITY_COMPACT, &[]).await.map_err(|e| e.to_string())?.get(0);
     tx.commit().await.map_err(|e| e.to_string())?;
     metrics::counter!("audit_activity_deltas_folded_total").increment(moved.max(0) as u64);
