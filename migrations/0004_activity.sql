@@ -119,6 +119,45 @@ SELECT session_id,
   FROM (SELECT * FROM sessions UNION ALL SELECT * FROM session_deltas) s
  GROUP BY session_id;
 
+-- One user's sessions, merged by the rules of sessions_v (keep the two in
+-- step) without merging everyone's: the user's session ids come from the
+-- folded rows (by index) and from the pending deltas, and only those merge.
+-- The pending deltas are read twice, so the cost grows with what is pending
+-- (bounded by max_pending_deltas), not with all sessions ever stored.
+CREATE FUNCTION user_sessions(p_user text) RETURNS SETOF sessions_v
+LANGUAGE sql STABLE AS $$
+    WITH ids AS (SELECT session_id FROM sessions WHERE user_id = p_user
+                 UNION
+                 SELECT session_id FROM session_deltas WHERE user_id = p_user)
+    SELECT session_id,
+           (array_agg(user_id ORDER BY started_at NULLS LAST) FILTER (WHERE user_id IS NOT NULL))[1],
+           (array_agg(ip_address ORDER BY started_at NULLS LAST) FILTER (WHERE ip_address IS NOT NULL))[1],
+           (array_agg(user_agent ORDER BY started_at NULLS LAST) FILTER (WHERE user_agent IS NOT NULL))[1],
+           min(started_at),
+           max(last_seen_at),
+           min(ended_at),
+           (array_agg(end_reason ORDER BY ended_at) FILTER (WHERE ended_at IS NOT NULL))[1]
+      FROM (SELECT * FROM sessions WHERE session_id IN (SELECT session_id FROM ids)
+            UNION ALL
+            SELECT * FROM session_deltas WHERE session_id IN (SELECT session_id FROM ids)) s
+     GROUP BY session_id
+$$;
+
+-- Folded sessions still open: counted from a small partial index.
+CREATE INDEX sessions_open_idx ON sessions (session_id) WHERE ended_at IS NULL;
+
+-- Sessions open now, exactly as sessions_v would count them: the folded
+-- open ones, less those a pending delta ends, plus the pending-only ones
+-- that no delta ends. Never merges every session.
+CREATE FUNCTION open_session_count() RETURNS bigint
+LANGUAGE sql STABLE AS $$
+    WITH p AS (SELECT session_id, bool_or(ended_at IS NOT NULL) AS ends FROM session_deltas GROUP BY session_id)
+    SELECT (SELECT count(*) FROM sessions WHERE ended_at IS NULL)
+         - (SELECT count(*) FROM p JOIN sessions s USING (session_id) WHERE s.ended_at IS NULL AND p.ends)
+         + (SELECT count(*) FROM p WHERE NOT p.ends
+                                     AND NOT EXISTS (SELECT 1 FROM sessions s WHERE s.session_id = p.session_id))
+$$;
+
 -- Folds every pending delta into the final tables; returns how many rollup
 -- and session rows it wrote. Runs in the caller's transaction, which must be
 -- REPEATABLE READ: every statement then sees the same delta rows, and the

@@ -26,6 +26,19 @@ async fn difference(db: &TestDb, a: &str, b: &str) -> i64 {
         .await
 }
 
+/// The per-user read (`user_sessions`) and the open-session count give what
+/// merging every session (`sessions_v`) gives, for a sample of 50 users.
+async fn assert_session_reads_agree(db: &TestDb) {
+    let users = "SELECT DISTINCT user_id FROM sessions_v WHERE user_id IS NOT NULL ORDER BY 1 LIMIT 50";
+    let per_user = format!("SELECT u.user_id, s.* FROM ({users}) u, LATERAL user_sessions(u.user_id) s");
+    let merged = format!("SELECT user_id, * FROM sessions_v WHERE user_id IN ({users})");
+    assert!(db.count(&format!("SELECT count(*) FROM ({merged}) m")).await > 50);
+    assert_eq!(difference(db, &per_user, &merged).await, 0);
+    let open = db.count("SELECT count(*) FROM sessions_v WHERE ended_at IS NULL").await;
+    assert!(open > 0);
+    assert_eq!(db.count("SELECT open_session_count()").await, open);
+}
+
 const USER_ROLLUP: &str = "SELECT user_id, hour, action, events FROM activity_user_hourly_v";
 const USER_GROUP_BY: &str = "SELECT user_id, date_trunc('hour', created_at), action, count(*) FROM audit_logs \
                              WHERE user_id IS NOT NULL GROUP BY 1, 2, 3";
@@ -65,6 +78,7 @@ fn after_a_large_mixed_ingest_every_rollup_equals_the_group_by_exactly() {
         // Exact at any moment through the views (folded + pending deltas)...
         assert_eq!(difference(&db, USER_ROLLUP, USER_GROUP_BY).await, 0);
         assert_eq!(difference(&db, SYSTEM_ROLLUP, SYSTEM_GROUP_BY).await, 0);
+        assert_session_reads_agree(&db).await;
         // ...and in the final tables once the compactor has folded everything.
         eventually(Duration::from_secs(30), "deltas folded", || async {
             let pending = db.count("SELECT count(*) FROM activity_delta_batches").await;
@@ -79,6 +93,7 @@ fn after_a_large_mixed_ingest_every_rollup_equals_the_group_by_exactly() {
         let sessions_from_logs = "SELECT session_id, min(created_at) FILTER (WHERE action = 'AUTH_LOGIN'), max(created_at) \
                                   FROM audit_logs WHERE session_id IS NOT NULL GROUP BY 1";
         assert_eq!(difference(&db, "SELECT session_id, started_at, last_seen_at FROM sessions", sessions_from_logs).await, 0);
+        assert_session_reads_agree(&db).await;
     });
 }
 
@@ -267,6 +282,48 @@ fn the_activity_endpoints_answer_from_sessions_and_rollups() {
         assert_eq!(e["error"]["code"], "invalid_timestamp");
         let (status, _) = get_json(running.http_addr, "/api/v1/audit/users/alice/activity?days=100000", token).await;
         assert_eq!(status, 400);
+        running.stop();
+        running.wait().await;
+    });
+}
+
+/// The per-user and counting session reads stay exact while deltas are
+/// pending on top of folded sessions: half the stream is folded, the other
+/// half (logouts of folded sessions among it) stays pending, then is folded.
+#[test]
+fn session_reads_are_exact_over_folded_and_pending_deltas() {
+    let kafka = EmbeddedKafka::start(1).unwrap();
+    let names = Names::new();
+    names.create(&kafka, 2);
+    let rt = rt();
+    rt.block_on(async {
+        let db = TestDb::create().await;
+        let mut config = service_config(&db, &kafka, &names);
+        // Only this test folds.
+        config.activity.compact_when_idle_for = Duration::from_secs(3600);
+        config.activity.compact_interval = Duration::from_secs(3600);
+        config.detect.enabled = false;
+        let mut generator = loadgen::EventGenerator::new(45, 300);
+        let now = chrono::Utc::now().timestamp_micros();
+        let evs: Vec<AuthEvent> = (0..6_000).map(|i| generator.next_event(now - 60 * MIN + i * 500_000)).collect();
+        let (first, second) = evs.split_at(3_000);
+        let producer = producer(&kafka);
+        let pool = audit_service::store::connect_pool(&config.database, 2).unwrap();
+        let running = service::start(&config, CancellationToken::new()).await.unwrap();
+        produce_events(&producer, &names.events, first, &[WireFormat::Json]);
+        eventually(Duration::from_secs(60), "first half stored", || async { (all_offsets(&db).await == 3_000).then_some(()) }).await;
+        compactor::compact_once(&pool).await.unwrap();
+        assert_eq!(db.count("SELECT count(*) FROM activity_delta_batches").await, 0);
+        produce_events(&producer, &names.events, second, &[WireFormat::Json]);
+        eventually(Duration::from_secs(60), "second half stored", || async { (all_offsets(&db).await == 6_000).then_some(()) }).await;
+        // Pending deltas that end sessions already folded as open.
+        assert!(db.count("SELECT count(*) FROM activity_delta_batches").await > 0);
+        let ended_by_pending = "SELECT count(*) FROM sessions s JOIN session_deltas d USING (session_id) \
+                                WHERE s.ended_at IS NULL AND d.ended_at IS NOT NULL";
+        assert!(db.count(ended_by_pending).await > 0);
+        assert_session_reads_agree(&db).await;
+        compactor::compact_once(&pool).await.unwrap();
+        assert_session_reads_agree(&db).await;
         running.stop();
         running.wait().await;
     });

@@ -329,16 +329,16 @@ VALUES ($1, now(), $2, $3, $4, $5, $6, $7, -1, nextval('admin_event_offset_seq')
 /// A user's open sessions, newest first. $1 user.
 pub const USER_OPEN_SESSIONS: &str = "
 SELECT session_id, started_at, last_seen_at, host(ip_address), user_agent
-  FROM sessions_v
- WHERE user_id = $1 AND ended_at IS NULL
+  FROM user_sessions($1)
+ WHERE ended_at IS NULL
  ORDER BY last_seen_at DESC
  LIMIT 100";
 
 /// A user's sessions active since $2, newest first, at most $3.
 pub const USER_RECENT_SESSIONS: &str = "
 SELECT session_id, started_at, last_seen_at, ended_at, end_reason, host(ip_address), user_agent
-  FROM sessions_v
- WHERE user_id = $1 AND last_seen_at >= $2
+  FROM user_sessions($1)
+ WHERE last_seen_at >= $2
  ORDER BY last_seen_at DESC
  LIMIT $3";
 
@@ -361,11 +361,11 @@ SELECT since, coalesce(sum(events) FILTER (WHERE action = ANY($3::text[])), 0)::
 /// Distinct addresses and user agents a user logged in from since $2.
 pub const USER_DISTINCT_ORIGINS: &str = "
 SELECT array_remove(array_agg(DISTINCT host(ip_address)), NULL), array_remove(array_agg(DISTINCT user_agent), NULL)
-  FROM sessions_v
- WHERE user_id = $1 AND last_seen_at >= $2";
+  FROM user_sessions($1)
+ WHERE last_seen_at >= $2";
 
 /// Sessions open now.
-pub const ACTIVE_SESSIONS: &str = "SELECT count(*) FROM sessions_v WHERE ended_at IS NULL";
+pub const ACTIVE_SESSIONS: &str = "SELECT open_session_count()";
 
 /// Distinct users with events in [$1, $2) (whole hours).
 pub const ACTIVE_USERS: &str = "

@@ -117,7 +117,8 @@ pub const COPY_ACTIVITY_DELTAS: &str = "COPY activity_delta_batches (user_ids, h
 pub const ACTIVITY_COMPACT: &str = "SELECT activity_compact()";
 /// Closes sessions idle since before $1 - $2 (event time); $2 is an interval as text.
 pub const ACTIVITY_CLOSE_IDLE: &str = "SELECT activity_close_idle($1, $2::text::interval)";
-pub const ACTIVE_SESSIONS: &str = "SELECT count(*) FROM sessions WHERE ended_at IS NULL";
+/// Sessions open now, pending deltas included.
+pub const ACTIVE_SESSIONS: &str = "SELECT open_session_count()";
 
 /// Creates the missing daily partitions between two dates (inclusive).
 pub const ENSURE_PARTITIONS: &str = "SELECT audit_ensure_partitions($1::date, $2::date)";
