@@ -298,6 +298,20 @@ async fn run_service(kafka: &EmbeddedKafka, topic: &str, n: u64, method: Option<
     result
 }
 
+/// One binary COPY of `bytes` into audit_logs, in one transaction, sent in
+/// 1 MiB chunks; the rows copied.
+async fn copy_in_one_transaction(client: &mut tokio_postgres::Client, bytes: &bytes::Bytes) -> u64 {
+    let tx = client.transaction().await.unwrap();
+    let sink = tx.copy_in::<_, bytes::Bytes>(queries::COPY_AUDIT_LOGS).await.unwrap();
+    let mut sink = std::pin::pin!(sink);
+    for chunk in bytes.chunks(1 << 20) {
+        sink.send(bytes::Bytes::copy_from_slice(chunk)).await.unwrap();
+    }
+    let n = sink.as_mut().finish().await.unwrap();
+    tx.commit().await.unwrap();
+    n
+}
+
 /// (b) the ceiling: one binary COPY of the same rows, one transaction.
 async fn copy_ceiling(events: &[AuthEvent]) -> RunResult {
     let db = FreshDb::migrated("copy").await;
@@ -310,14 +324,7 @@ async fn copy_ceiling(events: &[AuthEvent]) -> RunResult {
     let mut client = connect(&db.url).await;
     checkpoint().await;
     let started = Instant::now();
-    let tx = client.transaction().await.unwrap();
-    let sink = tx.copy_in::<_, bytes::Bytes>(queries::COPY_AUDIT_LOGS).await.unwrap();
-    let mut sink = std::pin::pin!(sink);
-    for chunk in bytes.chunks(1 << 20) {
-        sink.send(bytes::Bytes::copy_from_slice(chunk)).await.unwrap();
-    }
-    let n = sink.as_mut().finish().await.unwrap();
-    tx.commit().await.unwrap();
+    let n = copy_in_one_transaction(&mut client, &bytes).await;
     let seconds = started.elapsed().as_secs_f64();
     assert_eq!(n as usize, events.len());
     drop(client);
@@ -343,17 +350,7 @@ async fn copy_parallel(events: &[AuthEvent], k: usize) -> RunResult {
     }
     checkpoint().await;
     let started = Instant::now();
-    let copies = clients.iter_mut().zip(&streams).map(|(client, bytes)| async move {
-        let tx = client.transaction().await.unwrap();
-        let sink = tx.copy_in::<_, bytes::Bytes>(queries::COPY_AUDIT_LOGS).await.unwrap();
-        let mut sink = std::pin::pin!(sink);
-        for chunk in bytes.chunks(1 << 20) {
-            sink.send(bytes::Bytes::copy_from_slice(chunk)).await.unwrap();
-        }
-        let n = sink.as_mut().finish().await.unwrap();
-        tx.commit().await.unwrap();
-        n
-    });
+    let copies = clients.iter_mut().zip(&streams).map(|(client, bytes)| copy_in_one_transaction(client, bytes));
     let n: u64 = futures::future::join_all(copies).await.into_iter().sum();
     let seconds = started.elapsed().as_secs_f64();
     assert_eq!(n as usize, events.len());
