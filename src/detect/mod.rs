@@ -278,8 +278,9 @@ pub struct Detector {
     /// Earliest event time at which some episode may resolve.
     next_resolution: EpochMicros,
     emitting: bool,
-    /// Open episodes per instance (most instances have none most of the time).
-    open_per_instance: Vec<u32>,
+    /// Keys with an open episode, per instance: only their events (and
+    /// those crossing a level) need judging.
+    open_keys: Vec<KeySet>,
     judgments: Vec<Judgment>,
     pending: PendingMetrics,
     last_eviction: Instant,
@@ -348,7 +349,7 @@ impl Detector {
             episodes: FastMap::default(),
             next_resolution: EpochMicros::MAX,
             emitting: true,
-            open_per_instance: vec![0; n],
+            open_keys: vec![KeySet::default(); n],
             judgments: Vec::new(),
             pending: PendingMetrics { keys_dropped: vec![0; n], evicted: vec![0; n], ..Default::default() },
             last_eviction: Instant::now(),
@@ -396,7 +397,7 @@ impl Detector {
             }) else {
                 continue; // the rule was removed or changed its keys
             };
-            self.open_per_instance[index] += 1;
+            self.open_keys[index].insert(ep.key_hash);
             self.episodes.insert(
                 (index, ep.key_hash),
                 Episode {
@@ -486,7 +487,7 @@ impl Detector {
 
     /// One key slot for one event: one lookup, then each member rule.
     fn observe_slot(&mut self, s: usize, mask: u64, plan: &ActionPlan, e: &AuthEvent, judgments: &mut Vec<Judgment>) {
-        let Detector { rules, instances, slots, pending, open_per_instance, max_keys, .. } = self;
+        let Detector { rules, instances, slots, pending, open_keys, max_keys, .. } = self;
         let slot = &mut slots[s];
         // Members that ignore this event (allow-listed subject) drop out.
         let mut members = mask;
@@ -539,9 +540,9 @@ impl Detector {
             let rule = &rules[inst.rule];
             let is_counted = plan.counted & (1 << i) != 0;
             let is_then = plan.then & (1 << i) != 0;
-            let quiet = open_per_instance[i] == 0;
+            let open = open_keys[i].contains(&key);
             if let Some((count, calm_at, first)) =
-                Self::observe_member(rule, inst, &mut states[inst.member], key, e, is_counted, is_then, quiet)
+                Self::observe_member(rule, inst, &mut states[inst.member], key, e, is_counted, is_then, open)
             {
                 judgments.push(Judgment { instance: i, key, count, calm_at, first });
             }
@@ -560,7 +561,7 @@ impl Detector {
         e: &AuthEvent,
         counted: bool,
         then: bool,
-        quiet_instance: bool,
+        open: bool,
     ) -> Option<(u32, EpochMicros, Option<EpochMicros>)> {
         let t = e.occurred_at;
         let w = rule.window_micros;
@@ -569,7 +570,7 @@ impl Detector {
         // Below every threshold and no open episode: nothing to judge, and
         // the calm time and first event need not be computed (the common
         // case, kept cheap).
-        let needs_judging = |count: u32| !quiet_instance || rule.level_for(count).is_some();
+        let needs_judging = |count: u32| open || rule.level_for(count).is_some();
         match state {
             RuleState::Times(list) if rule.kind == RuleKind::Sequence => {
                 let armed = inst.armed.as_mut().expect("sequence instances keep an armed set");
@@ -658,7 +659,7 @@ impl Detector {
                 self.next_resolution = self.next_resolution.min(ep.calm_at.saturating_add(self.quiet));
                 let tr = self.transition(i, key, &ep, AlertState::Firing, threshold);
                 self.episodes.insert((i, key), ep);
-                self.open_per_instance[i] += 1;
+                self.open_keys[i].insert(key);
                 self.push(tr, out);
             }
             Some(ep) => {
@@ -711,7 +712,7 @@ impl Detector {
     }
 
     fn emit_resolved(&mut self, i: usize, key: u64, mut ep: Episode, out: &mut Vec<Transition>) {
-        self.open_per_instance[i] = self.open_per_instance[i].saturating_sub(1);
+        self.open_keys[i].remove(&key);
         ep.count = self.current_count(i, key, ep.calm_at.saturating_add(self.quiet));
         let calm_threshold = self.rules[self.instances[i].rule].calm_threshold();
         let tr = self.transition(i, key, &ep, AlertState::Resolved, calm_threshold);
