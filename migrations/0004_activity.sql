@@ -239,3 +239,49 @@ LANGUAGE sql AS $$
         RETURNING 1)
     SELECT count(*) FROM closed
 $$;
+
+-- Retention for what the tracker derived from the audit log: rollup hours
+-- that end at or before the cutoff, and sessions last seen before it, go
+-- with the events they were counted from. Called by the audit log cleanup
+-- in its transaction. One row per table ('delete', exact counts), like
+-- audit_retention_cleanup; with p_dry_run the rows are only counted.
+-- (Deltas still pending for such old hours are folded later and removed by
+-- the next cleanup.)
+CREATE FUNCTION activity_retention_cleanup(p_cutoff timestamptz, p_dry_run boolean)
+RETURNS TABLE (action text, table_name text, row_count bigint)
+LANGUAGE plpgsql AS $$
+DECLARE
+    n bigint;
+BEGIN
+    action := 'delete';
+    table_name := 'activity_user_hourly';
+    IF p_dry_run THEN
+        SELECT count(*) INTO n FROM activity_user_hourly WHERE hour <= p_cutoff - interval '1 hour';
+    ELSE
+        DELETE FROM activity_user_hourly WHERE hour <= p_cutoff - interval '1 hour';
+        GET DIAGNOSTICS n = ROW_COUNT;
+    END IF;
+    row_count := n;
+    RETURN NEXT;
+
+    table_name := 'activity_hourly';
+    IF p_dry_run THEN
+        SELECT count(*) INTO n FROM activity_hourly WHERE hour <= p_cutoff - interval '1 hour';
+    ELSE
+        DELETE FROM activity_hourly WHERE hour <= p_cutoff - interval '1 hour';
+        GET DIAGNOSTICS n = ROW_COUNT;
+    END IF;
+    row_count := n;
+    RETURN NEXT;
+
+    table_name := 'sessions';
+    IF p_dry_run THEN
+        SELECT count(*) INTO n FROM sessions WHERE last_seen_at < p_cutoff;
+    ELSE
+        DELETE FROM sessions WHERE last_seen_at < p_cutoff;
+        GET DIAGNOSTICS n = ROW_COUNT;
+    END IF;
+    row_count := n;
+    RETURN NEXT;
+END
+$$;

@@ -1101,6 +1101,54 @@ async fn slow_query_ends_at_the_statement_timeout() {
 // Cleanup, retention, maintenance, reports
 // ---------------------------------------------------------------------------
 
+/// Sessions and rollup hours derived from removed events go with them: a
+/// rollup hour once it has ended before the cutoff, a session once last
+/// seen before it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cleanup_removes_the_sessions_and_rollups_of_removed_events() {
+    let api = Api::start_with("", "[retention]\nmin_days = 30\ndays = 60\n").await;
+    let client = api.client().await;
+    client
+        .batch_execute(
+            "INSERT INTO activity_user_hourly (user_id, hour, action, events) VALUES
+                 ('ann', date_trunc('hour', now() - interval '40 days'), 'AUTH_LOGIN', 3),
+                 ('ann', date_trunc('hour', now() - interval '31 days'), 'AUTH_LOGIN', 1),
+                 ('ann', date_trunc('hour', now() - interval '1 day'), 'AUTH_LOGIN', 2);
+             INSERT INTO activity_hourly (hour, action, events) VALUES
+                 (date_trunc('hour', now() - interval '40 days'), 'AUTH_LOGIN', 3),
+                 (date_trunc('hour', now() - interval '1 day'), 'AUTH_LOGIN', 2);
+             INSERT INTO sessions (session_id, user_id, started_at, last_seen_at, ended_at, end_reason) VALUES
+                 ('old', 'ann', now() - interval '40 days', now() - interval '39 days', now() - interval '39 days', 'logout'),
+                 ('new', 'ann', now() - interval '2 days', now() - interval '1 day', NULL, NULL);",
+        )
+        .await
+        .unwrap();
+    let expected = json!([
+        {"action": "delete", "table": "activity_user_hourly", "rows": 2},
+        {"action": "delete", "table": "activity_hourly", "rows": 1},
+        {"action": "delete", "table": "sessions", "rows": 1},
+    ]);
+    let (status, dry) = api.post("/api/v1/audit/cleanup", json!({"retention_days": 30, "dry_run": true})).await;
+    assert_eq!(status, 200, "{dry}");
+    assert_eq!(dry["activity"], expected);
+    assert_eq!(api.db.count("SELECT count(*) FROM activity_user_hourly").await, 3, "a dry run changes nothing");
+
+    let (status, done) = api.post("/api/v1/audit/cleanup", json!({"retention_days": 30})).await;
+    assert_eq!(status, 200, "{done}");
+    assert_eq!(done["activity"], expected);
+    assert_eq!(api.db.count("SELECT count(*) FROM activity_user_hourly WHERE hour > now() - interval '2 days'").await, 1);
+    assert_eq!(api.db.count("SELECT count(*) FROM activity_user_hourly").await, 1);
+    assert_eq!(api.db.count("SELECT count(*) FROM activity_hourly").await, 1);
+    let left: Vec<String> = client.query("SELECT session_id FROM sessions", &[]).await.unwrap().iter().map(|r| r.get(0)).collect();
+    assert_eq!(left, vec!["new".to_owned()]);
+    // Recorded in the cleanup's own audit event.
+    let recorded = api
+        .db
+        .count("SELECT (metadata->'activity'->2->>'rows')::bigint FROM audit_logs WHERE action = 'ADMIN_AUDIT_CLEANUP'")
+        .await;
+    assert_eq!(recorded, 1);
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn cleanup_drops_old_partitions_keeps_the_floor_and_dry_run_changes_nothing() {
     let api = Api::start_with("", "[retention]\nmin_days = 30\ndays = 60\n").await;

@@ -246,6 +246,9 @@ pub fn document() -> Value {
                     "cutoff": {"type": "string", "format": "date-time"}, "partitions_dropped": {"type": "integer"},
                     "rows_removed": {"type": "integer"}, "rows_removed_exact": {"type": "boolean"},
                     "changes": {"type": "array", "items": {"type": "object"}},
+                    "activity": {"type": "array", "items": {"type": "object", "properties": {
+                        "action": {"type": "string"}, "table": {"type": "string"}, "rows": {"type": "integer"}
+                    }}},
                     "audit_event_id": {"type": ["string", "null"], "format": "uuid"}, "duration_ms": {"type": "integer"}
                 }},
                 "Maintenance": {"type": "object", "properties": {

@@ -300,6 +300,11 @@ pub const RETENTION_CLEANUP: &str = "
 SELECT action, partition_name, range_from, range_to, row_count, exact
   FROM audit_retention_cleanup($1, $2)";
 
+/// The activity tracker's rows before the cutoff (migrations/0004): $1
+/// cutoff, $2 dry run; one row per table.
+pub const ACTIVITY_RETENTION_CLEANUP: &str = "
+SELECT action, table_name, row_count FROM activity_retention_cleanup($1, $2)";
+
 /// Drops the partitions a cleanup detached, one transaction each (a
 /// procedure with COMMITs: run it outside a transaction).
 pub const RETENTION_PURGE: &str = "CALL audit_retention_purge()";

@@ -1,6 +1,8 @@
 //! Retention: removes audit events older than N days, by dropping whole
 //! daily partitions and deleting only the rows of the boundary partition
-//! (the work is `audit_retention_cleanup`, migrations/0003_admin_api.sql).
+//! (the work is `audit_retention_cleanup`, migrations/0003_admin_api.sql),
+//! and with them the sessions and rollup hours derived from them
+//! (`activity_retention_cleanup`, migrations/0004_activity.sql).
 //! Used by `POST /api/v1/audit/cleanup` and by the scheduled cleanup.
 //!
 //! A cleanup never keeps fewer days than `retention.min_days` (the
@@ -48,6 +50,14 @@ pub struct PartitionChange {
     pub rows_exact: bool,
 }
 
+/// Rows removed (or, for a dry run, to remove) from one derived table.
+#[derive(Debug, Clone, Serialize, PartialEq)]
+pub struct DerivedChange {
+    pub action: String,
+    pub table: String,
+    pub rows: i64,
+}
+
 #[derive(Debug, Clone, Serialize)]
 pub struct CleanupOutcome {
     pub dry_run: bool,
@@ -60,6 +70,9 @@ pub struct CleanupOutcome {
     pub rows_removed: i64,
     pub rows_removed_exact: bool,
     pub changes: Vec<PartitionChange>,
+    /// What the activity tracker derived from the removed events (rollup
+    /// hours, sessions), removed with them.
+    pub activity: Vec<DerivedChange>,
     /// The audit_logs row recording this cleanup (none for a dry run).
     pub audit_event_id: Option<Uuid>,
     /// The dropped partitions' files are being released in the background.
@@ -126,6 +139,12 @@ pub async fn cleanup(pool: &Pool, config: &Config, days: u32, dry_run: bool, act
             rows_exact: row.get(5),
         })
         .collect();
+    let activity: Vec<DerivedChange> = tx
+        .query(queries::ACTIVITY_RETENTION_CLEANUP, &[&cutoff, &dry_run])
+        .await?
+        .iter()
+        .map(|row| DerivedChange { action: row.get(0), table: row.get(1), rows: row.get(2) })
+        .collect();
     let partitions_dropped = changes.iter().filter(|c| c.action == "drop").count();
     let rows_removed = changes.iter().map(|c| c.rows).sum();
     let rows_removed_exact = changes.iter().all(|c| c.rows_exact);
@@ -138,6 +157,7 @@ pub async fn cleanup(pool: &Pool, config: &Config, days: u32, dry_run: bool, act
         rows_removed,
         rows_removed_exact,
         changes,
+        activity,
         audit_event_id: None,
         purge_pending: false,
         duration_ms: 0,
@@ -150,6 +170,7 @@ pub async fn cleanup(pool: &Pool, config: &Config, days: u32, dry_run: bool, act
             "rows_removed": outcome.rows_removed,
             "rows_removed_exact": outcome.rows_removed_exact,
             "changes": outcome.changes,
+            "activity": outcome.activity,
         });
         outcome.audit_event_id = Some(audit_trail::record(&*tx, audit_trail::ACTION_CLEANUP, actor, metadata).await?);
     }
