@@ -251,37 +251,25 @@ CREATE FUNCTION activity_retention_cleanup(p_cutoff timestamptz, p_dry_run boole
 RETURNS TABLE (action text, table_name text, row_count bigint)
 LANGUAGE plpgsql AS $$
 DECLARE
+    target record;
     n bigint;
 BEGIN
     action := 'delete';
-    table_name := 'activity_user_hourly';
-    IF p_dry_run THEN
-        SELECT count(*) INTO n FROM activity_user_hourly WHERE hour <= p_cutoff - interval '1 hour';
-    ELSE
-        DELETE FROM activity_user_hourly WHERE hour <= p_cutoff - interval '1 hour';
-        GET DIAGNOSTICS n = ROW_COUNT;
-    END IF;
-    row_count := n;
-    RETURN NEXT;
-
-    table_name := 'activity_hourly';
-    IF p_dry_run THEN
-        SELECT count(*) INTO n FROM activity_hourly WHERE hour <= p_cutoff - interval '1 hour';
-    ELSE
-        DELETE FROM activity_hourly WHERE hour <= p_cutoff - interval '1 hour';
-        GET DIAGNOSTICS n = ROW_COUNT;
-    END IF;
-    row_count := n;
-    RETURN NEXT;
-
-    table_name := 'sessions';
-    IF p_dry_run THEN
-        SELECT count(*) INTO n FROM sessions WHERE last_seen_at < p_cutoff;
-    ELSE
-        DELETE FROM sessions WHERE last_seen_at < p_cutoff;
-        GET DIAGNOSTICS n = ROW_COUNT;
-    END IF;
-    row_count := n;
-    RETURN NEXT;
+    FOR target IN
+        SELECT * FROM (VALUES
+            ('activity_user_hourly', 'hour <= $1 - interval ''1 hour'''),
+            ('activity_hourly',      'hour <= $1 - interval ''1 hour'''),
+            ('sessions',             'last_seen_at < $1')) AS t(name, condition)
+    LOOP
+        IF p_dry_run THEN
+            EXECUTE format('SELECT count(*) FROM %I WHERE %s', target.name, target.condition) INTO n USING p_cutoff;
+        ELSE
+            EXECUTE format('DELETE FROM %I WHERE %s', target.name, target.condition) USING p_cutoff;
+            GET DIAGNOSTICS n = ROW_COUNT;
+        END IF;
+        table_name := target.name;
+        row_count := n;
+        RETURN NEXT;
+    END LOOP;
 END
 $$;

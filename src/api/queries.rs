@@ -369,9 +369,6 @@ SELECT array_remove(array_agg(DISTINCT host(ip_address)), NULL), array_remove(ar
   FROM user_sessions($1)
  WHERE last_seen_at >= $2";
 
-/// Sessions open now.
-pub const ACTIVE_SESSIONS: &str = "SELECT open_session_count()";
-
 /// Distinct users with events in [$1, $2) (whole hours).
 pub const ACTIVE_USERS: &str = "
 SELECT count(DISTINCT user_id) FROM activity_user_hourly_v WHERE hour >= $1 AND hour < $2";

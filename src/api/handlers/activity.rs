@@ -202,7 +202,7 @@ pub async fn summary(State(ctx): State<Ctx>, ApiQuery(p): ApiQuery<SummaryParams
     };
     let mut conn = db::connection(&ctx).await?;
     let tx = db::read_only(&mut conn, ctx.config.api.statement_timeout).await?;
-    let active_sessions: i64 = tx.query_one(queries::ACTIVE_SESSIONS, &[]).await?.try_get(0)?;
+    let active_sessions: i64 = tx.query_one(crate::store::queries::ACTIVE_SESSIONS, &[]).await?.try_get(0)?;
     let active_users: i64 = tx.query_one(queries::ACTIVE_USERS, &[&from, &to]).await?.try_get(0)?;
     let counts = |rows: Vec<tokio_postgres::Row>| {
         rows.iter()
