@@ -37,6 +37,7 @@ use audit_service::event::decode::Decoder;
 use audit_service::event::registry::{RegistryConfig, SchemaRegistry};
 use audit_service::event::{AuthEvent, ValidationLimits, avro, json};
 use audit_service::loadgen::{self, EventGenerator, WireFormat};
+use audit_service::activity::{ActivityConfig, ActivityDeltas};
 use audit_service::store::copy_format::{CopyEncoder, RowRef};
 use bytes::{BufMut, BytesMut};
 use criterion::{Criterion, Throughput, criterion_group, criterion_main};
@@ -328,6 +329,12 @@ fn encode(c: &mut Criterion) {
             buf.put_i16(-1);
             sent + buf.len()
         })
+    });
+    // What the activity tracker adds to each batch: its deltas, computed
+    // and encoded as the one row of arrays the writer COPYs.
+    let activity = ActivityConfig::default();
+    g.bench_function("activity_deltas_batch_5000", |b| {
+        b.iter(|| ActivityDeltas::from_events(&activity, black_box(&events)).encode().finish())
     });
     g.bench_function("baseline_insert_values_text_batch_5000", |b| {
         b.iter(|| {

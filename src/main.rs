@@ -41,6 +41,10 @@ enum Command {
     Migrate,
     /// Validate the configuration and print it with secrets redacted.
     CheckConfig,
+    /// Fold the activity tracker's pending deltas into sessions and rollups
+    /// now, then exit (what a running service does when ingest idles; safe
+    /// beside it).
+    Fold,
     /// Try everything on one machine: an embedded Kafka, the whole service
     /// on the local PostgreSQL, synthetic traffic with attacks, every alert
     /// printed as it fires.
@@ -196,6 +200,15 @@ fn real_main(cli: Cli) -> anyhow::Result<()> {
         Command::Migrate => runtime.block_on(async {
             let applied = service::prepare_database(&config).await.context("migration failed")?;
             println!("migrations applied: {applied:?} (schema is current)");
+            Ok(())
+        }),
+        Command::Fold => runtime.block_on(async {
+            let pool = audit_service::store::connect_pool(&config.database, 1).context("database")?;
+            let started = std::time::Instant::now();
+            let rows = audit_service::activity::compactor::compact_once(&pool)
+                .await
+                .map_err(|e| anyhow::anyhow!("fold failed: {e}"))?;
+            println!("folded the pending activity deltas into {rows} session and rollup rows in {:.2}s", started.elapsed().as_secs_f64());
             Ok(())
         }),
         Command::Run => runtime.block_on(run(config)),

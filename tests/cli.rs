@@ -155,6 +155,54 @@ fn migrate_creates_the_database_and_is_repeatable() {
     }
 }
 
+/// `fold` (the runbook's manual fold): pending activity deltas end up in
+/// the rollup and session tables, none stay pending, and a second run with
+/// nothing pending is harmless.
+#[test]
+fn fold_folds_the_pending_activity_deltas() {
+    let dir = tempfile::tempdir().unwrap();
+    let db = fresh_database();
+    let out = run(audit_service(dir.path()).arg("migrate").env("DATABASE_URL", &db.url));
+    assert!(out.success, "migrate failed:\n{}", out.stderr);
+    rt().block_on(async {
+        let client = pg_connect(&db.url).await;
+        // Two batches' deltas: u1 logs in (session s1) then logs out.
+        client
+            .batch_execute(
+                "INSERT INTO activity_delta_batches (user_ids, hours, actions, events, session_ids, s_user_ids, s_ips, \
+                   s_agents, s_started, s_last_seen, s_ended, s_reasons) VALUES
+                 ('{u1}', '{2026-11-27 10:00+00}', '{AUTH_LOGIN}', '{1}', '{s1}', '{u1}', '{10.0.0.1}', '{ua}',
+                  '{2026-11-27 10:05+00}', '{2026-11-27 10:05+00}', '{NULL}', '{NULL}'),
+                 ('{u1}', '{2026-11-27 10:00+00}', '{AUTH_LOGOUT}', '{1}', '{s1}', '{u1}', '{NULL}', '{NULL}',
+                  '{NULL}', '{2026-11-27 10:20+00}', '{2026-11-27 10:20+00}', '{logout}')",
+            )
+            .await
+            .unwrap();
+    });
+    for round in ["first", "second"] {
+        let out = run(audit_service(dir.path()).arg("fold").env("DATABASE_URL", &db.url));
+        assert!(out.success, "{round} fold failed:\n{}", out.stderr);
+        assert!(out.stdout.contains("folded"), "{}", out.stdout);
+    }
+    rt().block_on(async {
+        let client = pg_connect(&db.url).await;
+        let count = |sql: &'static str| {
+            let client = &client;
+            async move { client.query_one(sql, &[]).await.unwrap().get::<_, i64>(0) }
+        };
+        assert_eq!(count("SELECT count(*) FROM activity_delta_batches").await, 0);
+        assert_eq!(count("SELECT sum(events)::bigint FROM activity_user_hourly WHERE user_id = 'u1'").await, 2);
+        let session = client
+            .query_one("SELECT user_id, started_at < ended_at, end_reason FROM sessions WHERE session_id = 's1'", &[])
+            .await
+            .unwrap();
+        assert_eq!(
+            (session.get::<_, String>(0), session.get::<_, bool>(1), session.get::<_, String>(2)),
+            ("u1".to_owned(), true, "logout".to_owned())
+        );
+    });
+}
+
 #[test]
 fn migrate_against_an_unreachable_server_fails_cleanly() {
     let dir = tempfile::tempdir().unwrap();

@@ -185,6 +185,12 @@ impl<'a> ActivityDeltas<'a> {
         if self.rows() == 0 {
             return Ok(());
         }
+        copy(tx, queries::COPY_ACTIVITY_DELTAS, self.encode()).await?;
+        Ok(())
+    }
+
+    /// The binary COPY stream of that one row (`activity_delta_batches`).
+    pub fn encode(&self) -> CopyStream {
         // Rollup entries: per user, then those without a user (they count
         // system-wide only).
         let rollup: Vec<(Option<&str>, EpochMicros, &str, i64)> = self
@@ -212,8 +218,7 @@ impl<'a> ActivityDeltas<'a> {
         put_array(b, OID_TIMESTAMPTZ, &sessions, |b, (_, d)| put_timestamptz(b, d.last_seen_at));
         put_array(b, OID_TIMESTAMPTZ, &sessions, |b, (_, d)| ts(b, &d.ended_at));
         put_array(b, OID_TEXT, &sessions, |b, (_, d)| put_text(b, d.end_reason));
-        copy(tx, queries::COPY_ACTIVITY_DELTAS, s).await?;
-        Ok(())
+        s
     }
 }
 
