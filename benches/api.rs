@@ -84,7 +84,10 @@ async fn bulk_load(url: &str, days: u64, rows: i64) -> f64 {
                 let part = format!("audit_logs_p{}", day.format("%Y%m%d"));
                 let lo = day.and_time(NaiveTime::MIN).and_utc();
                 let hi = lo + chrono::TimeDelta::days(1);
-                client.batch_execute(&format!("CREATE TABLE {part} (LIKE audit_logs INCLUDING DEFAULTS)")).await.unwrap();
+                client
+                    .batch_execute(&format!("CREATE TABLE {part} (LIKE audit_logs INCLUDING DEFAULTS)"))
+                    .await
+                    .unwrap();
                 let step_us = 86_400_000_000f64 / per_day as f64;
                 let offset = d as i64 * per_day;
                 client

@@ -31,13 +31,13 @@ use std::net::IpAddr;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use audit_service::activity::{ActivityConfig, ActivityDeltas};
 use audit_service::detect::{DetectConfig, Detector};
 use audit_service::event::avro::AUTH_EVENT_SCHEMA;
 use audit_service::event::decode::Decoder;
 use audit_service::event::registry::{RegistryConfig, SchemaRegistry};
 use audit_service::event::{AuthEvent, ValidationLimits, avro, json};
 use audit_service::loadgen::{self, EventGenerator, WireFormat};
-use audit_service::activity::{ActivityConfig, ActivityDeltas};
 use audit_service::store::copy_format::{CopyEncoder, RowRef};
 use bytes::{BufMut, BytesMut};
 use criterion::{Criterion, Throughput, criterion_group, criterion_main};
@@ -61,8 +61,9 @@ fn mix(n: usize, seed: u64) -> Vec<AuthEvent> {
 
 /// The decoder as ingest builds it, and its registry (for the raw plans).
 fn decoder() -> (Decoder, Arc<SchemaRegistry>) {
-    let registry = SchemaRegistry::from_config(&RegistryConfig { schema_dirs: Vec::new(), ..RegistryConfig::default() })
-        .expect("registry");
+    let registry =
+        SchemaRegistry::from_config(&RegistryConfig { schema_dirs: Vec::new(), ..RegistryConfig::default() })
+            .expect("registry");
     registry.register_schema_for_id(SCHEMA_ID, AUTH_EVENT_SCHEMA).expect("register the built-in schema");
     let registry = Arc::new(registry);
     (Decoder::new(ValidationLimits::default(), registry.clone()), registry)
@@ -307,7 +308,12 @@ fn encode(c: &mut Criterion) {
             // As the writer does per batch.
             let mut enc = CopyEncoder::with_capacity(256 * 1024);
             for (i, e) in events.iter().enumerate() {
-                enc.push(&RowRef { event: black_box(e), received_at: now, partition: (i % 16) as i32, offset: i as i64 });
+                enc.push(&RowRef {
+                    event: black_box(e),
+                    received_at: now,
+                    partition: (i % 16) as i32,
+                    offset: i as i64,
+                });
             }
             enc.finish()
         })

@@ -133,7 +133,12 @@ fn events_total() -> usize {
 
 impl Chunks {
     fn new(users: u64) -> Chunks {
-        Chunks { generator: EventGenerator::new(9, users), next: 0, total: events_total(), buf: Vec::with_capacity(CHUNK) }
+        Chunks {
+            generator: EventGenerator::new(9, users),
+            next: 0,
+            total: events_total(),
+            buf: Vec::with_capacity(CHUNK),
+        }
     }
 
     fn next_chunk(&mut self) -> Option<&[AuthEvent]> {
@@ -174,7 +179,9 @@ fn main() {
         return;
     }
     let only_detector = std::env::var("AUDIT_BENCH_ONLY").as_deref() == Ok("detector");
-    println!("| detector throughput, all 5 rules, one core ({EVENTS} events, the load generator's mix) | users | events/s | ratio |");
+    println!(
+        "| detector throughput, all 5 rules, one core ({EVENTS} events, the load generator's mix) | users | events/s | ratio |"
+    );
     println!("|---|---|---|---|");
     // 100 k users (the load generator's default population), then 1 M:
     // ten times the keys, most state out of cache.

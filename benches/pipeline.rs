@@ -211,13 +211,25 @@ struct RunResult {
 
 impl RunResult {
     fn new(n: u64, seconds: f64) -> RunResult {
-        RunResult { events_per_s: n as f64 / seconds, seconds, cpu_seconds: None, peak_rss_mib: None, fold_seconds: None }
+        RunResult {
+            events_per_s: n as f64 / seconds,
+            seconds,
+            cpu_seconds: None,
+            peak_rss_mib: None,
+            fold_seconds: None,
+        }
     }
 }
 
 /// (a) the service binary draining the topic into a fresh database, with
 /// its default configuration or the given insert method.
-async fn run_service(kafka: &EmbeddedKafka, topic: &str, n: u64, method: Option<&str>, extra: &[(&str, &str)]) -> RunResult {
+async fn run_service(
+    kafka: &EmbeddedKafka,
+    topic: &str,
+    n: u64,
+    method: Option<&str>,
+    extra: &[(&str, &str)],
+) -> RunResult {
     let label = method.unwrap_or(if extra.is_empty() { "default" } else { "variant" });
     let db = FreshDb::create(label).await;
     checkpoint().await;
@@ -431,7 +443,12 @@ async fn python_consumer(kafka: &EmbeddedKafka, topic: &str, n: u64) -> Result<R
         match fields.as_slice() {
             ["running"] => started = Some(now),
             ["done", stored, cpu, rss_kib] => {
-                done = Some((now, stored.parse::<u64>().unwrap_or(0), cpu.parse::<f64>().unwrap_or(0.0), rss_kib.parse::<f64>().unwrap_or(0.0)));
+                done = Some((
+                    now,
+                    stored.parse::<u64>().unwrap_or(0),
+                    cpu.parse::<f64>().unwrap_or(0.0),
+                    rss_kib.parse::<f64>().unwrap_or(0.0),
+                ));
                 break;
             }
             _ => {}
@@ -650,7 +667,11 @@ fn fill_topic(kafka: &EmbeddedKafka, topic: &str, n: u64, partitions: i32) -> Ve
         assert_eq!(low, 0, "the embedded broker dropped data; raise AUDIT_BENCH_PARTITIONS");
         assert!(high > 0, "partition {p} is empty");
     }
-    eprintln!("produced {n} events ({:.0} MB of JSON) in {:.1}s", payload_bytes as f64 / 1e6, t.elapsed().as_secs_f64());
+    eprintln!(
+        "produced {n} events ({:.0} MB of JSON) in {:.1}s",
+        payload_bytes as f64 / 1e6,
+        t.elapsed().as_secs_f64()
+    );
     let registry = SchemaRegistry::from_config(&RegistryConfig::default()).unwrap();
     let decoder = Decoder::new(ValidationLimits::default(), std::sync::Arc::new(registry));
     let now = chrono::Utc::now().timestamp_micros();
@@ -683,7 +704,10 @@ fn main() {
         let p99 = ms(pct(0.99));
         eprintln!("alert latency: p50 {:.1} ms, p99 {p99:.1} ms ({} alerts)", ms(pct(0.5)), lat.len());
         report.push(String::new());
-        report.push(format!("| alert latency at {rate} events/s ({} alerts) | p50 | p99 | max | p99 target ≤ 50 ms |", lat.len()));
+        report.push(format!(
+            "| alert latency at {rate} events/s ({} alerts) | p50 | p99 | max | p99 target ≤ 50 ms |",
+            lat.len()
+        ));
         report.push("|---|---|---|---|---|".into());
         report.push(format!(
             "| produce of the crossing event → alert on the topic | {:.1} ms | {p99:.1} ms | {:.1} ms | {} |",
@@ -696,7 +720,8 @@ fn main() {
     if has("throughput") || has("methods") || has("activity") {
         let n: u64 = env_or("AUDIT_BENCH_EVENTS", 1_000_000);
         let partitions: i32 = env_or("AUDIT_BENCH_PARTITIONS", 16);
-        let pipelines = if has("throughput") { env_list("AUDIT_BENCH_PIPELINES", "b,b2,a,c,d") } else { vec!["b".into()] };
+        let pipelines =
+            if has("throughput") { env_list("AUDIT_BENCH_PIPELINES", "b,b2,a,c,d") } else { vec!["b".into()] };
         let run = |p: &str| pipelines.iter().any(|x| x == p);
         let kafka = EmbeddedKafka::start(1).unwrap();
         let topic = format!("bench.events.{}", std::process::id());

@@ -386,7 +386,9 @@ impl ApiConfig {
                 return Err(ConfigError::field(&format!("api.tokens[{i}].sha256"), "must be 64 hex digits (SHA-256)"));
             }
         }
-        for (section, list) in [("api.allowed_networks", &self.allowed_networks), ("api.trusted_proxies", &self.trusted_proxies)] {
+        for (section, list) in
+            [("api.allowed_networks", &self.allowed_networks), ("api.trusted_proxies", &self.trusted_proxies)]
+        {
             for (i, net) in list.iter().enumerate() {
                 crate::api::allowlist::parse_network(net)
                     .map_err(|e| ConfigError::field(&format!("{section}[{i}]"), e))?;
@@ -521,7 +523,10 @@ impl Config {
         if self.database.pool_size < i.writers + 1 {
             return Err(ConfigError::field(
                 "database.pool_size",
-                format!("must be at least ingest.writers + 1 ({}): one connection per writer and one for upkeep", i.writers + 1),
+                format!(
+                    "must be at least ingest.writers + 1 ({}): one connection per writer and one for upkeep",
+                    i.writers + 1
+                ),
             ));
         }
         if i.max_queued_batches == 0 {
@@ -690,11 +695,13 @@ fn parse_env_value(raw: &str) -> toml::Value {
     let wrapped = format!("v = {raw}");
     match wrapped.parse::<toml::Table>() {
         Ok(mut t) => match t.remove("v") {
-            Some(v @ (toml::Value::Integer(_)
-            | toml::Value::Float(_)
-            | toml::Value::Boolean(_)
-            | toml::Value::Array(_)
-            | toml::Value::String(_))) => v,
+            Some(
+                v @ (toml::Value::Integer(_)
+                | toml::Value::Float(_)
+                | toml::Value::Boolean(_)
+                | toml::Value::Array(_)
+                | toml::Value::String(_)),
+            ) => v,
             _ => toml::Value::String(raw.to_owned()),
         },
         Err(_) => toml::Value::String(raw.to_owned()),
@@ -783,8 +790,8 @@ mod tests {
         assert!(err.to_string().contains("ingest.batch_max_rows"), "{err}");
         let err = Config::from_toml_with_env("[database]\nurl = \"postgres://h:notaport/x\"\n", env(&[])).unwrap_err();
         assert!(err.to_string().contains("database.url"), "{err}");
-        let err =
-            Config::from_toml_with_env("[kafka.properties]\n\"enable.auto.commit\" = \"true\"\n", env(&[])).unwrap_err();
+        let err = Config::from_toml_with_env("[kafka.properties]\n\"enable.auto.commit\" = \"true\"\n", env(&[]))
+            .unwrap_err();
         assert!(err.to_string().contains("enable.auto.commit"), "{err}");
     }
 
@@ -818,9 +825,18 @@ mod tests {
         };
         assert_eq!(field_of("[api]\nallowed_networks = [\"10.0.0.0/8\", \"10.0.0.300\"]\n"), "api.allowed_networks[1]");
         assert_eq!(field_of("[api]\ntokens = [{ name = \"ops\", sha256 = \"abc\" }]\n"), "api.tokens[0].sha256");
-        assert_eq!(field_of("[api.jwt]\nalgorithm = \"HS256\"\nissuer = \"i\"\naudience = \"a\"\nsecret = \"short\"\n"), "api.jwt.secret");
-        assert_eq!(field_of("[api.jwt]\nalgorithm = \"RS256\"\nissuer = \"i\"\naudience = \"a\"\npublic_key_pem = \"x\"\n"), "api.jwt.public_key_pem");
-        assert_eq!(field_of("[api.jwt]\nalgorithm = \"HS256\"\nsecret = \"0123456789abcdef0123456789abcdef\"\n"), "api.jwt.issuer");
+        assert_eq!(
+            field_of("[api.jwt]\nalgorithm = \"HS256\"\nissuer = \"i\"\naudience = \"a\"\nsecret = \"short\"\n"),
+            "api.jwt.secret"
+        );
+        assert_eq!(
+            field_of("[api.jwt]\nalgorithm = \"RS256\"\nissuer = \"i\"\naudience = \"a\"\npublic_key_pem = \"x\"\n"),
+            "api.jwt.public_key_pem"
+        );
+        assert_eq!(
+            field_of("[api.jwt]\nalgorithm = \"HS256\"\nsecret = \"0123456789abcdef0123456789abcdef\"\n"),
+            "api.jwt.issuer"
+        );
         assert_eq!(field_of("[retention]\nmin_days = 90\ndays = 30\n"), "retention.days");
         assert_eq!(field_of("[api]\nrate_limt = 3\n"), "api.rate_limt");
 

@@ -131,7 +131,13 @@ pub async fn run(mut config: Config, opts: DemoOptions, stop: CancellationToken)
     let base = format!("http://{}", running.http_addr);
 
     println!("audit-service demo");
-    println!("  Kafka (embedded)  {}  topics {}, {}, {}", kafka.bootstrap_servers(), k.events_topic, k.dlq_topic, k.alerts_topic);
+    println!(
+        "  Kafka (embedded)  {}  topics {}, {}, {}",
+        kafka.bootstrap_servers(),
+        k.events_topic,
+        k.dlq_topic,
+        k.alerts_topic
+    );
     println!("  PostgreSQL        {shown_url}");
     println!("  API               {base}/api/v1/audit/health   (OpenAPI: {base}/api/v1/openapi.json)");
     println!("  Metrics           {base}/metrics");
@@ -146,7 +152,8 @@ pub async fn run(mut config: Config, opts: DemoOptions, stop: CancellationToken)
     );
 
     let alerts = AlertReader::start(kafka.bootstrap_servers(), &k.alerts_topic, ALERTS_PARTITIONS)?;
-    let producer: BaseProducer<DeliveryCounter> = crate::kafka::producer_config(k).create_with_context(DeliveryCounter::default())?;
+    let producer: BaseProducer<DeliveryCounter> =
+        crate::kafka::producer_config(k).create_with_context(DeliveryCounter::default())?;
     let producer = Arc::new(producer);
     let traffic_stop = Arc::new(AtomicBool::new(false));
     let produced = Arc::new(AtomicU64::new(0));
@@ -231,7 +238,8 @@ pub async fn run(mut config: Config, opts: DemoOptions, stop: CancellationToken)
 }
 
 fn database_name(url: &str) -> Result<String, DemoError> {
-    let parsed: tokio_postgres::Config = url.parse().map_err(|e: tokio_postgres::Error| DemoError::DatabaseUrl(e.to_string()))?;
+    let parsed: tokio_postgres::Config =
+        url.parse().map_err(|e: tokio_postgres::Error| DemoError::DatabaseUrl(e.to_string()))?;
     // libpq defaults the database name to the user name.
     Ok(parsed.get_dbname().or(parsed.get_user()).unwrap_or_default().to_owned())
 }

@@ -32,7 +32,9 @@ pub fn encode(event: &AuthEvent, format: WireFormat) -> Vec<u8> {
     match format {
         WireFormat::Json => encode_json(event),
         WireFormat::AvroConfluent(id) => avro::confluent_frame(id, &avro::encode_body(event)),
-        WireFormat::AvroSingleObject => avro::single_object_frame(avro::auth_event_fingerprint(), &avro::encode_body(event)),
+        WireFormat::AvroSingleObject => {
+            avro::single_object_frame(avro::auth_event_fingerprint(), &avro::encode_body(event))
+        }
     }
 }
 
@@ -248,8 +250,21 @@ pub const BRUTE_FORCE_SUCCESS_FAILURES: usize = 5;
 
 /// Usernames a password sprayer tries: mostly accounts that do not exist.
 const SPRAYED_NAMES: &[&str] = &[
-    "admin", "administrator", "root", "test", "guest", "info", "support", "sales", "webmaster", "oracle",
-    "backup", "operator", "postgres", "helpdesk", "service",
+    "admin",
+    "administrator",
+    "root",
+    "test",
+    "guest",
+    "info",
+    "support",
+    "sales",
+    "webmaster",
+    "oracle",
+    "backup",
+    "operator",
+    "postgres",
+    "helpdesk",
+    "service",
 ];
 
 const ATTACKER_AGENTS: &[&str] = &["python-requests/2.32.3", "Mozilla/5.0 (Hydra)", "curl/8.5.0", "Go-http-client/1.1"];
@@ -342,7 +357,9 @@ impl Traffic {
                 success.session_id = Some(format!("s-{victim}-{:x}", self.rng.below(1 << 32)));
                 success.metadata.clear();
                 events.push(success);
-                format!("{BRUTE_FORCE_SUCCESS_FAILURES} failed logins on user {victim} from {ip}, then a successful login")
+                format!(
+                    "{BRUTE_FORCE_SUCCESS_FAILURES} failed logins on user {victim} from {ip}, then a successful login"
+                )
             }
             Attack::Spike => {
                 let users = self.ordinary.users();
@@ -724,7 +741,8 @@ mod tests {
         let mut traffic = Traffic::new(11, 2000, Some(5));
         let raised = |attack: Attack, traffic: &mut Traffic| rules_raised(&traffic.attack(attack, t0).events);
         let fired = |v: &[(String, &str, &str)]| {
-            let mut rules: Vec<String> = v.iter().filter(|(_, s, _)| *s == "firing").map(|(r, _, _)| r.clone()).collect();
+            let mut rules: Vec<String> =
+                v.iter().filter(|(_, s, _)| *s == "firing").map(|(r, _, _)| r.clone()).collect();
             rules.sort();
             rules.dedup();
             rules

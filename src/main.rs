@@ -12,15 +12,19 @@ use audit_service::config::{Config, DEFAULT_CONFIG_PATH};
 use audit_service::demo::{self, DEMO_DATABASE_URL, DemoOptions};
 use audit_service::loadgen::{self, DeliveryCounter, PayloadFormat, ProducePlan, Scenario};
 use audit_service::replay::{self, ProgressBar, ReplayOptions};
-use audit_service::telemetry::{self, LogFormat};
 use audit_service::service;
+use audit_service::telemetry::{self, LogFormat};
 use chrono::{DateTime, Utc};
 use clap::{Args, Parser, Subcommand};
 use rdkafka::producer::{BaseProducer, Producer};
 use tokio_util::sync::CancellationToken;
 
 #[derive(Parser)]
-#[command(name = "audit-service", version, about = "Auth events from Kafka into PostgreSQL, exactly once, with attack detection")]
+#[command(
+    name = "audit-service",
+    version,
+    about = "Auth events from Kafka into PostgreSQL, exactly once, with attack detection"
+)]
 struct Cli {
     /// Config file (TOML). Environment variables override it: DATABASE_URL,
     /// KAFKA_BROKERS and AUDIT__<SECTION>__<FIELD>.
@@ -208,7 +212,10 @@ fn real_main(cli: Cli) -> anyhow::Result<()> {
             let rows = audit_service::activity::compactor::compact_once(&pool)
                 .await
                 .map_err(|e| anyhow::anyhow!("fold failed: {e}"))?;
-            println!("folded the pending activity deltas into {rows} session and rollup rows in {:.2}s", started.elapsed().as_secs_f64());
+            println!(
+                "folded the pending activity deltas into {rows} session and rollup rows in {:.2}s",
+                started.elapsed().as_secs_f64()
+            );
             Ok(())
         }),
         Command::Run => runtime.block_on(run(config)),
@@ -275,7 +282,12 @@ async fn produce(mut config: Config, args: ProduceArgs) -> anyhow::Result<()> {
         let context = producer.context().clone();
         loadgen::produce(&producer, &plan_ref, &stop, &mut |p| {
             let error = context.last_error().map(|e| format!("; last Kafka error: {e}")).unwrap_or_default();
-            eprintln!("produced {} events, {} acknowledged ({:.0} events/s){error}", p.produced, p.acknowledged, p.rate());
+            eprintln!(
+                "produced {} events, {} acknowledged ({:.0} events/s){error}",
+                p.produced,
+                p.acknowledged,
+                p.rate()
+            );
         })
         .map(|done| (done, producer.context().last_error()))
     })
@@ -296,13 +308,18 @@ async fn produce(mut config: Config, args: ProduceArgs) -> anyhow::Result<()> {
         done.failed
     );
     if done.failed > 0 {
-        anyhow::bail!("{} events were not acknowledged (last error: {})", done.failed, last_error.unwrap_or_else(|| "timed out".into()));
+        anyhow::bail!(
+            "{} events were not acknowledged (last error: {})",
+            done.failed,
+            last_error.unwrap_or_else(|| "timed out".into())
+        );
     }
     Ok(())
 }
 
 async fn run_replay(config: Config, args: ReplayArgs) -> anyhow::Result<()> {
-    let opts = ReplayOptions { from: args.from, to: args.to.unwrap_or_else(Utc::now), rules: args.rules, json: args.json };
+    let opts =
+        ReplayOptions { from: args.from, to: args.to.unwrap_or_else(Utc::now), rules: args.rules, json: args.json };
     let bar = ProgressBar::new();
     let mut alerts = bar.writer(std::io::stdout().lock());
     let report = replay::run(&config, &opts, &mut alerts, &mut |done, total| bar.update(done, total)).await;
@@ -341,4 +358,3 @@ async fn shutdown_signal() -> &'static str {
         _ = term.recv() => "SIGTERM",
     }
 }
-

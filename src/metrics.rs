@@ -6,7 +6,7 @@ use std::sync::OnceLock;
 use std::time::Duration;
 
 use deadpool_postgres::Pool;
-use metrics::{describe_counter, describe_gauge, describe_histogram, Unit};
+use metrics::{Unit, describe_counter, describe_gauge, describe_histogram};
 use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle};
 use tokio_util::sync::CancellationToken;
 
@@ -38,49 +38,113 @@ pub fn install() -> PrometheusHandle {
 }
 
 fn describe_all() {
-    describe_counter!("audit_events_consumed_total", "Messages consumed from the events topic, by encoding (invalid = failed decoding).");
+    describe_counter!(
+        "audit_events_consumed_total",
+        "Messages consumed from the events topic, by encoding (invalid = failed decoding)."
+    );
     describe_counter!("audit_events_stored_total", "Events newly stored in audit_logs.");
     describe_counter!("audit_events_duplicate_total", "Events skipped because their event_id was already stored.");
     describe_counter!("audit_events_dead_lettered_total", "Messages sent to the dead-letter topic, by reason.");
     describe_histogram!("audit_batch_rows", "Messages per written batch.");
-    describe_histogram!("audit_batch_write_duration_seconds", Unit::Seconds, "Time to make a batch durable (dead letters and transaction, retries included).");
+    describe_histogram!(
+        "audit_batch_write_duration_seconds",
+        Unit::Seconds,
+        "Time to make a batch durable (dead letters and transaction, retries included)."
+    );
     describe_counter!("audit_batches_deduplicated_total", "Batches that took the de-duplicating insert path.");
     describe_counter!("audit_db_write_errors_total", "Failed batch write attempts, by kind (each is retried).");
     describe_counter!("audit_dlq_produce_errors_total", "Failed dead-letter produce attempts (each is retried).");
-    describe_counter!("audit_offset_fence_conflicts_total", "Partitions whose stored offset another consumer had moved.");
+    describe_counter!(
+        "audit_offset_fence_conflicts_total",
+        "Partitions whose stored offset another consumer had moved."
+    );
     describe_counter!("audit_kafka_errors_total", "Errors reported by the Kafka client.");
-    describe_gauge!("audit_consumer_lag_messages", "Messages between the stored position and the end of each partition.");
+    describe_gauge!(
+        "audit_consumer_lag_messages",
+        "Messages between the stored position and the end of each partition."
+    );
     describe_gauge!("audit_consumer_assigned_partitions", "Partitions of the events topic assigned to this instance.");
     describe_gauge!("audit_ingest_paused", "1 while consumption is paused, by reason (backpressure, maintenance).");
-    describe_gauge!("audit_last_batch_stored_timestamp_seconds", Unit::Seconds, "Unix time of the last committed batch.");
-    describe_gauge!("audit_db_pool_connections", "Pool connections, by pool (ingest, api) and state (in_use, idle, max).");
-    describe_gauge!("audit_db_pool_utilization_ratio", "Share of each pool's connections in use (0..1), by pool (ingest, api).");
+    describe_gauge!(
+        "audit_last_batch_stored_timestamp_seconds",
+        Unit::Seconds,
+        "Unix time of the last committed batch."
+    );
+    describe_gauge!(
+        "audit_db_pool_connections",
+        "Pool connections, by pool (ingest, api) and state (in_use, idle, max)."
+    );
+    describe_gauge!(
+        "audit_db_pool_utilization_ratio",
+        "Share of each pool's connections in use (0..1), by pool (ingest, api)."
+    );
     describe_counter!("audit_partitions_created_total", "Daily audit_logs partitions created.");
-    describe_counter!("audit_failed_logins_total", "Failed-login events seen by the detectors (the configured failure actions).");
+    describe_counter!(
+        "audit_failed_logins_total",
+        "Failed-login events seen by the detectors (the configured failure actions)."
+    );
     describe_counter!("audit_alerts_total", "Alert transitions, by rule, severity and state (published or withheld).");
     describe_counter!("audit_alerts_published_total", "Alert messages sent to the alerts topic, by rule.");
-    describe_counter!("audit_alerts_withheld_total", "Alert messages held back by the storm limiter (summarised instead), by rule.");
+    describe_counter!(
+        "audit_alerts_withheld_total",
+        "Alert messages held back by the storm limiter (summarised instead), by rule."
+    );
     describe_counter!("audit_alert_summaries_total", "Aggregate alerts summarising withheld ones, by rule.");
     describe_counter!("audit_alert_publish_errors_total", "Alert messages the producer could not deliver, by rule.");
-    describe_counter!("audit_detector_late_events_total", "Events later than the allowed lateness: counted, trigger nothing.");
+    describe_counter!(
+        "audit_detector_late_events_total",
+        "Events later than the allowed lateness: counted, trigger nothing."
+    );
     describe_gauge!("audit_detector_keys", "Keys tracked by each rule instance.");
     describe_counter!("audit_detector_evictions_total", "Idle keys evicted, by rule instance.");
-    describe_counter!("audit_detector_keys_dropped_total", "New keys not tracked because a rule reached max_keys_per_rule.");
+    describe_counter!(
+        "audit_detector_keys_dropped_total",
+        "New keys not tracked because a rule reached max_keys_per_rule."
+    );
     describe_gauge!("audit_detector_open_alerts", "Alert episodes currently open (firing or escalated).");
     describe_gauge!("audit_active_sessions", "Sessions open (not logged out, revoked or idle).");
-    describe_gauge!("audit_activity_deltas_pending", "Activity delta rows written and not yet folded (the views include them).");
+    describe_gauge!(
+        "audit_activity_deltas_pending",
+        "Activity delta rows written and not yet folded (the views include them)."
+    );
     describe_counter!("audit_activity_deltas_folded_total", "Activity delta rows folded into sessions and rollups.");
     describe_counter!("audit_logins_total", "Successful logins stored (rate: logins per second).");
-    describe_counter!("audit_events_by_action_total", "Events stored, by action family (known actions, ADMIN_*, SECURITY_*, other).");
-    describe_gauge!("audit_active_users_last_hour", "Distinct users with events in the last hour of event time (HyperLogLog, ~1.6 % error).");
-    describe_histogram!("audit_http_request_duration_seconds", Unit::Seconds, "HTTP request duration (to the response head), by route template, method and status.");
-    describe_counter!("audit_http_rate_limited_total", "Admin API requests refused with 429 by the per-client rate limit.");
-    describe_counter!("audit_http_auth_failures_total", "Admin API requests refused by authentication or the client allow-list, by reason.");
+    describe_counter!(
+        "audit_events_by_action_total",
+        "Events stored, by action family (known actions, ADMIN_*, SECURITY_*, other)."
+    );
+    describe_gauge!(
+        "audit_active_users_last_hour",
+        "Distinct users with events in the last hour of event time (HyperLogLog, ~1.6 % error)."
+    );
+    describe_histogram!(
+        "audit_http_request_duration_seconds",
+        Unit::Seconds,
+        "HTTP request duration (to the response head), by route template, method and status."
+    );
+    describe_counter!(
+        "audit_http_rate_limited_total",
+        "Admin API requests refused with 429 by the per-client rate limit."
+    );
+    describe_counter!(
+        "audit_http_auth_failures_total",
+        "Admin API requests refused by authentication or the client allow-list, by reason."
+    );
     describe_counter!("audit_admin_actions_total", "Admin actions recorded in the audit trail, by action.");
-    describe_counter!("audit_retention_partitions_dropped_total", "Daily audit_logs partitions dropped by retention cleanups.");
-    describe_counter!("audit_retention_rows_removed_total", "Audit rows removed by retention cleanups (estimated for dropped partitions).");
+    describe_counter!(
+        "audit_retention_partitions_dropped_total",
+        "Daily audit_logs partitions dropped by retention cleanups."
+    );
+    describe_counter!(
+        "audit_retention_rows_removed_total",
+        "Audit rows removed by retention cleanups (estimated for dropped partitions)."
+    );
     describe_counter!("audit_retention_failures_total", "Scheduled retention cleanups that failed.");
-    describe_gauge!("audit_retention_last_success_timestamp_seconds", Unit::Seconds, "Unix time of the last successful retention cleanup.");
+    describe_gauge!(
+        "audit_retention_last_success_timestamp_seconds",
+        Unit::Seconds,
+        "Unix time of the last successful retention cleanup."
+    );
 }
 
 /// Samples the pool's use every second until cancelled.
@@ -96,6 +160,7 @@ pub async fn sample_pool(pool: Pool, name: &'static str, cancel: CancellationTok
         metrics::gauge!("audit_db_pool_connections", "pool" => name, "state" => "in_use").set(in_use as f64);
         metrics::gauge!("audit_db_pool_connections", "pool" => name, "state" => "idle").set(s.available as f64);
         metrics::gauge!("audit_db_pool_connections", "pool" => name, "state" => "max").set(s.max_size as f64);
-        metrics::gauge!("audit_db_pool_utilization_ratio", "pool" => name).set(in_use as f64 / s.max_size.max(1) as f64);
+        metrics::gauge!("audit_db_pool_utilization_ratio", "pool" => name)
+            .set(in_use as f64 / s.max_size.max(1) as f64);
     }
 }

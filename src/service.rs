@@ -55,7 +55,8 @@ pub async fn start(config: &Config, cancel: CancellationToken) -> Result<Running
     prepare_database(config).await?;
     let pool = store::connect_pool(&config.database, config.database.pool_size)?;
 
-    let registry = SchemaRegistry::from_config(&config.schema_registry).map_err(|e| ServiceError::Registry(e.to_string()))?;
+    let registry =
+        SchemaRegistry::from_config(&config.schema_registry).map_err(|e| ServiceError::Registry(e.to_string()))?;
     let decoder = Decoder::new(config.validation.clone(), Arc::new(registry));
     let status = Arc::new(IngestStatus::default());
     // "No batch yet" counts from the start, so a stall right after start

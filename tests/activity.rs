@@ -22,8 +22,10 @@ async fn all_offsets(db: &TestDb) -> i64 {
 
 /// Rows in the first query and not the second, both ways: 0 when equal.
 async fn difference(db: &TestDb, a: &str, b: &str) -> i64 {
-    db.count(&format!("SELECT (SELECT count(*) FROM (({a}) EXCEPT ALL ({b})) x) + (SELECT count(*) FROM (({b}) EXCEPT ALL ({a})) y)"))
-        .await
+    db.count(&format!(
+        "SELECT (SELECT count(*) FROM (({a}) EXCEPT ALL ({b})) x) + (SELECT count(*) FROM (({b}) EXCEPT ALL ({a})) y)"
+    ))
+    .await
 }
 
 /// The per-user read (`user_sessions`) and the open-session count give what
@@ -195,32 +197,37 @@ fn sessions_survive_a_sigkill_restart() {
             (0..200).map(|i| session_event("AUTH_LOGIN", &format!("k{i}"), &format!("user{i}"), t0 + i)).collect();
         let mut service = ServiceProcess::spawn(&env, logs.path(), 0);
         produce_events(&producer, &names.events, &logins, &[WireFormat::Json]);
-        eventually(Duration::from_secs(60), "logins stored", || async { (all_offsets(&db).await == 200).then_some(()) }).await;
+        eventually(Duration::from_secs(60), "logins stored", || async {
+            (all_offsets(&db).await == 200).then_some(())
+        })
+        .await;
         service.sigkill();
-        let logouts: Vec<AuthEvent> =
-            (0..200).map(|i| session_event("AUTH_LOGOUT", &format!("k{i}"), &format!("user{i}"), t0 + MIN + i)).collect();
+        let logouts: Vec<AuthEvent> = (0..200)
+            .map(|i| session_event("AUTH_LOGOUT", &format!("k{i}"), &format!("user{i}"), t0 + MIN + i))
+            .collect();
         produce_events(&producer, &names.events, &logouts, &[WireFormat::Json]);
         let mut service = ServiceProcess::spawn(&env, logs.path(), 1);
-        eventually(Duration::from_secs(60), "logouts stored", || async { (all_offsets(&db).await == 400).then_some(()) }).await;
+        eventually(Duration::from_secs(60), "logouts stored", || async {
+            (all_offsets(&db).await == 400).then_some(())
+        })
+        .await;
         assert!(service.sigterm(Duration::from_secs(30)).success(), "{}", service.tail());
         // Fold what is pending, as the service would on its next tick.
         let config = service_config(&db, &kafka, &names);
         let pool = audit_service::store::connect_pool(&config.database, 2).unwrap();
         compactor::compact_once(&pool).await.unwrap();
         assert_eq!(db.count("SELECT count(*) FROM sessions").await, 200);
-        assert_eq!(db.count("SELECT count(*) FROM sessions WHERE end_reason = 'logout' AND started_at IS NOT NULL").await, 200);
+        assert_eq!(
+            db.count("SELECT count(*) FROM sessions WHERE end_reason = 'logout' AND started_at IS NOT NULL").await,
+            200
+        );
         assert_eq!(difference(&db, USER_ROLLUP, USER_GROUP_BY).await, 0);
     });
 }
 
 /// GET with a bearer token over a real TCP connection; the JSON body.
 async fn get_json(addr: std::net::SocketAddr, path: &str, token: &str) -> (u16, serde_json::Value) {
-    let resp = reqwest::Client::new()
-        .get(format!("http://{addr}{path}"))
-        .bearer_auth(token)
-        .send()
-        .await
-        .unwrap();
+    let resp = reqwest::Client::new().get(format!("http://{addr}{path}")).bearer_auth(token).send().await.unwrap();
     let status = resp.status().as_u16();
     (status, resp.json().await.unwrap())
 }
@@ -254,7 +261,10 @@ fn the_activity_endpoints_answer_from_sessions_and_rollups() {
         }
         produce_events(&producer(&kafka), &names.events, &evs, &[WireFormat::Json]);
         let running = service::start(&config, CancellationToken::new()).await.unwrap();
-        eventually(Duration::from_secs(60), "stored", || async { (all_offsets(&db).await == evs.len() as i64).then_some(()) }).await;
+        eventually(Duration::from_secs(60), "stored", || async {
+            (all_offsets(&db).await == evs.len() as i64).then_some(())
+        })
+        .await;
 
         let (status, a) = get_json(running.http_addr, "/api/v1/audit/users/alice/activity", token).await;
         assert_eq!(status, 200, "{a}");
@@ -311,11 +321,17 @@ fn session_reads_are_exact_over_folded_and_pending_deltas() {
         let pool = audit_service::store::connect_pool(&config.database, 2).unwrap();
         let running = service::start(&config, CancellationToken::new()).await.unwrap();
         produce_events(&producer, &names.events, first, &[WireFormat::Json]);
-        eventually(Duration::from_secs(60), "first half stored", || async { (all_offsets(&db).await == 3_000).then_some(()) }).await;
+        eventually(Duration::from_secs(60), "first half stored", || async {
+            (all_offsets(&db).await == 3_000).then_some(())
+        })
+        .await;
         compactor::compact_once(&pool).await.unwrap();
         assert_eq!(db.count("SELECT count(*) FROM activity_delta_batches").await, 0);
         produce_events(&producer, &names.events, second, &[WireFormat::Json]);
-        eventually(Duration::from_secs(60), "second half stored", || async { (all_offsets(&db).await == 6_000).then_some(()) }).await;
+        eventually(Duration::from_secs(60), "second half stored", || async {
+            (all_offsets(&db).await == 6_000).then_some(())
+        })
+        .await;
         // Pending deltas that end sessions already folded as open.
         assert!(db.count("SELECT count(*) FROM activity_delta_batches").await > 0);
         let ended_by_pending = "SELECT count(*) FROM sessions s JOIN session_deltas d USING (session_id) \

@@ -313,17 +313,18 @@ async fn auth_matrix_hs256_static_and_env_tokens() {
     let hs = |claims: Value| jwt(jsonwebtoken::Algorithm::HS256, &hs_key(HS_SECRET), claims);
     let now = Utc::now().timestamp();
     let (rsa_private, _) = rsa_keys();
-    let rs_signed = jwt(
-        jsonwebtoken::Algorithm::RS256,
-        &jsonwebtoken::EncodingKey::from_rsa_pem(&rsa_private).unwrap(),
-        json!({}),
-    );
+    let rs_signed =
+        jwt(jsonwebtoken::Algorithm::RS256, &jsonwebtoken::EncodingKey::from_rsa_pem(&rsa_private).unwrap(), json!({}));
     // alg "none": header and claims, empty signature.
     let b64 = |v: Value| {
         use base64::Engine;
         base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(v.to_string())
     };
-    let alg_none = format!("{}.{}.", b64(json!({"alg": "none", "typ": "JWT"})), b64(json!({"sub": "x", "iss": "auth-service", "aud": "audit-admin", "exp": now + 600, "is_admin": true})));
+    let alg_none = format!(
+        "{}.{}.",
+        b64(json!({"alg": "none", "typ": "JWT"})),
+        b64(json!({"sub": "x", "iss": "auth-service", "aud": "audit-admin", "exp": now + 600, "is_admin": true}))
+    );
 
     let cases: Vec<(&str, Option<String>, u16, &str)> = vec![
         ("no token", None, 401, "missing_token"),
@@ -336,7 +337,10 @@ async fn auth_matrix_hs256_static_and_env_tokens() {
         ("JWT not valid yet", Some(format!("Bearer {}", hs(json!({"nbf": now + 3600})))), 401, "token_not_yet_valid"),
         (
             "wrong signature",
-            Some(format!("Bearer {}", jwt(jsonwebtoken::Algorithm::HS256, &hs_key("another-secret-0123456789abcdef01234"), json!({})))),
+            Some(format!(
+                "Bearer {}",
+                jwt(jsonwebtoken::Algorithm::HS256, &hs_key("another-secret-0123456789abcdef01234"), json!({}))
+            )),
             401,
             "invalid_token",
         ),
@@ -349,7 +353,12 @@ async fn auth_matrix_hs256_static_and_env_tokens() {
         ("non-admin JWT", Some(format!("Bearer {}", hs(json!({"is_admin": false})))), 403, "not_admin"),
         ("JWT without the admin claim", Some(format!("Bearer {}", hs(json!({"is_admin": null})))), 403, "not_admin"),
         ("admin JWT", Some(format!("Bearer {}", hs(json!({})))), 200, ""),
-        ("admin JWT, audience in a list", Some(format!("Bearer {}", hs(json!({"aud": ["x", "audit-admin"]})))), 200, ""),
+        (
+            "admin JWT, audience in a list",
+            Some(format!("Bearer {}", hs(json!({"aud": ["x", "audit-admin"]})))),
+            200,
+            "",
+        ),
         ("static admin token", Some(format!("Bearer {TOKEN}")), 200, ""),
         ("static admin token, lower-case scheme", Some(format!("bearer {TOKEN_2}")), 200, ""),
         ("ADMIN_TOKEN environment variable", Some(format!("Bearer {ENV_TOKEN}")), 200, ""),
@@ -384,7 +393,9 @@ async fn auth_rs256_with_nested_role_claim_and_es256() {
         toml_string(&rsa_public)
     );
     let api = Api::start_with("", &rs_cfg).await;
-    let rs = |claims: Value| jwt(jsonwebtoken::Algorithm::RS256, &jsonwebtoken::EncodingKey::from_rsa_pem(&rsa_private).unwrap(), claims);
+    let rs = |claims: Value| {
+        jwt(jsonwebtoken::Algorithm::RS256, &jsonwebtoken::EncodingKey::from_rsa_pem(&rsa_private).unwrap(), claims)
+    };
     let status = |token: String| {
         let api = &api;
         async move { api.call(Method::GET, "/api/v1/audit/maintenance", Some(&token), None).await }
@@ -392,7 +403,8 @@ async fn auth_rs256_with_nested_role_claim_and_es256() {
     assert_eq!(status(rs(json!({"realm_access": {"roles": ["user", "audit-admin"]}}))).await.0, 200);
     assert_error(&status(rs(json!({"realm_access": {"roles": ["user"]}}))).await, 403, "not_admin");
     // Algorithm confusion: HS256 signed with the public key as the secret.
-    let confused = jwt(jsonwebtoken::Algorithm::HS256, &hs_key(&rsa_public), json!({"realm_access": {"roles": ["audit-admin"]}}));
+    let confused =
+        jwt(jsonwebtoken::Algorithm::HS256, &hs_key(&rsa_public), json!({"realm_access": {"roles": ["audit-admin"]}}));
     assert_error(&status(confused).await, 401, "invalid_token");
     // Another RSA key.
     let (other_private, _) = rsa_keys();
@@ -413,13 +425,18 @@ async fn auth_rs256_with_nested_role_claim_and_es256() {
         toml_string(key_file.to_str().unwrap())
     );
     let api = Api::start_with("", &es_cfg).await;
-    let es = |key: &[u8], claims: Value| jwt(jsonwebtoken::Algorithm::ES256, &jsonwebtoken::EncodingKey::from_ec_pem(key).unwrap(), claims);
-    let (status, body) = api.call(Method::GET, "/api/v1/audit/maintenance", Some(&es(&ec_private, json!({}))), None).await;
+    let es = |key: &[u8], claims: Value| {
+        jwt(jsonwebtoken::Algorithm::ES256, &jsonwebtoken::EncodingKey::from_ec_pem(key).unwrap(), claims)
+    };
+    let (status, body) =
+        api.call(Method::GET, "/api/v1/audit/maintenance", Some(&es(&ec_private, json!({}))), None).await;
     assert_eq!(status, 200, "{body}");
     let (other_ec, _) = ec_keys();
     let got = api.call(Method::GET, "/api/v1/audit/maintenance", Some(&es(&other_ec, json!({}))), None).await;
     assert_error(&got, 401, "invalid_token");
-    let got = api.call(Method::GET, "/api/v1/audit/maintenance", Some(&es(&ec_private, json!({"is_admin": "no"}))), None).await;
+    let got = api
+        .call(Method::GET, "/api/v1/audit/maintenance", Some(&es(&ec_private, json!({"is_admin": "no"}))), None)
+        .await;
     assert_error(&got, 403, "not_admin");
 }
 
@@ -427,7 +444,9 @@ async fn auth_rs256_with_nested_role_claim_and_es256() {
 async fn rate_limit_answers_429_with_retry_after_per_client() {
     let db = TestDb::create().await;
     let mut toml = config_toml(&db.url, "", "");
-    toml = toml.replace("rate_limit_per_second = 1000", "rate_limit_per_second = 1").replace("rate_limit_burst = 1000", "rate_limit_burst = 3");
+    toml = toml
+        .replace("rate_limit_per_second = 1000", "rate_limit_per_second = 1")
+        .replace("rate_limit_burst = 1000", "rate_limit_burst = 3");
     let config = Config::from_toml_with_env(&toml, Vec::new()).unwrap();
     prepare_database(&config).await.unwrap();
     let api = Api::serve(db, config, None).await;
@@ -446,9 +465,17 @@ async fn rate_limit_answers_429_with_retry_after_per_client() {
     assert_eq!(api.call(Method::GET, "/api/v1/audit/maintenance", Some(TOKEN_2), None).await.0, 200);
     // Failed attempts are limited per address: 3 answered 401, then 429.
     for _ in 0..3 {
-        assert_error(&api.call(Method::GET, "/api/v1/audit/maintenance", Some("wrong-token-0123456789"), None).await, 401, "invalid_token");
+        assert_error(
+            &api.call(Method::GET, "/api/v1/audit/maintenance", Some("wrong-token-0123456789"), None).await,
+            401,
+            "invalid_token",
+        );
     }
-    assert_error(&api.call(Method::GET, "/api/v1/audit/maintenance", Some("wrong-token-0123456789"), None).await, 429, "rate_limited");
+    assert_error(
+        &api.call(Method::GET, "/api/v1/audit/maintenance", Some("wrong-token-0123456789"), None).await,
+        429,
+        "rate_limited",
+    );
     // Public routes are not limited.
     for _ in 0..10 {
         assert_eq!(api.call(Method::GET, "/api/v1/health", None, None).await.0, 200);
@@ -636,11 +663,48 @@ async fn security_overview_counts_failed_logins_ips_alerts_and_incidents() {
     insert(&client, &rows).await;
 
     let (a, b, c, d) = (Uuid::new_v4(), Uuid::new_v4(), Uuid::new_v4(), Uuid::new_v4());
-    insert_alert(&client, a, "failed_logins_per_user", "user:alice", "firing", "warning", now - TimeDelta::minutes(50)).await;
-    let a_escalated = insert_alert(&client, a, "failed_logins_per_user", "user:alice", "escalated", "critical", now - TimeDelta::minutes(40)).await;
-    insert_alert(&client, b, "failed_logins_per_ip", "ip:198.51.100.2", "firing", "critical", now - TimeDelta::minutes(30)).await;
-    insert_alert(&client, b, "failed_logins_per_ip", "ip:198.51.100.2", "resolved", "critical", now - TimeDelta::minutes(20)).await;
-    let c_firing = insert_alert(&client, c, "password_spraying", "ip:203.0.113.5", "firing", "warning", now - TimeDelta::minutes(10)).await;
+    insert_alert(&client, a, "failed_logins_per_user", "user:alice", "firing", "warning", now - TimeDelta::minutes(50))
+        .await;
+    let a_escalated = insert_alert(
+        &client,
+        a,
+        "failed_logins_per_user",
+        "user:alice",
+        "escalated",
+        "critical",
+        now - TimeDelta::minutes(40),
+    )
+    .await;
+    insert_alert(
+        &client,
+        b,
+        "failed_logins_per_ip",
+        "ip:198.51.100.2",
+        "firing",
+        "critical",
+        now - TimeDelta::minutes(30),
+    )
+    .await;
+    insert_alert(
+        &client,
+        b,
+        "failed_logins_per_ip",
+        "ip:198.51.100.2",
+        "resolved",
+        "critical",
+        now - TimeDelta::minutes(20),
+    )
+    .await;
+    let c_firing = insert_alert(
+        &client,
+        c,
+        "password_spraying",
+        "ip:203.0.113.5",
+        "firing",
+        "warning",
+        now - TimeDelta::minutes(10),
+    )
+    .await;
     insert_alert(&client, d, "failed_logins_per_user", "user:old", "firing", "warning", now - TimeDelta::days(8)).await;
 
     let (status, s) = api.get("/api/v1/audit/security").await;
@@ -690,7 +754,8 @@ async fn alerts_filter_and_paginate_newest_first() {
         v.sort_by(|x, y| y.cmp(x));
         v.into_iter().map(|(_, id)| id).collect()
     };
-    let got = |v: &Value| -> Vec<i64> { v["items"].as_array().unwrap().iter().map(|a| a["id"].as_i64().unwrap()).collect() };
+    let got =
+        |v: &Value| -> Vec<i64> { v["items"].as_array().unwrap().iter().map(|a| a["id"].as_i64().unwrap()).collect() };
 
     let (_, page) = api.get("/api/v1/audit/alerts?state=firing&severity=critical").await;
     assert_eq!(got(&page), expect(&|a| a.2 == "firing" && a.3 == "critical"));
@@ -739,7 +804,14 @@ async fn log_search_filters_return_exactly_the_matching_rows() {
     let api = Api::start().await;
     let client = api.client().await;
     let now = Utc::now().duration_trunc(TimeDelta::seconds(1)).unwrap();
-    let actions = ["AUTH_LOGIN", "FAILED_AUTH_LOGIN", "SECURITY_TOKEN_REUSE", "SECURITY_MFA_DISABLED", "TOKEN_ISSUED", "SECURITYX"];
+    let actions = [
+        "AUTH_LOGIN",
+        "FAILED_AUTH_LOGIN",
+        "SECURITY_TOKEN_REUSE",
+        "SECURITY_MFA_DISABLED",
+        "TOKEN_ISSUED",
+        "SECURITYX",
+    ];
     let ips = [Some("10.1.2.3"), Some("10.1.9.9"), Some("192.0.2.10"), Some("2001:db8::5"), None];
     let mut rows = Vec::new();
     for i in 0..90usize {
@@ -770,7 +842,11 @@ async fn log_search_filters_return_exactly_the_matching_rows() {
         ),
         (
             format!("user_id=user-1&action=SECURITY_*&from={}", urlencode(&from.to_rfc3339())),
-            newest_first(rows.iter().filter(|r| r.user.as_deref() == Some("user-1") && r.action.starts_with("SECURITY_") && r.at >= from)),
+            newest_first(
+                rows.iter().filter(|r| {
+                    r.user.as_deref() == Some("user-1") && r.action.starts_with("SECURITY_") && r.at >= from
+                }),
+            ),
         ),
         // SQL-injection text in a free-text filter is just a value: no match.
         (urlencode_pair("user_id", "user-1' OR '1'='1"), vec![]),
@@ -834,13 +910,8 @@ async fn pagination_returns_every_row_exactly_once_while_rows_arrive() {
         )
         .await
         .unwrap();
-    let initial: HashSet<String> = client
-        .query("SELECT event_id::text FROM audit_logs", &[])
-        .await
-        .unwrap()
-        .iter()
-        .map(|r| r.get(0))
-        .collect();
+    let initial: HashSet<String> =
+        client.query("SELECT event_id::text FROM audit_logs", &[]).await.unwrap().iter().map(|r| r.get(0)).collect();
     assert_eq!(initial.len(), 3000);
 
     let stop = CancellationToken::new();
@@ -936,7 +1007,8 @@ async fn ndjson_export_streams_a_large_range_in_chunks() {
         chunks += 1;
         buffer.extend_from_slice(&chunk);
     }
-    let lines: Vec<Value> = buffer.split(|b| *b == b'\n').filter(|l| !l.is_empty()).map(|l| serde_json::from_slice(l).unwrap()).collect();
+    let lines: Vec<Value> =
+        buffer.split(|b| *b == b'\n').filter(|l| !l.is_empty()).map(|l| serde_json::from_slice(l).unwrap()).collect();
     assert_eq!(lines.len(), 25_000);
     assert!(chunks >= 25, "{chunks} chunks");
     assert!(lines.iter().all(|l| l["user_id"] == "exporter"));
@@ -973,19 +1045,18 @@ async fn log_search_by_user_is_an_index_scan() {
         .unwrap();
     let (sql, params) = LogSearch { user_id: Some("user-7".into()), limit: Some(101), ..Default::default() }.to_sql();
     let explain = format!("EXPLAIN {sql}");
-    let plan: Vec<String> = client
-        .query(&explain, &api::queries::param_refs(&params))
-        .await
-        .unwrap()
-        .iter()
-        .map(|r| r.get(0))
-        .collect();
+    let plan: Vec<String> =
+        client.query(&explain, &api::queries::param_refs(&params)).await.unwrap().iter().map(|r| r.get(0)).collect();
     let plan = plan.join("\n");
     assert!(plan.contains("user_id_created_at_idx"), "{plan}");
     // Only partitions without rows (premade days ahead) may be scanned.
     for line in plan.lines().filter(|l| l.contains("Seq Scan on ")) {
         let partition = line.split("Seq Scan on ").nth(1).unwrap().split(' ').next().unwrap();
-        assert_eq!(api.db.count(&format!("SELECT count(*) FROM {partition}")).await, 0, "{partition} seq-scanned:\n{plan}");
+        assert_eq!(
+            api.db.count(&format!("SELECT count(*) FROM {partition}")).await,
+            0,
+            "{partition} seq-scanned:\n{plan}"
+        );
     }
 }
 
@@ -1047,12 +1118,24 @@ async fn bad_parameters_get_a_4xx_json_error_never_a_5xx() {
         ("/api/v1/audit/cleanup", "{\"retention_days\": \"ninety\"}", Some("application/json"), 400, "invalid_body"),
         ("/api/v1/audit/cleanup", "{\"retention_days\": 1000000000000}", Some("application/json"), 400, "invalid_body"),
         ("/api/v1/audit/cleanup", "{\"retention_days\": -5}", Some("application/json"), 400, "invalid_body"),
-        ("/api/v1/audit/cleanup", "{\"retention_days\": 90, \"dryrun\": true}", Some("application/json"), 400, "invalid_body"),
+        (
+            "/api/v1/audit/cleanup",
+            "{\"retention_days\": 90, \"dryrun\": true}",
+            Some("application/json"),
+            400,
+            "invalid_body",
+        ),
         ("/api/v1/audit/cleanup", "{}", Some("application/json"), 400, "invalid_body"),
         ("/api/v1/audit/cleanup", "{\"retention_days\": 90}", None, 415, "unsupported_media_type"),
         ("/api/v1/audit/cleanup", "{\"retention_days\": 90}", Some("text/plain"), 415, "unsupported_media_type"),
         ("/api/v1/audit/cleanup", "{\"retention_days\": 7}", Some("application/json"), 400, "below_retention_floor"),
-        ("/api/v1/audit/cleanup", "{\"retention_days\": 4000000}", Some("application/json"), 400, "invalid_retention_days"),
+        (
+            "/api/v1/audit/cleanup",
+            "{\"retention_days\": 4000000}",
+            Some("application/json"),
+            400,
+            "invalid_retention_days",
+        ),
         ("/api/v1/audit/maintenance", "{\"paused\": \"yes\"}", Some("application/json"), 400, "invalid_body"),
         ("/api/v1/audit/maintenance", "{\"pause\": true}", Some("application/json"), 400, "invalid_body"),
         ("/api/v1/audit/maintenance", "[true]", Some("application/json"), 400, "invalid_body"),
@@ -1068,7 +1151,15 @@ async fn bad_parameters_get_a_4xx_json_error_never_a_5xx() {
     }
     // Oversized body: 413, before it is parsed.
     let big = format!("{{\"retention_days\": 90, \"pad\": \"{}\"}}", "x".repeat(100_000));
-    let resp = api.http.post(api.url("/api/v1/audit/cleanup")).bearer_auth(TOKEN).header("content-type", "application/json").body(big).send().await.unwrap();
+    let resp = api
+        .http
+        .post(api.url("/api/v1/audit/cleanup"))
+        .bearer_auth(TOKEN)
+        .header("content-type", "application/json")
+        .body(big)
+        .send()
+        .await
+        .unwrap();
     assert_error(&(resp.status(), resp.json::<Value>().await.unwrap()), 413, "payload_too_large");
     // Wrong method: 405 with the JSON error.
     let got = api.call(Method::DELETE, "/api/v1/audit/logs", Some(TOKEN), None).await;
@@ -1136,10 +1227,14 @@ async fn cleanup_removes_the_sessions_and_rollups_of_removed_events() {
     let (status, done) = api.post("/api/v1/audit/cleanup", json!({"retention_days": 30})).await;
     assert_eq!(status, 200, "{done}");
     assert_eq!(done["activity"], expected);
-    assert_eq!(api.db.count("SELECT count(*) FROM activity_user_hourly WHERE hour > now() - interval '2 days'").await, 1);
+    assert_eq!(
+        api.db.count("SELECT count(*) FROM activity_user_hourly WHERE hour > now() - interval '2 days'").await,
+        1
+    );
     assert_eq!(api.db.count("SELECT count(*) FROM activity_user_hourly").await, 1);
     assert_eq!(api.db.count("SELECT count(*) FROM activity_hourly").await, 1);
-    let left: Vec<String> = client.query("SELECT session_id FROM sessions", &[]).await.unwrap().iter().map(|r| r.get(0)).collect();
+    let left: Vec<String> =
+        client.query("SELECT session_id FROM sessions", &[]).await.unwrap().iter().map(|r| r.get(0)).collect();
     assert_eq!(left, vec!["new".to_owned()]);
     // Recorded in the cleanup's own audit event.
     let recorded = api
@@ -1190,27 +1285,44 @@ async fn cleanup_drops_old_partitions_keeps_the_floor_and_dry_run_changes_nothin
     assert_eq!(status, 200, "{dry}");
     let cutoff: DateTime<Utc> = dry["cutoff"].as_str().unwrap().parse().unwrap();
     let cutoff_day = cutoff.date_naive();
-    let dropped_days: Vec<String> =
-        (0..).map(|d| first + Days::new(d)).take_while(|d| *d < cutoff_day).map(|d| format!("audit_logs_p{}", d.format("%Y%m%d"))).collect();
+    let dropped_days: Vec<String> = (0..)
+        .map(|d| first + Days::new(d))
+        .take_while(|d| *d < cutoff_day)
+        .map(|d| format!("audit_logs_p{}", d.format("%Y%m%d")))
+        .collect();
     assert_eq!(dropped_days.len(), 10);
     let boundary_rows: i64 = client
-        .query_one("SELECT count(*) FROM audit_logs WHERE created_at >= $1::date AND created_at < $2", &[&cutoff_day, &cutoff])
+        .query_one(
+            "SELECT count(*) FROM audit_logs WHERE created_at >= $1::date AND created_at < $2",
+            &[&cutoff_day, &cutoff],
+        )
         .await
         .unwrap()
         .get(0);
-    let older: i64 = client.query_one("SELECT count(*) FROM audit_logs WHERE created_at < $1", &[&cutoff]).await.unwrap().get(0);
+    let older: i64 =
+        client.query_one("SELECT count(*) FROM audit_logs WHERE created_at < $1", &[&cutoff]).await.unwrap().get(0);
     assert_eq!(older, 10 * 24 + boundary_rows + 2);
     assert_eq!(dry["dry_run"], true);
     assert_eq!(dry["partitions_dropped"], 10);
     assert_eq!(dry["rows_removed"], older);
     assert_eq!(dry["audit_event_id"], Value::Null);
     let changes = dry["changes"].as_array().unwrap();
-    let dropped: Vec<&str> = changes.iter().filter(|c| c["action"] == "drop").map(|c| c["partition"].as_str().unwrap()).collect();
+    let dropped: Vec<&str> =
+        changes.iter().filter(|c| c["action"] == "drop").map(|c| c["partition"].as_str().unwrap()).collect();
     assert_eq!(dropped, dropped_days);
     assert!(changes.iter().filter(|c| c["action"] == "drop").all(|c| c["rows"] == 24));
-    let deletes: Vec<(&str, i64)> =
-        changes.iter().filter(|c| c["action"] == "delete").map(|c| (c["partition"].as_str().unwrap(), c["rows"].as_i64().unwrap())).collect();
-    assert_eq!(deletes, vec![(format!("audit_logs_p{}", cutoff_day.format("%Y%m%d")).as_str(), boundary_rows), ("audit_logs_default", 2)]);
+    let deletes: Vec<(&str, i64)> = changes
+        .iter()
+        .filter(|c| c["action"] == "delete")
+        .map(|c| (c["partition"].as_str().unwrap(), c["rows"].as_i64().unwrap()))
+        .collect();
+    assert_eq!(
+        deletes,
+        vec![
+            (format!("audit_logs_p{}", cutoff_day.format("%Y%m%d")).as_str(), boundary_rows),
+            ("audit_logs_default", 2)
+        ]
+    );
     // ...and changed nothing.
     assert_eq!(partitions(&client).await, before_partitions);
     assert_eq!(api.db.count("SELECT count(*) FROM audit_logs").await, total_before);
@@ -1237,7 +1349,11 @@ async fn cleanup_drops_old_partitions_keeps_the_floor_and_dry_run_changes_nothin
     let expected_left: Vec<String> = before_partitions.iter().filter(|p| !dropped_days.contains(p)).cloned().collect();
     assert_eq!(after_partitions, expected_left);
     for p in &dropped_days {
-        assert_eq!(api.db.count(&format!("SELECT count(*) FROM pg_class WHERE relname = '{p}'")).await, 0, "{p} still attached");
+        assert_eq!(
+            api.db.count(&format!("SELECT count(*) FROM pg_class WHERE relname = '{p}'")).await,
+            0,
+            "{p} still attached"
+        );
     }
     // Their files are released right after, in the background.
     assert_eq!(done["purge_pending"], true);
@@ -1245,7 +1361,11 @@ async fn cleanup_drops_old_partitions_keeps_the_floor_and_dry_run_changes_nothin
         (trash_tables(&api.db).await == 0).then_some(())
     })
     .await;
-    let remaining_old: i64 = client.query_one("SELECT count(*) FROM audit_logs WHERE created_at < $1", &[&done_cutoff]).await.unwrap().get(0);
+    let remaining_old: i64 = client
+        .query_one("SELECT count(*) FROM audit_logs WHERE created_at < $1", &[&done_cutoff])
+        .await
+        .unwrap()
+        .get(0);
     assert_eq!(remaining_old, 0);
     // Everything at or after the cutoff is still there (plus the audit row).
     let kept: i64 = client
@@ -1312,12 +1432,17 @@ async fn scheduled_retention_runs_and_records_itself() {
     let old_partition = format!("audit_logs_p{}", old_day.format("%Y%m%d"));
     eventually(Duration::from_secs(20), "the scheduled cleanup dropped the old partitions", || async {
         let left = db.count(&format!("SELECT count(*) FROM pg_class WHERE relname = '{old_partition}'")).await;
-        let recorded = db.count("SELECT count(*) FROM audit_logs WHERE action = 'ADMIN_AUDIT_CLEANUP' AND user_id = 'scheduler'").await;
+        let recorded = db
+            .count("SELECT count(*) FROM audit_logs WHERE action = 'ADMIN_AUDIT_CLEANUP' AND user_id = 'scheduler'")
+            .await;
         (left == 0 && recorded == 1).then_some(())
     })
     .await;
     assert_eq!(db.count("SELECT count(*) FROM audit_logs WHERE created_at < now() - interval '2 days'").await, 0);
-    eventually(Duration::from_secs(20), "the detached partitions are dropped", || async { (trash_tables(&db).await == 0).then_some(()) }).await;
+    eventually(Duration::from_secs(20), "the detached partitions are dropped", || async {
+        (trash_tables(&db).await == 0).then_some(())
+    })
+    .await;
     cancel.cancel();
     tokio::time::timeout(Duration::from_secs(5), task).await.unwrap().unwrap();
 }
@@ -1326,7 +1451,8 @@ async fn scheduled_retention_runs_and_records_itself() {
 async fn maintenance_mode_pauses_ingest_and_shows_in_health_metrics_and_audit_trail() {
     let api = Api::start().await;
     api.status.set_assigned(vec![0]);
-    let (status, body) = api.post("/api/v1/audit/maintenance", json!({"paused": true, "reason": "runbook: high load"})).await;
+    let (status, body) =
+        api.post("/api/v1/audit/maintenance", json!({"paused": true, "reason": "runbook: high load"})).await;
     assert_eq!(status, 200, "{body}");
     assert_eq!(body["paused"], true);
     assert_eq!(body["recorded"], true);
@@ -1364,9 +1490,16 @@ async fn reports_answer_the_runbook_queries_from_real_rows() {
     let day_start = midnight(yesterday);
     let mut rows = Vec::new();
     // Yesterday: hours 0, 1, 3 and 5 have events; 2 and 4 are empty.
-    for (hour, n, action) in [(0, 3, "AUTH_LOGIN"), (1, 2, "FAILED_AUTH_LOGIN"), (3, 4, "AUTH_LOGIN"), (5, 1, "SECURITY_LOCKOUT")] {
+    for (hour, n, action) in
+        [(0, 3, "AUTH_LOGIN"), (1, 2, "FAILED_AUTH_LOGIN"), (3, 4, "AUTH_LOGIN"), (5, 1, "SECURITY_LOCKOUT")]
+    {
         for i in 0..n {
-            rows.push(row(day_start + TimeDelta::hours(hour) + TimeDelta::minutes(i * 5), action, Some(&format!("u{i}")), None));
+            rows.push(row(
+                day_start + TimeDelta::hours(hour) + TimeDelta::minutes(i * 5),
+                action,
+                Some(&format!("u{i}")),
+                None,
+            ));
         }
     }
     // The days around it.
@@ -1393,10 +1526,17 @@ async fn reports_answer_the_runbook_queries_from_real_rows() {
             urlencode(&(day_start + TimeDelta::hours(6)).to_rfc3339())
         ))
         .await;
-    let hours: Vec<(i64, bool)> =
-        c["hours"].as_array().unwrap().iter().map(|h| (h["events"].as_i64().unwrap(), h["empty"].as_bool().unwrap())).collect();
+    let hours: Vec<(i64, bool)> = c["hours"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|h| (h["events"].as_i64().unwrap(), h["empty"].as_bool().unwrap()))
+        .collect();
     assert_eq!(hours, vec![(1, false), (0, true), (4, false), (0, true), (2, false), (3, false)], "{c}");
-    assert_eq!(c["hours"][0]["hour"].as_str().unwrap().parse::<DateTime<Utc>>().unwrap(), day_start + TimeDelta::hours(5));
+    assert_eq!(
+        c["hours"][0]["hour"].as_str().unwrap().parse::<DateTime<Utc>>().unwrap(),
+        day_start + TimeDelta::hours(5)
+    );
     assert_eq!(c["empty_hours"], 2);
     assert_eq!(c["total_events"], 10);
 
@@ -1436,7 +1576,8 @@ async fn every_documented_route_is_served() {
             assert_eq!(status, 200, "{method} {path}: {body}");
         }
     }
-    let routed: BTreeSet<(String, String)> = api::routes().into_iter().map(|r| (r.method.to_string(), r.path.to_owned())).collect();
+    let routed: BTreeSet<(String, String)> =
+        api::routes().into_iter().map(|r| (r.method.to_string(), r.path.to_owned())).collect();
     assert_eq!(documented, routed);
 }
 

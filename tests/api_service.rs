@@ -61,14 +61,15 @@ fn maintenance_pauses_the_consumer_and_resumes_without_loss() {
         produce_events(&producer, &names.events, &second, ALL_FORMATS);
         // Paused: whatever the consumer had not taken before the switch
         // waits in Kafka and shows as lag in health.
-        let (stored, lag) = eventually(Duration::from_secs(30), "health reports the lag of the paused consumer", || async {
-            let (status, h) = get(&http, format!("{base}/api/v1/audit/health")).await;
-            assert_eq!(status, 200, "{h}");
-            let lag = h["kafka"]["consumer_lag"].as_i64().unwrap();
-            let stored = db.count("SELECT count(*) FROM audit_logs WHERE kafka_partition >= 0").await;
-            (lag > 0 && stored + lag == 500 && h["ingest"]["maintenance_paused"] == true).then_some((stored, lag))
-        })
-        .await;
+        let (stored, lag) =
+            eventually(Duration::from_secs(30), "health reports the lag of the paused consumer", || async {
+                let (status, h) = get(&http, format!("{base}/api/v1/audit/health")).await;
+                assert_eq!(status, 200, "{h}");
+                let lag = h["kafka"]["consumer_lag"].as_i64().unwrap();
+                let stored = db.count("SELECT count(*) FROM audit_logs WHERE kafka_partition >= 0").await;
+                (lag > 0 && stored + lag == 500 && h["ingest"]["maintenance_paused"] == true).then_some((stored, lag))
+            })
+            .await;
         assert!(lag >= 250, "most of the second batch waits: lag {lag}, stored {stored}");
         // It stays paused.
         tokio::time::sleep(Duration::from_secs(2)).await;
@@ -96,7 +97,13 @@ fn maintenance_pauses_the_consumer_and_resumes_without_loss() {
         })
         .await;
         assert_eq!(db.count("SELECT count(DISTINCT event_id) FROM audit_logs WHERE kafka_partition >= 0").await, 500);
-        assert_eq!(db.count("SELECT count(*) FROM audit_logs WHERE action LIKE 'ADMIN_MAINTENANCE_%' AND user_id = 'token:ops'").await, 2);
+        assert_eq!(
+            db.count(
+                "SELECT count(*) FROM audit_logs WHERE action LIKE 'ADMIN_MAINTENANCE_%' AND user_id = 'token:ops'"
+            )
+            .await,
+            2
+        );
         running.stop();
         running.wait().await;
     });
@@ -133,7 +140,12 @@ fn binary_takes_admin_token_from_environment_never_logs_it_and_passes_promtool()
         let (status, page) = get(&http, format!("{base}/api/v1/audit/logs?limit=5")).await;
         assert_eq!(status, 200);
         assert_eq!(page["items"].as_array().unwrap().len(), 5);
-        let wrong = http.get(format!("{base}/api/v1/audit/health")).bearer_auth("not-the-admin-token-012345").send().await.unwrap();
+        let wrong = http
+            .get(format!("{base}/api/v1/audit/health"))
+            .bearer_auth("not-the-admin-token-012345")
+            .send()
+            .await
+            .unwrap();
         assert_eq!(wrong.status(), 401);
         let (status, _) = get(&http, format!("{base}/api/v1/audit/security")).await;
         assert_eq!(status, 200);

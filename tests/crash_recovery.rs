@@ -48,8 +48,9 @@ fn sigkill_at_five_points_during_ingest_loses_and_duplicates_nothing() {
                 // Wait until it has connected to the database, then kill it
                 // while it joins the group.
                 eventually(Duration::from_secs(30), "service connected", || async {
-                    (db.count("SELECT count(*) FROM pg_stat_activity WHERE application_name = 'audit-service'").await > 0)
-                        .then_some(())
+                    (db.count("SELECT count(*) FROM pg_stat_activity WHERE application_name = 'audit-service'").await
+                        > 0)
+                    .then_some(())
                 })
                 .await;
             } else {

@@ -24,7 +24,9 @@ fn demo_database() -> TestDb {
 fn audit_service() -> Command {
     let mut cmd = Command::new(env!("CARGO_BIN_EXE_audit-service"));
     for (name, _) in std::env::vars() {
-        if name.starts_with("AUDIT__") || ["DATABASE_URL", "KAFKA_BROKERS", "RUST_LOG", "ADMIN_TOKEN"].contains(&name.as_str()) {
+        if name.starts_with("AUDIT__")
+            || ["DATABASE_URL", "KAFKA_BROKERS", "RUST_LOG", "ADMIN_TOKEN"].contains(&name.as_str())
+        {
             cmd.env_remove(name);
         }
     }
@@ -120,11 +122,8 @@ impl Drop for Demo {
 /// `Events: N produced (M acknowledged by Kafka), S stored ...` → (M, S).
 fn acknowledged_and_stored(output: &str) -> (u64, u64) {
     let line = output.lines().find(|l| l.starts_with("Events: ")).expect("a summary line of events");
-    let numbers: Vec<u64> = line
-        .split(|c: char| !c.is_ascii_digit())
-        .filter(|s| !s.is_empty())
-        .map(|s| s.parse().unwrap())
-        .collect();
+    let numbers: Vec<u64> =
+        line.split(|c: char| !c.is_ascii_digit()).filter(|s| !s.is_empty()).map(|s| s.parse().unwrap()).collect();
     (numbers[1], numbers[2])
 }
 
@@ -164,7 +163,10 @@ fn the_demo_raises_every_rule_serves_the_api_and_stores_its_events() {
     }
     // Escalations of the brute force and of the spike.
     assert!(alert_lines(&output, "user_failed_logins").iter().any(|l| l.contains(" ESCALATED critical ")), "{output}");
-    assert!(alert_lines(&output, "system_failed_logins").iter().any(|l| l.contains(" ESCALATED critical ")), "{output}");
+    assert!(
+        alert_lines(&output, "system_failed_logins").iter().any(|l| l.contains(" ESCALATED critical ")),
+        "{output}"
+    );
 
     // The summary: every event acknowledged by Kafka was stored.
     assert!(output.contains("== Summary"), "{output}");

@@ -42,7 +42,12 @@ fn attacks(t0: i64) -> Vec<AuthEvent> {
     push(attempt("mallory-target", "192.0.2.44", "AUTH_LOGIN", t0 + 15 * s));
     // A system-wide spike: 101 failures from many users and IPs in 30 s.
     for i in 0..101 {
-        push(attempt(&format!("spike{i}"), &format!("10.1.{}.{}", i / 200, i % 200), "FAILED_AUTH_LOGIN", t0 + 16 * s + i * 200_000));
+        push(attempt(
+            &format!("spike{i}"),
+            &format!("10.1.{}.{}", i / 200, i % 200),
+            "FAILED_AUTH_LOGIN",
+            t0 + 16 * s + i * 200_000,
+        ));
     }
     v
 }
@@ -60,7 +65,11 @@ struct SeenAlert {
 fn decode_avro_alert(bytes: &[u8]) -> SeenAlert {
     let (_, body) = avro::split_single_object(bytes).expect("single-object framing");
     let schema = apache_avro::Schema::parse_str(ALERT_SCHEMA).unwrap();
-    let value = apache_avro::reader::datum::GenericDatumReader::builder(&schema).build().unwrap().read_value(&mut &body[..]).expect("decodes with alert.avsc");
+    let value = apache_avro::reader::datum::GenericDatumReader::builder(&schema)
+        .build()
+        .unwrap()
+        .read_value(&mut &body[..])
+        .expect("decodes with alert.avsc");
     let apache_avro::types::Value::Record(fields) = value else { panic!("not a record") };
     let text = |n: &str| match &fields.iter().find(|(k, _)| k == n).unwrap().1 {
         apache_avro::types::Value::String(s) => s.clone(),
@@ -114,7 +123,10 @@ fn every_rule_alerts_on_the_topic_in_avro_and_in_the_table() {
         );
         let seen: Vec<SeenAlert> = messages
             .iter()
-            .map(|m| SeenAlert { key: String::from_utf8(m.key.clone().unwrap()).unwrap(), ..decode_avro_alert(&m.payload) })
+            .map(|m| SeenAlert {
+                key: String::from_utf8(m.key.clone().unwrap()).unwrap(),
+                ..decode_avro_alert(&m.payload)
+            })
             .collect();
         for (rule, subject, state, severity) in expected {
             let hit = seen.iter().find(|a| a.rule == *rule && a.subject == *subject && a.state == *state);
@@ -161,7 +173,19 @@ fn an_outside_consumer_reads_json_alerts_with_kcat_and_a_quiet_stream_resolves()
         // last event, advanced by the wall clock), 3 s window + 2 s quiet.
         let lines = eventually(Duration::from_secs(90), "firing and resolved read by kcat", || async {
             let out = std::process::Command::new("kcat")
-                .args(["-C", "-b", kafka.bootstrap_servers(), "-t", &names.alerts, "-o", "beginning", "-e", "-q", "-f", "%k\t%s\n"])
+                .args([
+                    "-C",
+                    "-b",
+                    kafka.bootstrap_servers(),
+                    "-t",
+                    &names.alerts,
+                    "-o",
+                    "beginning",
+                    "-e",
+                    "-q",
+                    "-f",
+                    "%k\t%s\n",
+                ])
                 .output()
                 .expect("kcat is installed (CI installs it)");
             let text = String::from_utf8(out.stdout).unwrap();
@@ -181,8 +205,21 @@ fn an_outside_consumer_reads_json_alerts_with_kcat_and_a_quiet_stream_resolves()
         assert_eq!(alerts[0].1["alert_id"], alerts[1].1["alert_id"]);
         for (key, a) in &alerts {
             assert_eq!(key, "user:quiet");
-            for field in ["alert_id", "rule", "severity", "state", "subject", "count", "threshold", "window_seconds",
-                "first_event_at", "last_event_at", "sample_event_ids", "detected_at", "recommended_action"] {
+            for field in [
+                "alert_id",
+                "rule",
+                "severity",
+                "state",
+                "subject",
+                "count",
+                "threshold",
+                "window_seconds",
+                "first_event_at",
+                "last_event_at",
+                "sample_event_ids",
+                "detected_at",
+                "recommended_action",
+            ] {
                 assert!(a.get(field).is_some(), "{field} missing in {a}");
             }
             assert_eq!(a["recommended_action"], "lock_account");

@@ -76,10 +76,18 @@ fn an_attack_straddling_a_sigkill_is_detected_with_one_alert_id() {
                 .push((a["state"].as_str().unwrap().to_owned(), a["alert_id"].as_str().unwrap().to_owned()));
         }
         let loud = &by_subject["user:loud"];
-        assert_eq!(loud.iter().map(|(s, _)| s.as_str()).collect::<Vec<_>>(), vec!["firing", "escalated"], "{by_subject:?}");
+        assert_eq!(
+            loud.iter().map(|(s, _)| s.as_str()).collect::<Vec<_>>(),
+            vec!["firing", "escalated"],
+            "{by_subject:?}"
+        );
         assert_eq!(loud[0].1, loud[1].1, "the escalation continues the episode sent before the crash");
         let quiet = &by_subject["user:quiet"];
-        assert_eq!(quiet.iter().map(|(s, _)| s.as_str()).collect::<Vec<_>>(), vec!["firing"], "4 before + 2 after the crash");
+        assert_eq!(
+            quiet.iter().map(|(s, _)| s.as_str()).collect::<Vec<_>>(),
+            vec!["firing"],
+            "4 before + 2 after the crash"
+        );
         assert_eq!(topic.len(), 3, "nothing sent twice: {by_subject:?}");
     });
 }

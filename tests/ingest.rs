@@ -136,7 +136,9 @@ fn stop_flushes_and_returns_promptly() {
         // The pipeline's metrics are exposed (the recorder is shared by the
         // tests of this binary, so counters are at least this test's).
         let metrics = scrape(running.http_addr).await;
-        for name in ["audit_events_consumed_total{encoding=\"json\"}", "audit_events_stored_total", "audit_batch_rows_count"] {
+        for name in
+            ["audit_events_consumed_total{encoding=\"json\"}", "audit_events_stored_total", "audit_batch_rows_count"]
+        {
             assert!(metric_value(&metrics, name).is_some_and(|v| v > 0.0), "{name} in\n{metrics}");
         }
         assert!(metrics.contains("audit_batch_write_duration_seconds_bucket"), "{metrics}");
@@ -174,9 +176,12 @@ fn bad_messages_are_dead_lettered_and_good_ones_around_them_stored() {
             ("malformed_avro", avro[..avro.len() - 7].to_vec()),
             ("unknown_schema_id", loadgen::encode(&good[1], WireFormat::AvroConfluent(4242))),
             ("malformed_json", b"{\"event_id\": \"abc\", ".to_vec()),
-            ("missing_field", with(&|v| {
-                v.as_object_mut().unwrap().remove("event_id");
-            })),
+            (
+                "missing_field",
+                with(&|v| {
+                    v.as_object_mut().unwrap().remove("event_id");
+                }),
+            ),
             ("invalid_ip", with(&|v| v["ip_address"] = "300.1.2.3".into())),
             ("invalid_ip", with(&|v| v["ip_address"] = "2001:db8::zz".into())),
             ("nul_byte", with(&|v| v["user_agent"] = "Mozilla\u{0}/5.0".into())),
@@ -239,8 +244,13 @@ fn bad_messages_are_dead_lettered_and_good_ones_around_them_stored() {
             assert_eq!(letter.key.as_deref(), Some(&b"bad-key"[..]));
         }
         let client = db.client().await;
-        let reasons: Vec<String> =
-            client.query("SELECT reason_code FROM dead_letters ORDER BY kafka_offset", &[]).await.unwrap().iter().map(|r| r.get(0)).collect();
+        let reasons: Vec<String> = client
+            .query("SELECT reason_code FROM dead_letters ORDER BY kafka_offset", &[])
+            .await
+            .unwrap()
+            .iter()
+            .map(|r| r.get(0))
+            .collect();
         assert_eq!(reasons, bad.iter().map(|(c, _)| c.to_string()).collect::<Vec<_>>());
     });
 }
@@ -260,7 +270,9 @@ fn rows_postgres_rejects_are_dead_lettered_without_failing_their_batch() {
         service::prepare_database(&config).await.unwrap();
         db.client()
             .await
-            .batch_execute("ALTER TABLE audit_logs ADD CONSTRAINT no_rejects CHECK (username IS DISTINCT FROM 'reject-me')")
+            .batch_execute(
+                "ALTER TABLE audit_logs ADD CONSTRAINT no_rejects CHECK (username IS DISTINCT FROM 'reject-me')",
+            )
             .await
             .unwrap();
         let mut evs = events(4, 3000);

@@ -110,8 +110,24 @@ fn json_events_read_back_with_kcat_follow_the_schema_and_raise_every_rule() {
     let stdout = assert_ok(&produce(
         dir.path(),
         &[
-            "--brokers", brokers, "--topic", &topic, "--scenario", "mixed", "--format", "json",
-            "--count", "500", "--rate", "0", "--attack-every", "40", "--failed-logins", "0.5", "--seed", "7",
+            "--brokers",
+            brokers,
+            "--topic",
+            &topic,
+            "--scenario",
+            "mixed",
+            "--format",
+            "json",
+            "--count",
+            "500",
+            "--rate",
+            "0",
+            "--attack-every",
+            "40",
+            "--failed-logins",
+            "0.5",
+            "--seed",
+            "7",
         ],
     ));
     assert!(stdout.contains("produced 500 events") && stdout.contains("500 acknowledged, 0 failed"), "{stdout}");
@@ -169,8 +185,20 @@ fn avro_events_in_both_framings_decode_with_the_published_schema() {
         let stdout = assert_ok(&produce(
             dir.path(),
             &[
-                "--brokers", brokers, "--topic", &topic, "--scenario", "brute-force", "--format", format,
-                "--schema-id", "42", "--count", "100", "--rate", "0",
+                "--brokers",
+                brokers,
+                "--topic",
+                &topic,
+                "--scenario",
+                "brute-force",
+                "--format",
+                format,
+                "--schema-id",
+                "42",
+                "--count",
+                "100",
+                "--rate",
+                "0",
             ],
         ));
         assert!(stdout.contains("100 acknowledged, 0 failed"), "{stdout}");
@@ -187,7 +215,10 @@ fn avro_events_in_both_framings_decode_with_the_published_schema() {
                 _ => {
                     assert_eq!(r.payload[..2], [0xC3, 0x01], "single-object magic");
                     let fingerprint = u64::from_le_bytes(r.payload[2..10].try_into().unwrap());
-                    assert!(avro::schema_fingerprints(&schema).contains(&fingerprint), "fingerprint of auth_event.avsc");
+                    assert!(
+                        avro::schema_fingerprints(&schema).contains(&fingerprint),
+                        "fingerprint of auth_event.avsc"
+                    );
                     &r.payload[10..]
                 }
             };

@@ -31,12 +31,7 @@ fn run_ok(program: &str, args: &[&str]) {
         .unwrap_or_else(|e| panic!("cannot run {program}: {e}"));
     let stdout = String::from_utf8_lossy(&out.stdout);
     let stderr = String::from_utf8_lossy(&out.stderr);
-    assert!(
-        out.status.success(),
-        "`{program} {}` failed ({}):\n{stdout}\n{stderr}",
-        args.join(" "),
-        out.status
-    );
+    assert!(out.status.success(), "`{program} {}` failed ({}):\n{stdout}\n{stderr}", args.join(" "), out.status);
     print!("{stdout}");
 }
 

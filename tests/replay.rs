@@ -130,7 +130,10 @@ fn alerts<'a>(output: &'a str, state: &str, rule: &str, subject: &str) -> Vec<&'
         .filter(|l| {
             let words: Vec<&str> = l.split_whitespace().collect();
             // ALERT <date> <time> <STATE> <severity> <rule> <subject> ...
-            words.first() == Some(&"ALERT") && words.get(3) == Some(&state) && words.get(5) == Some(&rule) && words.get(6) == Some(&subject)
+            words.first() == Some(&"ALERT")
+                && words.get(3) == Some(&state)
+                && words.get(5) == Some(&rule)
+                && words.get(6) == Some(&subject)
         })
         .collect()
 }
@@ -231,12 +234,15 @@ recommended_action = "block_ip"
     assert!(!output.contains("system_failed_logins"), "only the configured rules run:\n{output}");
 
     // One rule, as JSON messages like those on the alerts topic.
-    let output = stdout_of(&replay(dir.path(), &s.db.url, &["--from", &from, "--rule", "ip_password_spraying", "--json"]));
+    let output =
+        stdout_of(&replay(dir.path(), &s.db.url, &["--from", &from, "--rule", "ip_password_spraying", "--json"]));
     let messages: Vec<serde_json::Value> =
         output.lines().filter(|l| l.starts_with('{')).map(|l| serde_json::from_str(l).unwrap()).collect();
     let states: Vec<&str> = messages.iter().map(|m| m["state"].as_str().unwrap()).collect();
     assert_eq!(states, ["firing", "resolved"], "{output}");
-    assert!(messages.iter().all(|m| m["rule"] == "ip_password_spraying" && m["subject"] == format!("ip:{}", s.spray_ip)));
+    assert!(
+        messages.iter().all(|m| m["rule"] == "ip_password_spraying" && m["subject"] == format!("ip:{}", s.spray_ip))
+    );
     assert_eq!(messages[0]["count"], 11);
     assert_eq!(messages[0]["alert_id"], messages[1]["alert_id"], "one episode, one alert_id");
 

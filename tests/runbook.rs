@@ -221,7 +221,8 @@ fn the_prometheus_rules_and_the_runbook_links_land_on_headings() {
         assert!(anchors.contains(required), "no heading for #{required}");
     }
     let rules = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/config/prometheus/rules.yml")).unwrap();
-    let linked: Vec<&str> = rules.split("docs/RUNBOOK.md#").skip(1).map(|rest| rest.split('"').next().unwrap()).collect();
+    let linked: Vec<&str> =
+        rules.split("docs/RUNBOOK.md#").skip(1).map(|rest| rest.split('"').next().unwrap()).collect();
     assert!(linked.len() >= 8);
     for anchor in linked {
         assert!(anchors.contains(anchor), "rules.yml links to #{anchor}, which docs/RUNBOOK.md lacks");
@@ -285,7 +286,10 @@ fn the_endpoints_commands_and_metrics_it_names_exist() {
         }
         let Some(word) = words.next() else { continue };
         let word = word.trim_matches(|c: char| !c.is_ascii_alphanumeric() && c != '-');
-        if rest.starts_with(|c: char| c.is_ascii_lowercase() || c == '-') && !word.is_empty() && word.chars().all(|c| c.is_ascii_lowercase() || c == '-') {
+        if rest.starts_with(|c: char| c.is_ascii_lowercase() || c == '-')
+            && !word.is_empty()
+            && word.chars().all(|c| c.is_ascii_lowercase() || c == '-')
+        {
             named.insert(word.to_owned());
         }
     }
@@ -310,7 +314,8 @@ fn the_endpoints_commands_and_metrics_it_names_exist() {
         let name: String = text[i..].chars().take_while(|c| c.is_ascii_alphanumeric() || *c == '_').collect();
         let metric = ["_bucket", "_count", "_sum"].iter().fold(name.as_str(), |n, s| n.strip_suffix(s).unwrap_or(n));
         // `audit_events_*`: a family of metrics.
-        let quoted = if text[i + name.len()..].starts_with('*') { format!("\"{metric}") } else { format!("\"{metric}\"") };
+        let quoted =
+            if text[i + name.len()..].starts_with('*') { format!("\"{metric}") } else { format!("\"{metric}\"") };
         let known = metrics_rs.contains(&quoted) || schema.contains(&name) || databases.contains(&name.as_str());
         assert!(known, "the runbook names `{name}`: neither a metric of src/metrics.rs nor in migrations/");
     }
@@ -354,7 +359,8 @@ fn the_dead_letter_redrive_script_sends_back_exactly_the_chosen_messages() {
     kafka.create_topic(&dlq, 2).unwrap();
     kafka.create_topic(&events, 1).unwrap();
 
-    let producer: BaseProducer = ClientConfig::new().set("bootstrap.servers", kafka.bootstrap_servers()).create().unwrap();
+    let producer: BaseProducer =
+        ClientConfig::new().set("bootstrap.servers", kafka.bootstrap_servers()).create().unwrap();
     // Avro bytes include newlines, tabs and NULs.
     let avro = b"\x00\x00\x00\x00\x2a\n\tH\x00\x1f binary\nbody".to_vec();
     let dead = [

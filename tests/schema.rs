@@ -180,10 +180,10 @@ SELECT gen_random_uuid(), now() - make_interval(mins => $3::int + g * $4::int), 
 
 /// (ip, user, failures, start minutes ago, minutes apart)
 const FAILURE_BURSTS: &[(&str, &str, i32, i32, i32)] = &[
-    ("203.0.113.10", "victim-a", 15, 0, 2), // 15 in the last 30 minutes: reported
-    ("203.0.113.11", "victim-b", 11, 0, 3), // 11 in the last 33 minutes: reported
-    ("203.0.113.12", "victim-c", 10, 0, 4), // exactly 10: not "> 10"
-    ("2001:db8::1", "victim-e", 12, 0, 1),  // IPv6 too
+    ("203.0.113.10", "victim-a", 15, 0, 2),   // 15 in the last 30 minutes: reported
+    ("203.0.113.11", "victim-b", 11, 0, 3),   // 11 in the last 33 minutes: reported
+    ("203.0.113.12", "victim-c", 10, 0, 4),   // exactly 10: not "> 10"
+    ("2001:db8::1", "victim-e", 12, 0, 1),    // IPv6 too
     ("198.51.100.7", "victim-d", 20, 120, 1), // 20, but two hours ago
 ];
 
@@ -228,7 +228,10 @@ fn runbook_queries_on_audit_logs_run_unchanged_and_give_sensible_answers() {
             client.execute(INSERT_ONE, &[&id, &at, action, &"user-7", &(i as i64)]).await.unwrap();
             incident_ids.push(id);
         }
-        client.execute(INSERT_ONE, &[&Uuid::new_v4(), &ancient(), &"AUTH_LOGIN", &"user-ancient", &99i64]).await.unwrap();
+        client
+            .execute(INSERT_ONE, &[&Uuid::new_v4(), &ancient(), &"AUTH_LOGIN", &"user-ancient", &99i64])
+            .await
+            .unwrap();
 
         let bursts: i64 = FAILURE_BURSTS.iter().map(|b| i64::from(b.2)).sum();
         let total = BG_ROWS + bursts + incidents.len() as i64 + 1;
@@ -243,11 +246,9 @@ fn runbook_queries_on_audit_logs_run_unchanged_and_give_sensible_answers() {
         // size is the sum over the partition tree.
         let size: String = client.query_one(RUNBOOK_TABLE_SIZE, &[]).await.unwrap().get(0);
         assert_eq!(size, "0 bytes", "pg_total_relation_size of the partitioned parent");
-        let tree_bytes = count(
-            &client,
-            "SELECT sum(pg_total_relation_size(relid))::bigint FROM pg_partition_tree('audit_logs')",
-        )
-        .await;
+        let tree_bytes =
+            count(&client, "SELECT sum(pg_total_relation_size(relid))::bigint FROM pg_partition_tree('audit_logs')")
+                .await;
         assert!(tree_bytes > 0);
 
         // Active sessions: AUTH_LOGIN of the last day per user.
@@ -291,13 +292,8 @@ fn runbook_queries_on_audit_logs_run_unchanged_and_give_sensible_answers() {
                 *expected_daily.entry((*action).into()).or_default() += 1;
             }
         }
-        let daily: BTreeMap<String, i64> = client
-            .query(RUNBOOK_DAILY_ACTIVITY, &[])
-            .await
-            .unwrap()
-            .iter()
-            .map(|r| (r.get(0), r.get(1)))
-            .collect();
+        let daily: BTreeMap<String, i64> =
+            client.query(RUNBOOK_DAILY_ACTIVITY, &[]).await.unwrap().iter().map(|r| (r.get(0), r.get(1))).collect();
         assert_eq!(daily, expected_daily);
 
         // Security incidents: the SECURITY_ rows of the last day, newest first.
@@ -351,13 +347,8 @@ fn runbook_connection_queries_run_unchanged() {
         assert!(count(&client, RUNBOOK_ACTIVE_CONNECTIONS).await >= 1);
 
         // This very session is active while it runs the query.
-        let states: BTreeMap<Option<String>, i64> = client
-            .query(RUNBOOK_CONNECTION_STATES, &[])
-            .await
-            .unwrap()
-            .iter()
-            .map(|r| (r.get(0), r.get(1)))
-            .collect();
+        let states: BTreeMap<Option<String>, i64> =
+            client.query(RUNBOOK_CONNECTION_STATES, &[]).await.unwrap().iter().map(|r| (r.get(0), r.get(1))).collect();
         assert!(states.get(&Some("active".to_owned())).is_some_and(|n| *n >= 1), "{states:?}");
 
         // The kill query would terminate other people's sessions on a shared
@@ -424,11 +415,8 @@ async fn root_indexes_used(client: &Client, plan: &Value) -> BTreeSet<String> {
         let kind = node["Node Type"].as_str().unwrap_or_default();
         if matches!(kind, "Index Scan" | "Index Only Scan" | "Bitmap Index Scan") {
             let index = node["Index Name"].as_str().unwrap();
-            let root: Option<String> = client
-                .query_one("SELECT pg_partition_root($1::text::regclass)::text", &[&index])
-                .await
-                .unwrap()
-                .get(0);
+            let root: Option<String> =
+                client.query_one("SELECT pg_partition_root($1::text::regclass)::text", &[&index]).await.unwrap().get(0);
             roots.insert(root.unwrap_or_else(|| index.to_owned()));
         }
     }

@@ -43,7 +43,9 @@ fn offsets_are_fenced_and_a_fenced_batch_commits_nothing() {
     rt().block_on(async {
         let (db, mut client) = migrated_db().await;
         let evs = events(1, 20);
-        let r = writer::write(&mut client, &set(rows(&evs[..10], 0), None, 10), InsertMethod::OptimisticCopy).await.unwrap();
+        let r = writer::write(&mut client, &set(rows(&evs[..10], 0), None, 10), InsertMethod::OptimisticCopy)
+            .await
+            .unwrap();
         assert_eq!(r.inserted, 10);
         // A second consumer that still believes the partition is fresh.
         let err = writer::write(&mut client, &set(rows(&evs[10..], 0), None, 10), InsertMethod::OptimisticCopy)
@@ -57,7 +59,9 @@ fn offsets_are_fenced_and_a_fenced_batch_commits_nothing() {
         assert!(matches!(err, WriteError::Fenced(_)), "{err:?}");
         assert_eq!(db.count("SELECT count(*) FROM audit_logs").await, 10, "fenced batches stored nothing");
         // The rightful owner moves on from 10.
-        writer::write(&mut client, &set(rows(&evs[10..], 10), Some(10), 20), InsertMethod::OptimisticCopy).await.unwrap();
+        writer::write(&mut client, &set(rows(&evs[10..], 10), Some(10), 20), InsertMethod::OptimisticCopy)
+            .await
+            .unwrap();
         assert_eq!(db.count("SELECT next_offset FROM consumer_offsets").await, 20);
         assert_eq!(db.count("SELECT count(*) FROM audit_logs").await, 20);
     });
@@ -91,7 +95,8 @@ fn rejected_rows_are_named_and_nothing_is_committed() {
         for i in [3, 4, 31] {
             evs[i].user_agent = Some("x".repeat(300));
         }
-        let err = writer::write(&mut client, &set(rows(&evs, 0), None, 50), InsertMethod::OptimisticCopy).await.unwrap_err();
+        let err =
+            writer::write(&mut client, &set(rows(&evs, 0), None, 50), InsertMethod::OptimisticCopy).await.unwrap_err();
         match err {
             WriteError::Rejected(rejected) => {
                 assert_eq!(rejected.iter().map(|(i, _)| *i).collect::<Vec<_>>(), vec![3, 4, 31]);

@@ -58,7 +58,9 @@ pub async fn sweep_sessions(pool: &Pool, cfg: &ActivityConfig, event_time: Optio
 /// Whether pending deltas should be folded now.
 fn fold_due(cfg: &ActivityConfig, pending: u64, idle_for: Duration, since_fold: Duration) -> bool {
     pending > 0
-        && (idle_for >= cfg.compact_when_idle_for || pending >= cfg.max_pending_deltas || since_fold >= cfg.compact_interval)
+        && (idle_for >= cfg.compact_when_idle_for
+            || pending >= cfg.max_pending_deltas
+            || since_fold >= cfg.compact_interval)
 }
 
 pub async fn run(pool: Pool, cfg: ActivityConfig, status: Arc<IngestStatus>, cancel: CancellationToken) {

@@ -232,8 +232,16 @@ async fn copy(tx: &Transaction<'_>, statement: &str, stream: CopyStream) -> Resu
 /// The metric label of an action: known actions as themselves, families by
 /// prefix, anything else as `other` (producers choose action strings; a
 /// label per arbitrary string would not be bounded).
-pub const ACTION_LABELS: [&str; 8] =
-    ["AUTH_LOGIN", "FAILED_AUTH_LOGIN", "AUTH_LOGOUT", "TOKEN_ISSUED", "TOKEN_REVOKED", "ADMIN_*", "SECURITY_*", "other"];
+pub const ACTION_LABELS: [&str; 8] = [
+    "AUTH_LOGIN",
+    "FAILED_AUTH_LOGIN",
+    "AUTH_LOGOUT",
+    "TOKEN_ISSUED",
+    "TOKEN_REVOKED",
+    "ADMIN_*",
+    "SECURITY_*",
+    "other",
+];
 
 /// The index into [`ACTION_LABELS`] of an action.
 pub fn action_label_index(action: &str) -> usize {

@@ -126,7 +126,10 @@ impl AlertMessage {
             ("last_event_at".into(), ts_opt(self.last_event_at)),
             ("sample_event_ids".into(), strings(&self.sample_event_ids)),
             ("detected_at".into(), Value::TimestampMicros(self.detected_at)),
-            ("recommended_action".into(), enum_value(&["lock_account", "block_ip", "investigate"], self.recommended_action)),
+            (
+                "recommended_action".into(),
+                enum_value(&["lock_account", "block_ip", "investigate"], self.recommended_action),
+            ),
             ("withheld".into(), withheld),
         ])
     }
@@ -196,7 +199,8 @@ mod tests {
 
     #[test]
     fn json_has_the_contract_fields() {
-        let v: serde_json::Value = serde_json::from_slice(&AlertMessage::from_transition(&sample_transition()).to_json()).unwrap();
+        let v: serde_json::Value =
+            serde_json::from_slice(&AlertMessage::from_transition(&sample_transition()).to_json()).unwrap();
         assert_eq!(v["alert_id"], "00000000-0000-0000-0000-000000000007");
         assert_eq!(v["state"], "escalated");
         assert_eq!(v["severity"], "critical");
@@ -219,7 +223,11 @@ mod tests {
         assert_eq!(fp, enc.fingerprint());
         // An independent reader: apache-avro with the .avsc file.
         let schema = Schema::parse_str(ALERT_SCHEMA).unwrap();
-        let value = apache_avro::reader::datum::GenericDatumReader::builder(&schema).build().unwrap().read_value(&mut &body[..]).unwrap();
+        let value = apache_avro::reader::datum::GenericDatumReader::builder(&schema)
+            .build()
+            .unwrap()
+            .read_value(&mut &body[..])
+            .unwrap();
         let Value::Record(fields) = value else { panic!("not a record") };
         let get = |n: &str| fields.iter().find(|(k, _)| k == n).map(|(_, v)| v.clone()).unwrap();
         assert_eq!(get("subject"), Value::String("user:42".into()));

@@ -52,8 +52,12 @@ impl AlertPublisher {
         let (tx, rx) = mpsc::channel(QUEUE);
         let quota = Quota::per_second(NonZeroU32::new(per_second.max(1)).expect("non-zero"))
             .allow_burst(NonZeroU32::new(burst.max(1)).expect("non-zero"));
-        let publisher =
-            AlertPublisher { encoder: Arc::new(encoder), queue: tx, limiter: RateLimiter::keyed(quota), withheld: BTreeMap::new() };
+        let publisher = AlertPublisher {
+            encoder: Arc::new(encoder),
+            queue: tx,
+            limiter: RateLimiter::keyed(quota),
+            withheld: BTreeMap::new(),
+        };
         (publisher, rx)
     }
 
@@ -68,10 +72,11 @@ impl AlertPublisher {
             }
         }
         metrics::counter!("audit_alerts_withheld_total", "rule" => t.rule.clone()).increment(1);
-        let summary = self
-            .withheld
-            .entry(t.rule.clone())
-            .or_insert(WithheldSummary { count: 0, subjects: Vec::new(), severity: Severity::Warning });
+        let summary = self.withheld.entry(t.rule.clone()).or_insert(WithheldSummary {
+            count: 0,
+            subjects: Vec::new(),
+            severity: Severity::Warning,
+        });
         summary.count += 1;
         summary.severity = summary.severity.max(t.severity);
         if summary.subjects.len() < MAX_WITHHELD_SUBJECTS && !summary.subjects.contains(&t.subject) {

@@ -110,7 +110,10 @@ impl JwtVerifier {
                 }
                 let secret = cfg.secret.as_deref().unwrap_or_default();
                 if secret.len() < MIN_HS256_SECRET_BYTES {
-                    return Err(jwt_setup("secret", format!("HS256 needs a secret of at least {MIN_HS256_SECRET_BYTES} bytes")));
+                    return Err(jwt_setup(
+                        "secret",
+                        format!("HS256 needs a secret of at least {MIN_HS256_SECRET_BYTES} bytes"),
+                    ));
                 }
                 (DecodingKey::from_secret(secret.as_bytes()), Algorithm::HS256)
             }
@@ -122,7 +125,12 @@ impl JwtVerifier {
                     (Some(pem), None) => pem.clone().into_bytes(),
                     (None, Some(path)) => std::fs::read(path)
                         .map_err(|e| jwt_setup("public_key_file", format!("cannot read {}: {e}", path.display())))?,
-                    _ => return Err(jwt_setup("public_key_pem", "set exactly one of public_key_pem and public_key_file")),
+                    _ => {
+                        return Err(jwt_setup(
+                            "public_key_pem",
+                            "set exactly one of public_key_pem and public_key_file",
+                        ));
+                    }
                 };
                 let parsed = if algorithm == JwtAlgorithm::RS256 {
                     DecodingKey::from_rsa_pem(&pem).map(|k| (k, Algorithm::RS256))
@@ -148,23 +156,36 @@ impl JwtVerifier {
     }
 
     pub fn verify(&self, token: &str) -> Result<Principal, ApiError> {
-        let claims = jsonwebtoken::decode::<serde_json::Map<String, serde_json::Value>>(token, &self.key, &self.validation)
-            .map_err(|e| {
-                let (code, message) = match e.kind() {
-                    ErrorKind::ExpiredSignature => ("token_expired", "the token has expired".to_owned()),
-                    ErrorKind::ImmatureSignature => ("token_not_yet_valid", "the token is not valid yet (nbf)".to_owned()),
-                    ErrorKind::InvalidSignature => ("invalid_token", "the token signature does not verify".to_owned()),
-                    ErrorKind::InvalidAudience => ("invalid_token", "the token audience is not accepted".to_owned()),
-                    ErrorKind::InvalidIssuer => ("invalid_token", "the token issuer is not accepted".to_owned()),
-                    ErrorKind::InvalidAlgorithm => ("invalid_token", "the token algorithm is not accepted".to_owned()),
-                    ErrorKind::MissingRequiredClaim(claim) => ("invalid_token", format!("the token has no `{claim}` claim")),
-                    ErrorKind::InvalidClaimFormat(claim) => ("invalid_token", format!("the token's `{claim}` claim is malformed")),
-                    _ => ("malformed_token", "the bearer token is not a well-formed JWT".to_owned()),
-                };
-                metrics::counter!("audit_http_auth_failures_total", "reason" => code).increment(1);
-                ApiError::Unauthorized { code, message }
-            })?
-            .claims;
+        let claims =
+            jsonwebtoken::decode::<serde_json::Map<String, serde_json::Value>>(token, &self.key, &self.validation)
+                .map_err(|e| {
+                    let (code, message) = match e.kind() {
+                        ErrorKind::ExpiredSignature => ("token_expired", "the token has expired".to_owned()),
+                        ErrorKind::ImmatureSignature => {
+                            ("token_not_yet_valid", "the token is not valid yet (nbf)".to_owned())
+                        }
+                        ErrorKind::InvalidSignature => {
+                            ("invalid_token", "the token signature does not verify".to_owned())
+                        }
+                        ErrorKind::InvalidAudience => {
+                            ("invalid_token", "the token audience is not accepted".to_owned())
+                        }
+                        ErrorKind::InvalidIssuer => ("invalid_token", "the token issuer is not accepted".to_owned()),
+                        ErrorKind::InvalidAlgorithm => {
+                            ("invalid_token", "the token algorithm is not accepted".to_owned())
+                        }
+                        ErrorKind::MissingRequiredClaim(claim) => {
+                            ("invalid_token", format!("the token has no `{claim}` claim"))
+                        }
+                        ErrorKind::InvalidClaimFormat(claim) => {
+                            ("invalid_token", format!("the token's `{claim}` claim is malformed"))
+                        }
+                        _ => ("malformed_token", "the bearer token is not a well-formed JWT".to_owned()),
+                    };
+                    metrics::counter!("audit_http_auth_failures_total", "reason" => code).increment(1);
+                    ApiError::Unauthorized { code, message }
+                })?
+                .claims;
         let subject = claims.get("sub").and_then(|v| v.as_str()).unwrap_or("unknown").to_owned();
         if !self.is_admin(&claims) {
             metrics::counter!("audit_http_auth_failures_total", "reason" => "not_admin").increment(1);
@@ -186,7 +207,9 @@ impl JwtVerifier {
         match value {
             Some(serde_json::Value::Bool(b)) => *b,
             Some(serde_json::Value::String(s)) => *s == self.admin_value,
-            Some(serde_json::Value::Array(items)) => items.iter().any(|v| v.as_str() == Some(self.admin_value.as_str())),
+            Some(serde_json::Value::Array(items)) => {
+                items.iter().any(|v| v.as_str() == Some(self.admin_value.as_str()))
+            }
             _ => false,
         }
     }
@@ -247,7 +270,10 @@ impl Authenticator {
             Some(verifier) if token.split('.').count() == 3 => verifier.verify(token),
             _ => {
                 metrics::counter!("audit_http_auth_failures_total", "reason" => "invalid_token").increment(1);
-                Err(ApiError::Unauthorized { code: "invalid_token", message: "the bearer token is not accepted".into() })
+                Err(ApiError::Unauthorized {
+                    code: "invalid_token",
+                    message: "the bearer token is not accepted".into(),
+                })
             }
         }
     }
@@ -270,7 +296,11 @@ fn bearer_token(header: Option<&HeaderValue>) -> Result<&str, ApiError> {
     let token = token.trim_start_matches(' ');
     let b64token = |c: char| c.is_ascii_alphanumeric() || matches!(c, '-' | '.' | '_' | '~' | '+' | '/');
     let body = token.trim_end_matches('=');
-    if !scheme.eq_ignore_ascii_case("bearer") || body.is_empty() || token.len() > MAX_TOKEN_BYTES || !body.chars().all(b64token) {
+    if !scheme.eq_ignore_ascii_case("bearer")
+        || body.is_empty()
+        || token.len() > MAX_TOKEN_BYTES
+        || !body.chars().all(b64token)
+    {
         return Err(malformed());
     }
     Ok(token)

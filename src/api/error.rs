@@ -135,7 +135,11 @@ impl From<tokio_postgres::Error> for ApiError {
                 message: "audit_logs is busy (a lock could not be taken in time); retry later".into(),
                 retry_after: Some(Duration::from_secs(5)),
             },
-            Some(state) if state.code().starts_with("08") || state.code().starts_with("57P") || state.code().starts_with("53") => {
+            Some(state)
+                if state.code().starts_with("08")
+                    || state.code().starts_with("57P")
+                    || state.code().starts_with("53") =>
+            {
                 ApiError::Unavailable {
                     code: "database_unavailable",
                     message: "PostgreSQL is unavailable".into(),
@@ -144,11 +148,13 @@ impl From<tokio_postgres::Error> for ApiError {
             }
             Some(_) => ApiError::Internal(e.as_db_error().map_or_else(|| e.to_string(), |d| d.to_string())),
             // No SQLSTATE and an I/O cause: the connection broke.
-            None if e.is_closed() || std::error::Error::source(&e).is_some_and(|s| s.is::<std::io::Error>()) => ApiError::Unavailable {
-                code: "database_unavailable",
-                message: "PostgreSQL is unavailable".into(),
-                retry_after: Some(Duration::from_secs(5)),
-            },
+            None if e.is_closed() || std::error::Error::source(&e).is_some_and(|s| s.is::<std::io::Error>()) => {
+                ApiError::Unavailable {
+                    code: "database_unavailable",
+                    message: "PostgreSQL is unavailable".into(),
+                    retry_after: Some(Duration::from_secs(5)),
+                }
+            }
             None => ApiError::Internal(e.to_string()),
         }
     }

@@ -111,10 +111,7 @@ fn authorize(ctx: &Ctx, req: &Request) -> Result<Caller, ApiError> {
     let principal = authenticated.inspect_err(|e| {
         tracing::info!(client = ?ip, code = e.code(), "admin request refused");
     })?;
-    let user_agent = req
-        .headers()
-        .get(header::USER_AGENT)
-        .and_then(|v| v.to_str().ok())
-        .map(|v| v.chars().take(512).collect());
+    let user_agent =
+        req.headers().get(header::USER_AGENT).and_then(|v| v.to_str().ok()).map(|v| v.chars().take(512).collect());
     Ok(Caller { principal, client_ip: ip, user_agent })
 }

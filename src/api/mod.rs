@@ -101,7 +101,10 @@ fn route_table() -> Vec<(RouteSpec, MethodRouter<Ctx>)> {
         (spec(Method::GET, "/api/v1/audit/maintenance", Access::Admin), get(maintenance::state)),
         (spec(Method::POST, "/api/v1/audit/maintenance", Access::Admin), post(maintenance::set)),
         (spec(Method::GET, "/api/v1/audit/reports/daily", Access::Admin), get(reports::daily)),
-        (spec(Method::GET, "/api/v1/audit/reports/security-incidents", Access::Admin), get(reports::security_incidents)),
+        (
+            spec(Method::GET, "/api/v1/audit/reports/security-incidents", Access::Admin),
+            get(reports::security_incidents),
+        ),
         (spec(Method::GET, "/api/v1/audit/reports/retention", Access::Admin), get(reports::retention)),
         (spec(Method::GET, "/api/v1/audit/reports/completeness", Access::Admin), get(reports::completeness)),
         (spec(Method::GET, "/api/v1/audit/users/{user_id}/activity", Access::Admin), get(activity::user)),
@@ -123,7 +126,9 @@ pub fn router(state: HttpState, env: &dyn Fn(&str) -> Option<String>) -> Result<
     };
     let auth = Authenticator::new(api, env)?;
     if auth.is_empty() {
-        tracing::warn!("no admin credential is configured (api.tokens, ADMIN_TOKEN, api.jwt): admin routes will answer 401");
+        tracing::warn!(
+            "no admin credential is configured (api.tokens, ADMIN_TOKEN, api.jwt): admin routes will answer 401"
+        );
     }
     let ctx: Ctx = Arc::new(ApiContext {
         allowed_networks: network_list("api.allowed_networks", &api.allowed_networks)?,

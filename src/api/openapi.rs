@@ -89,49 +89,69 @@ pub fn document() -> Value {
         query("to", "exclusive end (event time)", timestamp()),
         query("limit", "page size (json); row cap (ndjson)", limit(1000, 100)),
         query("cursor", "next_cursor of the previous page", string()),
-        query("format", "json (pages) or ndjson (streams the whole range)", json!({"type": "string", "enum": ["json", "ndjson"]})),
+        query(
+            "format",
+            "json (pages) or ndjson (streams the whole range)",
+            json!({"type": "string", "enum": ["json", "ndjson"]})
+        ),
     ]);
     let mut paths = serde_json::Map::new();
     paths.insert("/api/v1/health".into(), json!({"get": {
         "summary": "Liveness (no token)",
         "responses": {"200": {"description": "the process answers", "content": {"application/json": {"schema": {"type": "object", "properties": {"status": {"type": "string", "enum": ["ok"]}}}}}}}
     }}));
-    paths.insert("/api/v1/openapi.json".into(), json!({"get": {
-        "summary": "This document (no token)",
-        "responses": {"200": {"description": "OpenAPI 3 document", "content": {"application/json": {}}}}
-    }}));
-    paths.insert("/metrics".into(), json!({"get": {
-        "summary": "Prometheus metrics (no token unless api.metrics_require_token)",
-        "responses": {"200": {"description": "text exposition format 0.0.4", "content": {"text/plain": {}}}}
-    }}));
+    paths.insert(
+        "/api/v1/openapi.json".into(),
+        json!({"get": {
+            "summary": "This document (no token)",
+            "responses": {"200": {"description": "OpenAPI 3 document", "content": {"application/json": {}}}}
+        }}),
+    );
+    paths.insert(
+        "/metrics".into(),
+        json!({"get": {
+            "summary": "Prometheus metrics (no token unless api.metrics_require_token)",
+            "responses": {"200": {"description": "text exposition format 0.0.4", "content": {"text/plain": {}}}}
+        }}),
+    );
     paths.insert("/api/v1/audit/health".into(), {
         let mut h = admin_get("Kafka, ingest, PostgreSQL and storage health", json!([]), schema_ref("Health"));
         h["get"]["responses"]["503"] = json!({"description": "status failing (PostgreSQL unreachable)", "content": {"application/json": {"schema": schema_ref("Health")}}});
         h
     });
-    paths.insert("/api/v1/audit/security".into(), admin_get(
-        "Failed logins (last minute/hour, top users), suspicious IPs, open alerts, recent SECURITY_* events",
-        json!([
-            query("top", "users listed per window", limit(100, 10)),
-            query("limit", "events, alerts and IPs listed", limit(500, 50)),
-            query("since", "start of the SECURITY_* list (default 24 h ago)", timestamp()),
-            query("ip_threshold", "suspicious above this many failures in the last hour", json!({"type": "integer", "minimum": 0, "default": 10})),
-        ]),
-        json!({"type": "object"}),
-    ));
-    paths.insert("/api/v1/audit/alerts".into(), admin_get(
-        "Alert history, newest first",
-        json!([
-            query("state", "", json!({"type": "string", "enum": ["firing", "escalated", "resolved"]})),
-            query("rule", "", string()),
-            query("subject", "", string()),
-            query("severity", "", json!({"type": "string", "enum": ["warning", "critical"]})),
-            query("since", "detected at or after", timestamp()),
-            query("limit", "", limit(1000, 100)),
-            query("cursor", "", string()),
-        ]),
-        page_of("Alert"),
-    ));
+    paths.insert(
+        "/api/v1/audit/security".into(),
+        admin_get(
+            "Failed logins (last minute/hour, top users), suspicious IPs, open alerts, recent SECURITY_* events",
+            json!([
+                query("top", "users listed per window", limit(100, 10)),
+                query("limit", "events, alerts and IPs listed", limit(500, 50)),
+                query("since", "start of the SECURITY_* list (default 24 h ago)", timestamp()),
+                query(
+                    "ip_threshold",
+                    "suspicious above this many failures in the last hour",
+                    json!({"type": "integer", "minimum": 0, "default": 10})
+                ),
+            ]),
+            json!({"type": "object"}),
+        ),
+    );
+    paths.insert(
+        "/api/v1/audit/alerts".into(),
+        admin_get(
+            "Alert history, newest first",
+            json!([
+                query("state", "", json!({"type": "string", "enum": ["firing", "escalated", "resolved"]})),
+                query("rule", "", string()),
+                query("subject", "", string()),
+                query("severity", "", json!({"type": "string", "enum": ["warning", "critical"]})),
+                query("since", "detected at or after", timestamp()),
+                query("limit", "", limit(1000, 100)),
+                query("cursor", "", string()),
+            ]),
+            page_of("Alert"),
+        ),
+    );
     paths.insert("/api/v1/audit/logs".into(), {
         let mut logs = admin_get("Search the audit log, newest first", log_filters, page_of("LogRow"));
         logs["get"]["responses"]["200"]["content"]["application/x-ndjson"] =
@@ -158,30 +178,46 @@ pub fn document() -> Value {
     )["post"]
         .clone();
     paths.insert("/api/v1/audit/maintenance".into(), maintenance);
-    paths.insert("/api/v1/audit/reports/daily".into(), admin_get(
-        "Events per action for a UTC day (default: the last 24 hours)",
-        json!([query("date", "YYYY-MM-DD", json!({"type": "string", "format": "date"}))]),
-        json!({"type": "object"}),
-    ));
-    paths.insert("/api/v1/audit/reports/security-incidents".into(), admin_get(
-        "SECURITY_* events, newest first",
-        json!([
-            query("since", "default 24 h ago", timestamp()),
-            query("limit", "", limit(1000, 100)),
-            query("cursor", "", string()),
-        ]),
-        page_of("LogRow"),
-    ));
-    paths.insert("/api/v1/audit/reports/retention".into(), admin_get(
-        "Oldest event, events older than the policy, partitions, last cleanup",
-        json!([query("retention_days", "policy to check (default retention.days)", json!({"type": "integer", "minimum": 1}))]),
-        json!({"type": "object"}),
-    ));
-    paths.insert("/api/v1/audit/reports/completeness".into(), admin_get(
-        "Events per UTC hour, empty hours flagged (at most 31 days)",
-        json!([query("from", "default: to - 24 h", timestamp()), query("to", "default: now", timestamp())]),
-        json!({"type": "object"}),
-    ));
+    paths.insert(
+        "/api/v1/audit/reports/daily".into(),
+        admin_get(
+            "Events per action for a UTC day (default: the last 24 hours)",
+            json!([query("date", "YYYY-MM-DD", json!({"type": "string", "format": "date"}))]),
+            json!({"type": "object"}),
+        ),
+    );
+    paths.insert(
+        "/api/v1/audit/reports/security-incidents".into(),
+        admin_get(
+            "SECURITY_* events, newest first",
+            json!([
+                query("since", "default 24 h ago", timestamp()),
+                query("limit", "", limit(1000, 100)),
+                query("cursor", "", string()),
+            ]),
+            page_of("LogRow"),
+        ),
+    );
+    paths.insert(
+        "/api/v1/audit/reports/retention".into(),
+        admin_get(
+            "Oldest event, events older than the policy, partitions, last cleanup",
+            json!([query(
+                "retention_days",
+                "policy to check (default retention.days)",
+                json!({"type": "integer", "minimum": 1})
+            )]),
+            json!({"type": "object"}),
+        ),
+    );
+    paths.insert(
+        "/api/v1/audit/reports/completeness".into(),
+        admin_get(
+            "Events per UTC hour, empty hours flagged (at most 31 days)",
+            json!([query("from", "default: to - 24 h", timestamp()), query("to", "default: now", timestamp())]),
+            json!({"type": "object"}),
+        ),
+    );
     paths.insert("/api/v1/audit/users/{user_id}/activity".into(), admin_get(
         "A user's open and recent sessions, logins and failed logins (24 h, 7 d, 30 d), actions per day, distinct IPs and user agents",
         json!([
@@ -190,11 +226,14 @@ pub fn document() -> Value {
         ]),
         json!({"type": "object"}),
     ));
-    paths.insert("/api/v1/audit/activity/summary".into(), admin_get(
-        "Active sessions and users, top actions, admin actions per admin, busiest hours (from the rollups)",
-        json!([query("from", "default: to - 24 h", timestamp()), query("to", "default: now", timestamp())]),
-        json!({"type": "object"}),
-    ));
+    paths.insert(
+        "/api/v1/audit/activity/summary".into(),
+        admin_get(
+            "Active sessions and users, top actions, admin actions per admin, busiest hours (from the rollups)",
+            json!([query("from", "default: to - 24 h", timestamp()), query("to", "default: now", timestamp())]),
+            json!({"type": "object"}),
+        ),
+    );
 
     json!({
         "openapi": "3.1.0",

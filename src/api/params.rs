@@ -31,7 +31,9 @@ pub fn timestamp(name: &str, value: &str) -> Result<DateTime<Utc>, ApiError> {
         Ok(t) if (1970..=9999).contains(&t.date_naive().year_ce().1) => Ok(t),
         _ => Err(ApiError::bad_request(
             "invalid_timestamp",
-            format!("{name} must be an RFC 3339 timestamp (2026-11-27T10:00:00Z) or a date (2026-11-27) between 1970 and 9999"),
+            format!(
+                "{name} must be an RFC 3339 timestamp (2026-11-27T10:00:00Z) or a date (2026-11-27) between 1970 and 9999"
+            ),
         )),
     }
 }
@@ -118,7 +120,6 @@ pub fn optional_text(name: &str, value: Option<&str>, max_len: usize) -> Result<
     value.map(|v| text(name, v, max_len)).transpose()
 }
 
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -127,7 +128,8 @@ mod tests {
     fn timestamps_and_dates() {
         assert_eq!(timestamp("from", "2026-11-27").unwrap().to_rfc3339(), "2026-11-27T00:00:00+00:00");
         assert_eq!(timestamp("from", "2026-11-27T10:00:00+02:00").unwrap().to_rfc3339(), "2026-11-27T08:00:00+00:00");
-        for bad in ["yesterday", "2026-13-01", "2026-11-27 10:00", "0001-01-01", "1e9", "'; DROP TABLE audit_logs; --"] {
+        for bad in ["yesterday", "2026-13-01", "2026-11-27 10:00", "0001-01-01", "1e9", "'; DROP TABLE audit_logs; --"]
+        {
             assert_eq!(timestamp("from", bad).unwrap_err().code(), "invalid_timestamp", "{bad}");
         }
         assert_eq!(date("date", "2026-02-30").unwrap_err().code(), "invalid_date");

@@ -84,13 +84,13 @@ impl LogSearch {
         if let Some((at, id)) = self.after {
             // Spelt out rather than a row comparison, so that `created_at <=`
             // bounds the index scans and prunes partitions.
-            q.add("created_at <= $? AND (created_at < $? OR event_id < $?)", [
-                Box::new(at) as Param,
-                Box::new(at),
-                Box::new(id),
-            ]);
+            q.add(
+                "created_at <= $? AND (created_at < $? OR event_id < $?)",
+                [Box::new(at) as Param, Box::new(at), Box::new(id)],
+            );
         }
-        let mut sql = format!("SELECT {LOG_COLUMNS} FROM audit_logs{} ORDER BY created_at DESC, event_id DESC", q.clause());
+        let mut sql =
+            format!("SELECT {LOG_COLUMNS} FROM audit_logs{} ORDER BY created_at DESC, event_id DESC", q.clause());
         if let Some(limit) = self.limit {
             q.params.push(Box::new(limit));
             sql.push_str(&format!(" LIMIT ${}", q.params.len()));
@@ -133,7 +133,10 @@ impl AlertSearch {
             q.add("detected_at >= $?", [Box::new(since) as Param]);
         }
         if let Some((at, id)) = self.after {
-            q.add("detected_at <= $? AND (detected_at < $? OR id < $?)", [Box::new(at) as Param, Box::new(at), Box::new(id)]);
+            q.add(
+                "detected_at <= $? AND (detected_at < $? OR id < $?)",
+                [Box::new(at) as Param, Box::new(at), Box::new(id)],
+            );
         }
         q.params.push(Box::new(self.limit));
         let sql = format!(
@@ -421,12 +424,18 @@ mod tests {
 
     #[test]
     fn alert_search_sql() {
-        let (sql, params) =
-            AlertSearch { state: Some("firing".into()), severity: Some("critical".into()), limit: 10, ..Default::default() }
-                .to_sql();
+        let (sql, params) = AlertSearch {
+            state: Some("firing".into()),
+            severity: Some("critical".into()),
+            limit: 10,
+            ..Default::default()
+        }
+        .to_sql();
         assert_eq!(
             sql,
-            format!("SELECT {ALERT_COLUMNS} FROM alerts WHERE state = $1 AND severity = $2 ORDER BY detected_at DESC, id DESC LIMIT $3")
+            format!(
+                "SELECT {ALERT_COLUMNS} FROM alerts WHERE state = $1 AND severity = $2 ORDER BY detected_at DESC, id DESC LIMIT $3"
+            )
         );
         assert_eq!(params.len(), 3);
     }

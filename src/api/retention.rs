@@ -99,7 +99,13 @@ pub fn check_days(config: &Config, days: u32) -> Result<(), ApiError> {
 }
 
 /// Removes (or with `dry_run`, counts) the events older than `days` days.
-pub async fn cleanup(pool: &Pool, config: &Config, days: u32, dry_run: bool, actor: &Actor) -> Result<CleanupOutcome, ApiError> {
+pub async fn cleanup(
+    pool: &Pool,
+    config: &Config,
+    days: u32,
+    dry_run: bool,
+    actor: &Actor,
+) -> Result<CleanupOutcome, ApiError> {
     check_days(config, days)?;
     let started = Instant::now();
     let cutoff = Utc::now() - chrono::Duration::days(i64::from(days));
@@ -228,7 +234,9 @@ pub async fn run_scheduled(pool: Pool, config: Arc<Config>, cancel: Cancellation
     loop {
         match cleanup(&pool, &config, retention.days, false, &Actor::scheduler()).await {
             Ok(_) => {}
-            Err(ApiError::Conflict { .. }) => tracing::info!("scheduled cleanup skipped: another instance is cleaning up"),
+            Err(ApiError::Conflict { .. }) => {
+                tracing::info!("scheduled cleanup skipped: another instance is cleaning up")
+            }
             Err(e) => {
                 metrics::counter!("audit_retention_failures_total").increment(1);
                 tracing::warn!(error = ?e, "scheduled audit log cleanup failed; will retry at the next interval");

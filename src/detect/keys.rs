@@ -279,8 +279,14 @@ mod tests {
         assert_eq!(spec.hash(&event(None, None, None)), None);
         let pair = KeySpec::parse("user+ip_address").unwrap();
         assert_eq!(pair.subject(&event(Some("42"), None, Some("10.0.0.1"))).unwrap(), "user:42|ip:10.0.0.1");
-        assert_eq!(KeySpec::parse("ip_address").unwrap().subject(&event(None, None, Some("2001:db8::1"))).unwrap(), "ip:2001:db8::1");
-        assert_eq!(KeySpec::parse("metadata.tenant").unwrap().subject(&event(None, None, None)).unwrap(), "metadata.tenant:t1");
+        assert_eq!(
+            KeySpec::parse("ip_address").unwrap().subject(&event(None, None, Some("2001:db8::1"))).unwrap(),
+            "ip:2001:db8::1"
+        );
+        assert_eq!(
+            KeySpec::parse("metadata.tenant").unwrap().subject(&event(None, None, None)).unwrap(),
+            "metadata.tenant:t1"
+        );
         assert_eq!(KeySpec::System.subject(&event(None, None, None)).unwrap(), "system");
         assert_eq!(spec.text(), "user");
         assert_eq!(pair.text(), "user+ip_address");
@@ -304,10 +310,7 @@ mod tests {
         assert_eq!(a, spec.hash(&event(Some("42"), Some("other"), None)).unwrap());
         assert_ne!(a, spec.hash(&event(Some("43"), None, None)).unwrap());
         let pair = KeySpec::parse("username+user_id").unwrap();
-        assert_ne!(
-            pair.hash(&event(Some("c"), Some("ab"), None)),
-            pair.hash(&event(Some("bc"), Some("a"), None))
-        );
+        assert_ne!(pair.hash(&event(Some("c"), Some("ab"), None)), pair.hash(&event(Some("bc"), Some("a"), None)));
         let ip = KeySpec::parse("ip_address").unwrap();
         assert_ne!(ip.hash(&event(None, None, Some("10.0.0.1"))), ip.hash(&event(None, None, Some("10.0.0.2"))));
         assert_eq!(a, 4468664193061235058, "the hash must not change between versions");

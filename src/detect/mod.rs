@@ -392,9 +392,11 @@ impl Detector {
     /// Picks up alerts that were open before a restart.
     pub fn restore(&mut self, open: Vec<OpenEpisode>) {
         for ep in open {
-            let Some(index) = self.instances.iter().position(|inst| {
-                self.rules[inst.rule].id == ep.rule && inst.key_text == ep.key_spec
-            }) else {
+            let Some(index) = self
+                .instances
+                .iter()
+                .position(|inst| self.rules[inst.rule].id == ep.rule && inst.key_text == ep.key_spec)
+            else {
                 continue; // the rule was removed or changed its keys
             };
             self.open_keys[index].insert(ep.key_hash);
@@ -421,7 +423,8 @@ impl Detector {
         if let Some(plan) = self.action_cache.get(action) {
             return *plan;
         }
-        let mut plan = ActionPlan { is_failure: self.failure_actions.iter().any(|f| f == action), ..Default::default() };
+        let mut plan =
+            ActionPlan { is_failure: self.failure_actions.iter().any(|f| f == action), ..Default::default() };
         for (i, inst) in self.instances.iter().enumerate() {
             let rule = &self.rules[inst.rule];
             if rule.actions.iter().any(|m| m.matches(action)) {
@@ -440,7 +443,10 @@ impl Detector {
     fn allowed(rule: &Rule, e: &AuthEvent) -> bool {
         let allow = &rule.allow;
         (!allow.users.is_empty()
-            && [e.user_id.as_deref(), e.username.as_deref()].into_iter().flatten().any(|u| allow.users.iter().any(|a| a == u)))
+            && [e.user_id.as_deref(), e.username.as_deref()]
+                .into_iter()
+                .flatten()
+                .any(|u| allow.users.iter().any(|a| a == u)))
             || (!allow.cidrs.is_empty() && e.ip_address.is_some_and(|ip| allow.cidrs.iter().any(|n| n.contains(&ip))))
     }
 

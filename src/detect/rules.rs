@@ -179,11 +179,7 @@ impl Rule {
     }
 }
 
-fn compile_actions(
-    list: &[String],
-    failures: &[String],
-    successes: &[String],
-) -> Result<Vec<ActionMatch>, String> {
+fn compile_actions(list: &[String], failures: &[String], successes: &[String]) -> Result<Vec<ActionMatch>, String> {
     let mut out = Vec::new();
     for entry in list {
         match entry.as_str() {
@@ -191,7 +187,9 @@ fn compile_actions(
             "@success" => out.extend(successes.iter().cloned().map(ActionMatch::Exact)),
             other if other.starts_with('@') => return Err(format!("unknown action set `{other}`")),
             other => match other.strip_suffix('*') {
-                Some(prefix) if prefix.contains('*') => return Err(format!("`{other}`: only a trailing `*` is allowed")),
+                Some(prefix) if prefix.contains('*') => {
+                    return Err(format!("`{other}`: only a trailing `*` is allowed"));
+                }
                 Some(prefix) => out.push(ActionMatch::Prefix(prefix.to_owned())),
                 None if other.contains('*') => return Err(format!("`{other}`: only a trailing `*` is allowed")),
                 None if other.is_empty() => return Err("empty action".into()),
@@ -251,7 +249,8 @@ impl RuleConfig {
                     return Err(err("thresholds above 100000 are not supported".into()));
                 }
                 if self.kind == RuleKind::DistinctCount {
-                    let field = self.distinct.as_deref().ok_or_else(|| err("distinct_count needs `distinct`".into()))?;
+                    let field =
+                        self.distinct.as_deref().ok_or_else(|| err("distinct_count needs `distinct`".into()))?;
                     distinct = Some(Field::parse(field).map_err(|m| err(format!("distinct: {m}")))?);
                 } else if self.distinct.is_some() {
                     return Err(err("`distinct` is only for distinct_count rules".into()));

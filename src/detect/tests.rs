@@ -81,7 +81,10 @@ fn user_failed_logins_fires_above_5_escalates_above_10() {
     }
     let esc = f.fail("alice", "10.0.0.1", T0 + 10 * S);
     assert_eq!(esc.len(), 1);
-    assert_eq!((esc[0].state, esc[0].severity, esc[0].count, esc[0].threshold), (AlertState::Escalated, Severity::Critical, 11, 10));
+    assert_eq!(
+        (esc[0].state, esc[0].severity, esc[0].count, esc[0].threshold),
+        (AlertState::Escalated, Severity::Critical, 11, 10)
+    );
     assert_eq!(esc[0].alert_id, a.alert_id, "same episode, same id");
     assert_eq!(esc[0].sample_event_ids.len(), MAX_SAMPLES.min(6));
     // Another user is separate.

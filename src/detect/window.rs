@@ -124,11 +124,7 @@ impl TimeList {
     /// The highest count of any window that holds `t` (an out-of-order event
     /// counts in every window it falls in, not just the newest).
     pub fn peak_count_around(&self, t: EpochMicros, window: i64) -> u32 {
-        self.iter()
-            .filter(|x| *x >= t && *x < t + window)
-            .map(|x| self.count_at(x, window))
-            .max()
-            .unwrap_or(0)
+        self.iter().filter(|x| *x >= t && *x < t + window).map(|x| self.count_at(x, window)).max().unwrap_or(0)
     }
 
     /// When the count falls to `threshold` or below if no more events come.

@@ -16,8 +16,7 @@ use std::sync::OnceLock;
 
 use apache_avro::Schema;
 use apache_avro::schema::{
-    DecimalSchema, InnerDecimalSchema, Name, NamesRef, RecordSchema, ResolvedSchema, SchemaKind,
-    UuidSchema,
+    DecimalSchema, InnerDecimalSchema, Name, NamesRef, RecordSchema, ResolvedSchema, SchemaKind, UuidSchema,
 };
 use uuid::Uuid;
 
@@ -73,10 +72,7 @@ fn write_canonical(schema: &Schema, defined: &mut HashSet<String>, out: &mut Str
         Schema::Bytes
         | Schema::BigDecimal
         | Schema::Uuid(UuidSchema::Bytes)
-        | Schema::Decimal(DecimalSchema {
-            inner: InnerDecimalSchema::Bytes,
-            ..
-        }) => "bytes",
+        | Schema::Decimal(DecimalSchema { inner: InnerDecimalSchema::Bytes, .. }) => "bytes",
         Schema::String | Schema::Uuid(UuidSchema::String) => "string",
         Schema::Ref { name } => return out.push_str(&format!("\"{}\"", name.fullname(None))),
         Schema::Array(array) => {
@@ -124,10 +120,7 @@ fn write_canonical(schema: &Schema, defined: &mut HashSet<String>, out: &mut Str
         Schema::Fixed(fixed)
         | Schema::Uuid(UuidSchema::Fixed(fixed))
         | Schema::Duration(fixed)
-        | Schema::Decimal(DecimalSchema {
-            inner: InnerDecimalSchema::Fixed(fixed),
-            ..
-        }) => {
+        | Schema::Decimal(DecimalSchema { inner: InnerDecimalSchema::Fixed(fixed), .. }) => {
             if write_name(&fixed.name, "fixed", defined, out) {
                 out.push_str(&format!(r#","size":{}}}"#, fixed.size));
             }
@@ -170,9 +163,7 @@ fn crc64_avro(bytes: &[u8]) -> u64 {
         }
         table
     };
-    bytes.iter().fold(EMPTY, |fp, &b| {
-        (fp >> 8) ^ TABLE[((fp ^ u64::from(b)) & 0xff) as usize]
-    })
+    bytes.iter().fold(EMPTY, |fp, &b| (fp >> 8) ^ TABLE[((fp ^ u64::from(b)) & 0xff) as usize])
 }
 
 /// The fingerprints under which producers may announce `schema`: the one
@@ -220,46 +211,28 @@ pub fn split_confluent(payload: &[u8]) -> Result<(u32, &[u8]), DecodeError> {
     match payload.split_first_chunk::<5>() {
         Some(([CONFLUENT_MAGIC, id @ ..], body)) => Ok((u32::from_be_bytes(*id), body)),
         Some(_) => Err(DecodeError::Avro("no Confluent magic byte".to_owned())),
-        None => Err(DecodeError::Avro(format!(
-            "Confluent header truncated: {} of 5 bytes",
-            payload.len()
-        ))),
+        None => Err(DecodeError::Avro(format!("Confluent header truncated: {} of 5 bytes", payload.len()))),
     }
 }
 
 /// Splits a single-object-encoded message into fingerprint and body.
 pub fn split_single_object(payload: &[u8]) -> Result<(u64, &[u8]), DecodeError> {
     match payload.split_first_chunk::<10>() {
-        Some(([0xC3, 0x01, fingerprint @ ..], body)) => {
-            Ok((u64::from_le_bytes(*fingerprint), body))
-        }
+        Some(([0xC3, 0x01, fingerprint @ ..], body)) => Ok((u64::from_le_bytes(*fingerprint), body)),
         Some(_) => Err(DecodeError::Avro("no single-object magic bytes".to_owned())),
-        None => Err(DecodeError::Avro(format!(
-            "single-object header truncated: {} of 10 bytes",
-            payload.len()
-        ))),
+        None => Err(DecodeError::Avro(format!("single-object header truncated: {} of 10 bytes", payload.len()))),
     }
 }
 
 /// Writes `event` as an Avro body with [`AUTH_EVENT_SCHEMA`] (no framing).
 pub fn encode_body(event: &AuthEvent) -> Vec<u8> {
     let mut out = Vec::with_capacity(256);
-    write_bytes(
-        &mut out,
-        event
-            .event_id
-            .hyphenated()
-            .encode_lower(&mut Uuid::encode_buffer())
-            .as_bytes(),
-    );
+    write_bytes(&mut out, event.event_id.hyphenated().encode_lower(&mut Uuid::encode_buffer()).as_bytes());
     write_long(&mut out, event.occurred_at);
     write_bytes(&mut out, event.action.as_bytes());
     write_optional(&mut out, event.user_id.as_deref());
     write_optional(&mut out, event.username.as_deref());
-    write_optional(
-        &mut out,
-        event.ip_address.map(|ip| ip.to_string()).as_deref(),
-    );
+    write_optional(&mut out, event.ip_address.map(|ip| ip.to_string()).as_deref());
     write_optional(&mut out, event.user_agent.as_deref());
     write_optional(&mut out, event.session_id.as_deref());
     write_optional(&mut out, event.request_id.as_deref());
@@ -454,20 +427,12 @@ impl ReadPlan {
         let Schema::Record(record) = writer else {
             return Err(incompatible(
                 "(top level)",
-                format!(
-                    "top-level type is {:?}, not a record",
-                    SchemaKind::from(writer)
-                ),
+                format!("top-level type is {:?}, not a record", SchemaKind::from(writer)),
             ));
         };
         let writer_name = record.name.fullname(None);
-        let resolved = ResolvedSchema::try_from(writer)
-            .map_err(|e| incompatible(&writer_name, e.to_string()))?;
-        let mut compiler = Compiler {
-            names: resolved.get_names(),
-            record_index: HashMap::new(),
-            records: Vec::new(),
-        };
+        let resolved = ResolvedSchema::try_from(writer).map_err(|e| incompatible(&writer_name, e.to_string()))?;
+        let mut compiler = Compiler { names: resolved.get_names(), record_index: HashMap::new(), records: Vec::new() };
 
         let mut steps = Vec::with_capacity(record.fields.len());
         let mut present = Vec::new();
@@ -477,27 +442,15 @@ impl ReadPlan {
                     present.push(target);
                     compiler.read(target, &field.schema)
                 }
-                None => compiler
-                    .skip(&field.schema)
-                    .map(|skip| Some(Step::Skip(skip))),
+                None => compiler.skip(&field.schema).map(|skip| Some(Step::Skip(skip))),
             };
             steps.extend(step.map_err(|reason| incompatible(&writer_name, reason))?);
         }
-        if let Some(missing) = Target::ALL
-            .into_iter()
-            .find(|t| t.required() && !present.contains(t))
-        {
-            return Err(incompatible(
-                &writer_name,
-                format!("the writer schema has no field `{}`", missing.name()),
-            ));
+        if let Some(missing) = Target::ALL.into_iter().find(|t| t.required() && !present.contains(t)) {
+            return Err(incompatible(&writer_name, format!("the writer schema has no field `{}`", missing.name())));
         }
 
-        Ok(ReadPlan {
-            writer_name,
-            steps: steps.into(),
-            records: compiler.records.into(),
-        })
+        Ok(ReadPlan { writer_name, steps: steps.into(), records: compiler.records.into() })
     }
 
     /// Decodes one Avro body (without framing) written with this plan's
@@ -526,10 +479,8 @@ impl ReadPlan {
                                     ));
                                 }
                                 None => {
-                                    return Err(input.error(format!(
-                                        "union branch {index} of `{}` does not exist",
-                                        target.name()
-                                    )));
+                                    return Err(input
+                                        .error(format!("union branch {index} of `{}` does not exist", target.name())));
                                 }
                             }
                         }
@@ -540,10 +491,7 @@ impl ReadPlan {
             }
         }
         if input.remaining() > 0 {
-            return Err(DecodeError::Avro(format!(
-                "{} trailing bytes after the record",
-                input.remaining()
-            )));
+            return Err(DecodeError::Avro(format!("{} trailing bytes after the record", input.remaining())));
         }
         event.finish()
     }
@@ -706,29 +654,17 @@ impl<'s> Compiler<'s> {
             | Schema::String
             | Schema::BigDecimal
             | Schema::Uuid(UuidSchema::String | UuidSchema::Bytes)
-            | Schema::Decimal(DecimalSchema {
-                inner: InnerDecimalSchema::Bytes,
-                ..
-            }) => Skip::Bytes,
+            | Schema::Decimal(DecimalSchema { inner: InnerDecimalSchema::Bytes, .. }) => Skip::Bytes,
             Schema::Fixed(fixed)
             | Schema::Uuid(UuidSchema::Fixed(fixed))
             | Schema::Duration(fixed)
-            | Schema::Decimal(DecimalSchema {
-                inner: InnerDecimalSchema::Fixed(fixed),
-                ..
-            }) => Skip::Fixed(fixed.size),
-            Schema::Enum(e) => Skip::Enum {
-                symbols: e.symbols.len(),
-            },
+            | Schema::Decimal(DecimalSchema { inner: InnerDecimalSchema::Fixed(fixed), .. }) => Skip::Fixed(fixed.size),
+            Schema::Enum(e) => Skip::Enum { symbols: e.symbols.len() },
             Schema::Array(array) => Skip::Array(Box::new(self.skip(&array.items)?)),
             Schema::Map(map) => Skip::Map(Box::new(self.skip(&map.types)?)),
-            Schema::Union(union) => Skip::Union(
-                union
-                    .variants()
-                    .iter()
-                    .map(|variant| self.skip(variant))
-                    .collect::<Result<_, _>>()?,
-            ),
+            Schema::Union(union) => {
+                Skip::Union(union.variants().iter().map(|variant| self.skip(variant)).collect::<Result<_, _>>()?)
+            }
             Schema::Record(record) => self.record(record)?,
             Schema::Ref { name } => match self.record_index.get(name) {
                 Some(&index) => Skip::Named(index),
@@ -748,11 +684,7 @@ impl<'s> Compiler<'s> {
         // Registered before its fields so that a self-reference finds it.
         self.records.push(Skip::Fixed(0));
         self.record_index.insert(record.name.clone(), index);
-        let fields = record
-            .fields
-            .iter()
-            .map(|field| self.skip(&field.schema))
-            .collect::<Result<_, _>>()?;
+        let fields = record.fields.iter().map(|field| self.skip(&field.schema)).collect::<Result<_, _>>()?;
         self.records[index] = Skip::Record(fields);
         Ok(Skip::Named(index))
     }
@@ -761,12 +693,7 @@ impl<'s> Compiler<'s> {
 /// The typed read for a (non-union, non-null) writer type, if any.
 fn op_for(target: Target, writer: &Schema) -> Option<Op> {
     // Avro promotes bytes to string; a uuid-annotated string is a string.
-    let is_text = |s: &Schema| {
-        matches!(
-            s,
-            Schema::String | Schema::Bytes | Schema::Uuid(UuidSchema::String)
-        )
-    };
+    let is_text = |s: &Schema| matches!(s, Schema::String | Schema::Bytes | Schema::Uuid(UuidSchema::String));
     let text = is_text(writer);
     match target {
         Target::EventId => match writer {
@@ -873,9 +800,7 @@ impl Partial {
         let [user_id, username, user_agent, session_id, request_id] = self.text;
         Ok(AuthEvent {
             event_id: self.event_id.ok_or(Violation::MissingField("event_id"))?,
-            occurred_at: self
-                .occurred_at
-                .ok_or(Violation::MissingField("occurred_at"))?,
+            occurred_at: self.occurred_at.ok_or(Violation::MissingField("occurred_at"))?,
             action: self.action.ok_or(Violation::MissingField("action"))?,
             user_id,
             username,
@@ -933,10 +858,7 @@ impl<'a> Cursor<'a> {
         }
         match usize::try_from(len) {
             Ok(len) if len <= self.remaining() => Ok(len),
-            _ => Err(self.error(format!(
-                "length {len} exceeds the {} remaining bytes",
-                self.remaining()
-            ))),
+            _ => Err(self.error(format!("length {len} exceeds the {} remaining bytes", self.remaining()))),
         }
     }
 
@@ -1017,11 +939,7 @@ mod tests {
 
     /// Encodes with apache_avro's own writer, the reference implementation.
     fn reference_write(schema: &Schema, value: Value) -> Vec<u8> {
-        GenericDatumWriter::builder(schema)
-            .build()
-            .unwrap()
-            .write_value_to_vec(value)
-            .unwrap()
+        GenericDatumWriter::builder(schema).build().unwrap().write_value_to_vec(value).unwrap()
     }
 
     fn union(index: u32, value: Value) -> Value {
@@ -1036,12 +954,7 @@ mod tests {
     }
 
     fn string_map(entries: &[(String, String)]) -> Value {
-        Value::Map(
-            entries
-                .iter()
-                .map(|(k, v)| (k.clone(), Value::String(v.clone())))
-                .collect(),
-        )
+        Value::Map(entries.iter().map(|(k, v)| (k.clone(), Value::String(v.clone()))).collect())
     }
 
     fn reference_value(e: &AuthEvent) -> Value {
@@ -1051,10 +964,7 @@ mod tests {
             ("action".into(), Value::String(e.action.clone())),
             ("user_id".into(), optional(e.user_id.as_deref())),
             ("username".into(), optional(e.username.as_deref())),
-            (
-                "ip_address".into(),
-                optional(e.ip_address.map(|ip| ip.to_string()).as_deref()),
-            ),
+            ("ip_address".into(), optional(e.ip_address.map(|ip| ip.to_string()).as_deref())),
             ("user_agent".into(), optional(e.user_agent.as_deref())),
             ("session_id".into(), optional(e.session_id.as_deref())),
             ("request_id".into(), optional(e.request_id.as_deref())),
@@ -1065,10 +975,7 @@ mod tests {
     #[test]
     fn encode_body_matches_the_reference_writer_byte_for_byte() {
         for e in [event(), minimal_event()] {
-            assert_eq!(
-                encode_body(&e),
-                reference_write(&ours(), reference_value(&e))
-            );
+            assert_eq!(encode_body(&e), reference_write(&ours(), reference_value(&e)));
         }
     }
 
@@ -1081,9 +988,7 @@ mod tests {
                 ("b".to_owned(), String::new()),
                 ("c".to_owned(), "ünïcödé".to_owned()),
             ];
-            let mut decoded = plan
-                .decode(&reference_write(&ours(), reference_value(&e)))
-                .unwrap();
+            let mut decoded = plan.decode(&reference_write(&ours(), reference_value(&e))).unwrap();
             // The reference writer takes a HashMap: entry order is arbitrary.
             decoded.metadata.sort();
             assert_eq!(decoded, e);
@@ -1108,14 +1013,8 @@ mod tests {
             .unwrap();
         let (their_fingerprint, body) = split_single_object(&reference).unwrap();
         assert_eq!(body, encode_body(&e));
-        assert_eq!(
-            schema_fingerprints(&ours()),
-            vec![auth_event_fingerprint(), their_fingerprint]
-        );
-        assert_eq!(
-            single_object_frame(their_fingerprint, &encode_body(&e)),
-            reference
-        );
+        assert_eq!(schema_fingerprints(&ours()), vec![auth_event_fingerprint(), their_fingerprint]);
+        assert_eq!(single_object_frame(their_fingerprint, &encode_body(&e)), reference);
     }
 
     #[test]
@@ -1137,10 +1036,7 @@ mod tests {
         let reparsed = Schema::parse_str(&canonical).unwrap();
         assert_eq!(reparsed.canonical_form(), canonical);
         let digest = reparsed.fingerprint::<Rabin>().bytes;
-        assert_eq!(
-            auth_event_fingerprint(),
-            u64::from_le_bytes(digest.try_into().unwrap())
-        );
+        assert_eq!(auth_event_fingerprint(), u64::from_le_bytes(digest.try_into().unwrap()));
         assert_eq!(auth_event_fingerprint(), crc64_avro(canonical.as_bytes()));
     }
 
@@ -1164,14 +1060,8 @@ mod tests {
         );
         assert_eq!(canonical_form(&schema), schema.canonical_form());
         let digest = schema.fingerprint::<Rabin>().bytes;
-        assert_eq!(
-            schema_fingerprint(&schema),
-            u64::from_le_bytes(digest.try_into().unwrap())
-        );
-        assert_eq!(
-            schema_fingerprints(&schema),
-            vec![schema_fingerprint(&schema)]
-        );
+        assert_eq!(schema_fingerprint(&schema), u64::from_le_bytes(digest.try_into().unwrap()));
+        assert_eq!(schema_fingerprints(&schema), vec![schema_fingerprint(&schema)]);
     }
 
     #[test]
@@ -1187,46 +1077,24 @@ mod tests {
             r#"{"name":"correlation","type":"string"}"#,
             r#"{"name":"choice","type":["null","int","string","com.example.Trace","com.example.Severity"]}"#,
         ] {
-            assert!(
-                canonical.contains(expected),
-                "{expected} not in {canonical}"
-            );
+            assert!(canonical.contains(expected), "{expected} not in {canonical}");
         }
     }
 
     #[test]
     fn framing_helpers() {
-        assert_eq!(
-            confluent_frame(0x0102_0304, b"body"),
-            b"\x00\x01\x02\x03\x04body"
-        );
-        assert_eq!(
-            split_confluent(b"\x00\x01\x02\x03\x04body"),
-            Ok((0x0102_0304, &b"body"[..]))
-        );
+        assert_eq!(confluent_frame(0x0102_0304, b"body"), b"\x00\x01\x02\x03\x04body");
+        assert_eq!(split_confluent(b"\x00\x01\x02\x03\x04body"), Ok((0x0102_0304, &b"body"[..])));
         assert_eq!(
             split_confluent(b"\x00\x00\x00\x07"),
-            Err(DecodeError::Avro(
-                "Confluent header truncated: 4 of 5 bytes".into()
-            ))
+            Err(DecodeError::Avro("Confluent header truncated: 4 of 5 bytes".into()))
         );
 
         let framed = single_object_frame(0x0807_0605_0403_0201, b"x");
         assert_eq!(framed, b"\xC3\x01\x01\x02\x03\x04\x05\x06\x07\x08x");
-        assert_eq!(
-            split_single_object(&framed),
-            Ok((0x0807_0605_0403_0201, &b"x"[..]))
-        );
-        assert_eq!(
-            split_single_object(&framed[..9]).unwrap_err().code(),
-            "malformed_avro"
-        );
-        assert_eq!(
-            split_single_object(b"\xC3\x02\0\0\0\0\0\0\0\0")
-                .unwrap_err()
-                .code(),
-            "malformed_avro"
-        );
+        assert_eq!(split_single_object(&framed), Ok((0x0807_0605_0403_0201, &b"x"[..])));
+        assert_eq!(split_single_object(&framed[..9]).unwrap_err().code(), "malformed_avro");
+        assert_eq!(split_single_object(b"\xC3\x02\0\0\0\0\0\0\0\0").unwrap_err().code(), "malformed_avro");
     }
 
     /// A newer producer schema: extra fields of every kind around ours,
@@ -1270,10 +1138,7 @@ mod tests {
         Value::Record(vec![
             ("span".into(), Value::Long(span)),
             ("sampled".into(), Value::Boolean(true)),
-            (
-                "parent".into(),
-                parent.map_or(union(0, Value::Null), |p| union(1, p)),
-            ),
+            ("parent".into(), parent.map_or(union(0, Value::Null), |p| union(1, p))),
         ])
     }
 
@@ -1281,68 +1146,32 @@ mod tests {
         Value::Record(vec![
             ("schema_version".into(), Value::Int(3)),
             ("event_id".into(), Value::Uuid(e.event_id)),
-            (
-                "trace".into(),
-                trace(1, Some(trace(2, Some(trace(3, None))))),
-            ),
+            ("trace".into(), trace(1, Some(trace(2, Some(trace(3, None)))))),
             ("action".into(), Value::String(e.action.clone())),
-            (
-                "tags".into(),
-                Value::Array(vec![Value::String("a".into()), Value::String("bb".into())]),
-            ),
-            (
-                "occurred_at".into(),
-                Value::TimestampMillis(e.occurred_at / 1000),
-            ),
-            (
-                "scores".into(),
-                Value::Map([("x".to_owned(), Value::Double(0.5))].into()),
-            ),
+            ("tags".into(), Value::Array(vec![Value::String("a".into()), Value::String("bb".into())])),
+            ("occurred_at".into(), Value::TimestampMillis(e.occurred_at / 1000)),
+            ("scores".into(), Value::Map([("x".to_owned(), Value::Double(0.5))].into())),
             ("severity".into(), Value::Enum(1, "HIGH".into())),
-            (
-                "user_id".into(),
-                user_id.map_or(union(1, Value::Null), |id| union(0, Value::Long(id))),
-            ),
+            ("user_id".into(), user_id.map_or(union(1, Value::Null), |id| union(0, Value::Long(id)))),
             ("digest".into(), Value::Fixed(8, vec![9; 8])),
-            (
-                "username".into(),
-                e.username
-                    .clone()
-                    .map_or(union(1, Value::Null), |u| union(0, Value::String(u))),
-            ),
+            ("username".into(), e.username.clone().map_or(union(1, Value::Null), |u| union(0, Value::String(u)))),
             ("choice".into(), union(3, trace(4, None))),
             ("ratio".into(), Value::Float(1.5)),
             ("weight".into(), Value::Double(-2.25)),
             ("blob".into(), Value::Bytes(vec![0, 255, 7])),
-            (
-                "ip_address".into(),
-                optional(e.ip_address.map(|ip| ip.to_string()).as_deref()),
-            ),
+            ("ip_address".into(), optional(e.ip_address.map(|ip| ip.to_string()).as_deref())),
             ("previous".into(), union(1, trace(5, None))),
-            (
-                "amount".into(),
-                Value::Decimal(Decimal::from(vec![0x01, 0x02])),
-            ),
+            ("amount".into(), Value::Decimal(Decimal::from(vec![0x01, 0x02]))),
             ("metadata".into(), string_map(&e.metadata)),
             ("nothing".into(), Value::Null),
             ("day".into(), Value::Date(20_000)),
-            (
-                "ttl".into(),
-                Value::Duration(apache_avro::Duration::new(
-                    Months::new(1),
-                    Days::new(2),
-                    Millis::new(3),
-                )),
-            ),
+            ("ttl".into(), Value::Duration(apache_avro::Duration::new(Months::new(1), Days::new(2), Millis::new(3)))),
             ("correlation".into(), Value::Uuid(Uuid::from_u128(7))),
             (
                 "nested".into(),
                 Value::Array(vec![Value::Map(
-                    [
-                        ("n".to_owned(), union(0, Value::Null)),
-                        ("d".to_owned(), union(1, Value::Fixed(8, vec![1; 8]))),
-                    ]
-                    .into(),
+                    [("n".to_owned(), union(0, Value::Null)), ("d".to_owned(), union(1, Value::Fixed(8, vec![1; 8])))]
+                        .into(),
                 )]),
             ),
         ])
@@ -1363,12 +1192,7 @@ mod tests {
         let body = reference_write(&schema, evolved_value(&e, Some(42)));
         assert_eq!(plan.decode(&body), Ok(e.clone()));
 
-        let e = AuthEvent {
-            user_id: None,
-            username: None,
-            ip_address: Some("192.0.2.1".parse().unwrap()),
-            ..e
-        };
+        let e = AuthEvent { user_id: None, username: None, ip_address: Some("192.0.2.1".parse().unwrap()), ..e };
         let body = reference_write(&schema, evolved_value(&e, None));
         assert_eq!(plan.decode(&body), Ok(e));
     }
@@ -1404,10 +1228,7 @@ mod tests {
         write_bytes(&mut body, b"6f1c2c4e8a474f7e9d3a2b6f0c1d9e10");
         write_long(&mut body, 1);
         write_long(&mut body, 1);
-        assert_eq!(
-            plan.decode(&body),
-            Err(DecodeError::Invalid(Violation::MissingField("action")))
-        );
+        assert_eq!(plan.decode(&body), Err(DecodeError::Invalid(Violation::MissingField("action"))));
     }
 
     #[test]
@@ -1429,15 +1250,11 @@ mod tests {
             "`username` has writer type Int, expected string or bytes"
         );
         assert_eq!(
-            compile_error(&fields(
-                r#", {"name": "metadata", "type": {"type": "map", "values": "long"}}"#
-            )),
+            compile_error(&fields(r#", {"name": "metadata", "type": {"type": "map", "values": "long"}}"#)),
             "`metadata` has writer type Map, expected map of string"
         );
         assert_eq!(
-            compile_error(&fields(
-                r#", {"name": "ip_address", "type": ["null", "int"]}"#
-            )),
+            compile_error(&fields(r#", {"name": "ip_address", "type": ["null", "int"]}"#)),
             "no branch of the writer union of `ip_address` is string or bytes"
         );
         assert_eq!(
@@ -1448,16 +1265,10 @@ mod tests {
         );
         assert_eq!(
             ReadPlan::compile(&Schema::parse_str(r#""string""#).unwrap()).unwrap_err(),
-            DecodeError::IncompatibleSchema(
-                "(top level)".into(),
-                "top-level type is String, not a record".into()
-            )
+            DecodeError::IncompatibleSchema("(top level)".into(), "top-level type is String, not a record".into())
         );
         // An always-null optional field is fine.
-        ReadPlan::compile(
-            &Schema::parse_str(&fields(r#", {"name": "username", "type": "null"}"#)).unwrap(),
-        )
-        .unwrap();
+        ReadPlan::compile(&Schema::parse_str(&fields(r#", {"name": "username", "type": "null"}"#)).unwrap()).unwrap();
     }
 
     #[test]
@@ -1494,9 +1305,7 @@ mod tests {
         write_long(&mut body, 3);
         assert_eq!(
             plan.decode(&body),
-            Err(DecodeError::Avro(
-                "union branch 3 of `username` does not exist at byte 41".into()
-            ))
+            Err(DecodeError::Avro("union branch 3 of `username` does not exist at byte 41".into()))
         );
     }
 
@@ -1510,9 +1319,7 @@ mod tests {
         }
         assert_eq!(
             plan.decode(&body[..10]),
-            Err(DecodeError::Avro(
-                "length 36 exceeds the 9 remaining bytes at byte 1".into()
-            ))
+            Err(DecodeError::Avro("length 36 exceeds the 9 remaining bytes at byte 1".into()))
         );
     }
 
@@ -1521,12 +1328,7 @@ mod tests {
         let plan = ReadPlan::compile(&ours()).unwrap();
         let mut body = encode_body(&event());
         body.push(0);
-        assert_eq!(
-            plan.decode(&body),
-            Err(DecodeError::Avro(
-                "1 trailing bytes after the record".into()
-            ))
-        );
+        assert_eq!(plan.decode(&body), Err(DecodeError::Avro("1 trailing bytes after the record".into())));
     }
 
     #[test]
@@ -1534,24 +1336,16 @@ mod tests {
         let plan = ReadPlan::compile(&ours()).unwrap();
         // event_id length as an 11-byte varint
         let err = plan.decode(&[0xff; 11]).unwrap_err();
-        assert_eq!(
-            err,
-            DecodeError::Avro("varint overflows 64 bits at byte 10".into())
-        );
+        assert_eq!(err, DecodeError::Avro("varint overflows 64 bits at byte 10".into()));
         // Negative length (-1).
-        assert_eq!(
-            plan.decode(&[0x01]),
-            Err(DecodeError::Avro("negative length -1 at byte 1".into()))
-        );
+        assert_eq!(plan.decode(&[0x01]), Err(DecodeError::Avro("negative length -1 at byte 1".into())));
         // A length of 2^40 must be refused before any allocation.
         let mut body = Vec::new();
         write_long(&mut body, 1 << 40);
         body.extend_from_slice(b"abc");
         assert_eq!(
             plan.decode(&body),
-            Err(DecodeError::Avro(
-                "length 1099511627776 exceeds the 3 remaining bytes at byte 6".into()
-            ))
+            Err(DecodeError::Avro("length 1099511627776 exceeds the 3 remaining bytes at byte 6".into()))
         );
         // A metadata block claiming 2^40 entries.
         let mut e = minimal_event();
@@ -1576,20 +1370,14 @@ mod tests {
         let mut body = encode_body(&e);
         let at = body.windows(3).position(|w| w == b"zzz").unwrap();
         body[at] = 0xc3; // a lead byte without its continuation
-        assert_eq!(
-            plan.decode(&body),
-            Err(DecodeError::InvalidUtf8("username"))
-        );
+        assert_eq!(plan.decode(&body), Err(DecodeError::InvalidUtf8("username")));
 
         let mut e = event();
         e.metadata = vec![("k".to_owned(), "zzz".to_owned())];
         let mut body = encode_body(&e);
         let at = body.windows(3).position(|w| w == b"zzz").unwrap();
         body[at + 1] = 0xff;
-        assert_eq!(
-            plan.decode(&body),
-            Err(DecodeError::InvalidUtf8("metadata"))
-        );
+        assert_eq!(plan.decode(&body), Err(DecodeError::InvalidUtf8("metadata")));
     }
 
     #[test]
@@ -1606,36 +1394,17 @@ mod tests {
             out.extend_from_slice(&body[at + text.len()..]);
             plan.decode(&out)
         };
-        assert_eq!(
-            with_ip("203.0.113.9").unwrap().ip_address,
-            Some("203.0.113.9".parse().unwrap())
-        );
-        assert_eq!(
-            with_ip("fe80::1:2").unwrap().ip_address,
-            Some("fe80::1:2".parse().unwrap())
-        );
+        assert_eq!(with_ip("203.0.113.9").unwrap().ip_address, Some("203.0.113.9".parse().unwrap()));
+        assert_eq!(with_ip("fe80::1:2").unwrap().ip_address, Some("fe80::1:2".parse().unwrap()));
         assert_eq!(with_ip("").unwrap().ip_address, None);
-        for bad in [
-            "203.0.113.256",
-            "1.2.3",
-            "fe80::1::2",
-            "fe80::1%eth0",
-            "example.com",
-        ] {
-            assert_eq!(
-                with_ip(bad),
-                Err(DecodeError::Invalid(Violation::InvalidIp)),
-                "{bad}"
-            );
+        for bad in ["203.0.113.256", "1.2.3", "fe80::1::2", "fe80::1%eth0", "example.com"] {
+            assert_eq!(with_ip(bad), Err(DecodeError::Invalid(Violation::InvalidIp)), "{bad}");
         }
 
         let mut body = Vec::new();
         write_bytes(&mut body, b"not-a-uuid");
         body.extend_from_slice(&encode_body(&minimal_event())[37..]);
-        assert_eq!(
-            plan.decode(&body),
-            Err(DecodeError::Invalid(Violation::InvalidUuid))
-        );
+        assert_eq!(plan.decode(&body), Err(DecodeError::Invalid(Violation::InvalidUuid)));
     }
 
     #[test]
@@ -1654,14 +1423,8 @@ mod tests {
             write_bytes(&mut body, b"A");
             body
         };
-        assert_eq!(
-            plan.decode(&body(1_700_000_000_123)).unwrap().occurred_at,
-            1_700_000_000_123_000
-        );
-        assert_eq!(
-            plan.decode(&body(i64::MAX / 10)).unwrap().occurred_at,
-            i64::MAX
-        );
+        assert_eq!(plan.decode(&body(1_700_000_000_123)).unwrap().occurred_at, 1_700_000_000_123_000);
+        assert_eq!(plan.decode(&body(i64::MAX / 10)).unwrap().occurred_at, i64::MAX);
         assert_eq!(plan.decode(&body(i64::MIN)).unwrap().occurred_at, i64::MIN);
     }
 
@@ -1698,10 +1461,7 @@ mod tests {
         body.extend_from_slice(&[1, 8, 2, b'k', 4, b'v', b'1', 2, 4, b'k', b'2', 0, 0]);
         assert_eq!(
             plan.decode(&body).unwrap().metadata,
-            vec![
-                ("k".to_owned(), "v1".to_owned()),
-                ("k2".to_owned(), String::new())
-            ]
+            vec![("k".to_owned(), "v1".to_owned()), ("k2".to_owned(), String::new())]
         );
 
         // A sized block whose size runs past the input.
@@ -1730,10 +1490,7 @@ mod tests {
         };
         assert!(plan.decode(&chain(20)).is_ok());
         let err = plan.decode(&chain(100_000)).unwrap_err();
-        assert!(
-            err.to_string().contains("nested deeper than 128 levels"),
-            "{err}"
-        );
+        assert!(err.to_string().contains("nested deeper than 128 levels"), "{err}");
     }
 
     #[test]
@@ -1746,12 +1503,7 @@ mod tests {
                 {"name": "action", "type": "string"}
             ]}"#,
         );
-        assert_eq!(
-            plan.decode(&[4]),
-            Err(DecodeError::Avro(
-                "enum index 2 out of range at byte 1".into()
-            ))
-        );
+        assert_eq!(plan.decode(&[4]), Err(DecodeError::Avro("enum index 2 out of range at byte 1".into())));
     }
 
     #[test]

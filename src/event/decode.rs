@@ -38,9 +38,7 @@ impl Encoding {
         if payload.starts_with(&SINGLE_OBJECT_MAGIC) {
             return Ok(Encoding::AvroSingleObject);
         }
-        let json_start = payload
-            .iter()
-            .find(|b| !matches!(b, b' ' | b'\t' | b'\n' | b'\r'));
+        let json_start = payload.iter().find(|b| !matches!(b, b' ' | b'\t' | b'\n' | b'\r'));
         if json_start == Some(&b'{') {
             return Ok(Encoding::Json);
         }
@@ -68,19 +66,12 @@ impl Decoder {
     /// Blocking: an Avro schema id seen for the first time is fetched from
     /// the schema registry (see [`SchemaRegistry::plan_for_id`]), so call
     /// this from a plain thread, not from async code.
-    pub fn decode(
-        &self,
-        payload: &[u8],
-        now: EpochMicros,
-    ) -> Result<(AuthEvent, Encoding), DecodeError> {
+    pub fn decode(&self, payload: &[u8], now: EpochMicros) -> Result<(AuthEvent, Encoding), DecodeError> {
         if payload.is_empty() {
             return Err(DecodeError::Empty);
         }
         if payload.len() > self.limits.max_message_bytes {
-            return Err(DecodeError::TooLarge {
-                size: payload.len(),
-                limit: self.limits.max_message_bytes,
-            });
+            return Err(DecodeError::TooLarge { size: payload.len(), limit: self.limits.max_message_bytes });
         }
         let encoding = Encoding::detect(payload)?;
         let event = match encoding {
@@ -91,9 +82,7 @@ impl Decoder {
             }
             Encoding::AvroSingleObject => {
                 let (fingerprint, body) = avro::split_single_object(payload)?;
-                self.registry
-                    .plan_for_fingerprint(fingerprint)?
-                    .decode(body)?
+                self.registry.plan_for_fingerprint(fingerprint)?.decode(body)?
             }
         };
         validate(&event, &self.limits, now)?;
@@ -106,8 +95,7 @@ mod tests {
     use super::*;
     use crate::event::Violation;
     use crate::event::avro::{
-        AUTH_EVENT_SCHEMA, auth_event_fingerprint, confluent_frame, encode_body,
-        single_object_frame,
+        AUTH_EVENT_SCHEMA, auth_event_fingerprint, confluent_frame, encode_body, single_object_frame,
     };
     use crate::event::registry::RegistryConfig;
     use chrono::{DateTime, SecondsFormat};
@@ -121,14 +109,10 @@ mod tests {
     const NUMERIC_USER_ID_SCHEMA_ID: u32 = 2;
 
     fn decoder() -> Decoder {
-        let registry = SchemaRegistry::from_config(&RegistryConfig {
-            schema_dirs: Vec::new(),
-            ..RegistryConfig::default()
-        })
-        .unwrap();
-        registry
-            .register_schema_for_id(SCHEMA_ID, AUTH_EVENT_SCHEMA)
-            .unwrap();
+        let registry =
+            SchemaRegistry::from_config(&RegistryConfig { schema_dirs: Vec::new(), ..RegistryConfig::default() })
+                .unwrap();
+        registry.register_schema_for_id(SCHEMA_ID, AUTH_EVENT_SCHEMA).unwrap();
         registry
             .register_schema_for_id(
                 NUMERIC_USER_ID_SCHEMA_ID,
@@ -164,14 +148,9 @@ mod tests {
 
     /// The JSON fields of an event; tests then change single fields.
     fn fields(e: &AuthEvent) -> Value {
-        let time = DateTime::from_timestamp_micros(e.occurred_at)
-            .unwrap()
-            .to_rfc3339_opts(SecondsFormat::AutoSi, true);
-        let metadata: serde_json::Map<String, Value> = e
-            .metadata
-            .iter()
-            .map(|(k, v)| (k.clone(), Value::from(v.as_str())))
-            .collect();
+        let time = DateTime::from_timestamp_micros(e.occurred_at).unwrap().to_rfc3339_opts(SecondsFormat::AutoSi, true);
+        let metadata: serde_json::Map<String, Value> =
+            e.metadata.iter().map(|(k, v)| (k.clone(), Value::from(v.as_str()))).collect();
         json!({
             "event_id": e.event_id.to_string(),
             "occurred_at": time,
@@ -209,14 +188,7 @@ mod tests {
         let time = DateTime::parse_from_rfc3339(text("occurred_at").unwrap()).unwrap();
         write_long(&mut out, time.timestamp_micros());
         write_str(&mut out, text("action").unwrap());
-        for name in [
-            "user_id",
-            "username",
-            "ip_address",
-            "user_agent",
-            "session_id",
-            "request_id",
-        ] {
+        for name in ["user_id", "username", "ip_address", "user_agent", "session_id", "request_id"] {
             match text(name) {
                 None => write_long(&mut out, 0),
                 Some(value) => {
@@ -243,10 +215,7 @@ mod tests {
         [
             (Encoding::Json, serde_json::to_vec(fields).unwrap()),
             (Encoding::AvroConfluent, confluent_frame(SCHEMA_ID, &body)),
-            (
-                Encoding::AvroSingleObject,
-                single_object_frame(auth_event_fingerprint(), &body),
-            ),
+            (Encoding::AvroSingleObject, single_object_frame(auth_event_fingerprint(), &body)),
         ]
     }
 
@@ -277,15 +246,9 @@ mod tests {
         let decoder = decoder();
         let body = encode_body(&expected);
         let payloads = [
-            (
-                Encoding::Json,
-                serde_json::to_vec(&fields(&expected)).unwrap(),
-            ),
+            (Encoding::Json, serde_json::to_vec(&fields(&expected)).unwrap()),
             (Encoding::AvroConfluent, confluent_frame(SCHEMA_ID, &body)),
-            (
-                Encoding::AvroSingleObject,
-                single_object_frame(auth_event_fingerprint(), &body),
-            ),
+            (Encoding::AvroSingleObject, single_object_frame(auth_event_fingerprint(), &body)),
         ];
         for (encoding, payload) in payloads {
             let (event, detected) = decoder.decode(&payload, NOW).unwrap();
@@ -299,10 +262,7 @@ mod tests {
     fn json_may_start_with_whitespace() {
         let mut payload = b" \r\n\t".to_vec();
         payload.extend(serde_json::to_vec(&fields(&event())).unwrap());
-        assert_eq!(
-            decoder().decode(&payload, NOW),
-            Ok((event(), Encoding::Json))
-        );
+        assert_eq!(decoder().decode(&payload, NOW), Ok((event(), Encoding::Json)));
     }
 
     #[test]
@@ -337,13 +297,7 @@ mod tests {
             let mut payload = vec![b' '; 2 * 1024 * 1024];
             payload[0] = first;
             let err = decoder.decode(&payload, NOW).unwrap_err();
-            assert_eq!(
-                err,
-                DecodeError::TooLarge {
-                    size: 2_097_152,
-                    limit: 262_144
-                }
-            );
+            assert_eq!(err, DecodeError::TooLarge { size: 2_097_152, limit: 262_144 });
             assert_eq!(err.code(), "too_large");
         }
     }
@@ -364,9 +318,7 @@ mod tests {
         }
         assert_eq!(
             decoder.decode(&[0, 0, 1], NOW),
-            Err(DecodeError::Avro(
-                "Confluent header truncated: 3 of 5 bytes".into()
-            ))
+            Err(DecodeError::Avro("Confluent header truncated: 3 of 5 bytes".into()))
         );
     }
 
@@ -374,61 +326,34 @@ mod tests {
     fn unknown_schema_id_and_fingerprint() {
         let decoder = decoder();
         let body = encode_body(&event());
-        let err = decoder
-            .decode(&confluent_frame(99, &body), NOW)
-            .unwrap_err();
+        let err = decoder.decode(&confluent_frame(99, &body), NOW).unwrap_err();
         assert_eq!(err, DecodeError::UnknownSchemaId(99));
         assert_eq!(err.code(), "unknown_schema_id");
-        let err = decoder
-            .decode(&single_object_frame(0x0123_4567_89ab_cdef, &body), NOW)
-            .unwrap_err();
+        let err = decoder.decode(&single_object_frame(0x0123_4567_89ab_cdef, &body), NOW).unwrap_err();
         assert_eq!(err, DecodeError::UnknownFingerprint(0x0123_4567_89ab_cdef));
-        assert_eq!(
-            err.to_string(),
-            "unknown Avro schema fingerprint 0123456789abcdef"
-        );
+        assert_eq!(err.to_string(), "unknown Avro schema fingerprint 0123456789abcdef");
     }
 
     #[test]
     fn malformed_json() {
-        let err = decoder()
-            .decode(br#"{"event_id": "0b7e7c3e-"#, NOW)
-            .unwrap_err();
+        let err = decoder().decode(br#"{"event_id": "0b7e7c3e-"#, NOW).unwrap_err();
         assert_eq!(err.code(), "malformed_json");
-        assert!(
-            err.to_string()
-                .starts_with("malformed JSON: EOF while parsing"),
-            "{err}"
-        );
+        assert!(err.to_string().starts_with("malformed JSON: EOF while parsing"), "{err}");
     }
 
     #[test]
     fn missing_event_id() {
         let mut f = fields(&event());
         f.as_object_mut().unwrap().remove("event_id");
-        let err = decoder()
-            .decode(&serde_json::to_vec(&f).unwrap(), NOW)
-            .unwrap_err();
-        assert_eq!(
-            err,
-            DecodeError::Invalid(Violation::MissingField("event_id"))
-        );
+        let err = decoder().decode(&serde_json::to_vec(&f).unwrap(), NOW).unwrap_err();
+        assert_eq!(err, DecodeError::Invalid(Violation::MissingField("event_id")));
         assert_eq!(err.code(), "missing_field");
-        assert_eq!(
-            err.to_string(),
-            "validation failed: required field `event_id` is missing or null"
-        );
+        assert_eq!(err.to_string(), "validation failed: required field `event_id` is missing or null");
     }
 
     #[test]
     fn ip_addresses_v4_and_v6() {
-        for valid in [
-            "192.0.2.255",
-            "0.0.0.0",
-            "2001:db8:85a3::8a2e:370:7334",
-            "::1",
-            "::ffff:10.0.0.1",
-        ] {
+        for valid in ["192.0.2.255", "0.0.0.0", "2001:db8:85a3::8a2e:370:7334", "::1", "::ffff:10.0.0.1"] {
             let event = decode_all(&with("ip_address", json!(valid))).unwrap();
             assert_eq!(event.ip_address, Some(valid.parse().unwrap()));
         }
@@ -445,12 +370,7 @@ mod tests {
             assert_eq!(err, DecodeError::Invalid(Violation::InvalidIp), "{invalid}");
             assert_eq!(err.code(), "invalid_ip");
         }
-        assert_eq!(
-            decode_all(&with("ip_address", json!("")))
-                .unwrap()
-                .ip_address,
-            None
-        );
+        assert_eq!(decode_all(&with("ip_address", json!(""))).unwrap().ip_address, None);
     }
 
     #[test]
@@ -477,9 +397,7 @@ mod tests {
         let err = decode_all(&with("occurred_at", json!("1999-06-30T10:00:00Z"))).unwrap_err();
         assert_eq!(err.code(), "timestamp_too_old");
 
-        let ten_minutes_ahead = DateTime::from_timestamp_micros(NOW + 10 * MINUTE)
-            .unwrap()
-            .to_rfc3339();
+        let ten_minutes_ahead = DateTime::from_timestamp_micros(NOW + 10 * MINUTE).unwrap().to_rfc3339();
         let err = decode_all(&with("occurred_at", json!(ten_minutes_ahead))).unwrap_err();
         assert_eq!(
             err,
@@ -489,15 +407,8 @@ mod tests {
             })
         );
 
-        let four_minutes_ahead = DateTime::from_timestamp_micros(NOW + 4 * MINUTE)
-            .unwrap()
-            .to_rfc3339();
-        assert_eq!(
-            decode_all(&with("occurred_at", json!(four_minutes_ahead)))
-                .unwrap()
-                .occurred_at,
-            NOW + 4 * MINUTE
-        );
+        let four_minutes_ahead = DateTime::from_timestamp_micros(NOW + 4 * MINUTE).unwrap().to_rfc3339();
+        assert_eq!(decode_all(&with("occurred_at", json!(four_minutes_ahead))).unwrap().occurred_at, NOW + 4 * MINUTE);
     }
 
     #[test]
@@ -509,17 +420,12 @@ mod tests {
         let mut json = serde_json::to_vec(&fields(&e)).unwrap();
         let at = json.windows(3).position(|w| w == b"zzz").unwrap();
         json[at + 1] = 0xfe;
-        assert_eq!(
-            decoder.decode(&json, NOW),
-            Err(DecodeError::InvalidUtf8("payload"))
-        );
+        assert_eq!(decoder.decode(&json, NOW), Err(DecodeError::InvalidUtf8("payload")));
 
         let mut body = encode_body(&e);
         let at = body.windows(3).position(|w| w == b"zzz").unwrap();
         body[at + 1] = 0xfe;
-        let err = decoder
-            .decode(&confluent_frame(SCHEMA_ID, &body), NOW)
-            .unwrap_err();
+        let err = decoder.decode(&confluent_frame(SCHEMA_ID, &body), NOW).unwrap_err();
         assert_eq!(err, DecodeError::InvalidUtf8("username"));
         assert_eq!(err.code(), "invalid_utf8");
     }
@@ -528,9 +434,7 @@ mod tests {
     fn numeric_user_id() {
         let decoder = decoder();
         let f = with("user_id", json!(1234567890123_i64));
-        let (event, _) = decoder
-            .decode(&serde_json::to_vec(&f).unwrap(), NOW)
-            .unwrap();
+        let (event, _) = decoder.decode(&serde_json::to_vec(&f).unwrap(), NOW).unwrap();
         assert_eq!(event.user_id.as_deref(), Some("1234567890123"));
 
         let mut body = Vec::new();
@@ -538,9 +442,7 @@ mod tests {
         write_long(&mut body, NOW);
         write_str(&mut body, "AUTH_LOGIN");
         write_long(&mut body, 1234567890123);
-        let (event, encoding) = decoder
-            .decode(&confluent_frame(NUMERIC_USER_ID_SCHEMA_ID, &body), NOW)
-            .unwrap();
+        let (event, encoding) = decoder.decode(&confluent_frame(NUMERIC_USER_ID_SCHEMA_ID, &body), NOW).unwrap();
         assert_eq!(encoding, Encoding::AvroConfluent);
         assert_eq!(event.user_id.as_deref(), Some("1234567890123"));
     }
@@ -576,10 +478,7 @@ mod tests {
         let payloads = [
             ("json", serde_json::to_vec(&fields(&event)).unwrap()),
             ("avro_confluent", confluent_frame(SCHEMA_ID, &body)),
-            (
-                "avro_single_object",
-                single_object_frame(auth_event_fingerprint(), &body),
-            ),
+            ("avro_single_object", single_object_frame(auth_event_fingerprint(), &body)),
         ];
         for (label, payload) in &payloads {
             let started = Instant::now();
@@ -596,12 +495,8 @@ mod tests {
 
         let plan = decoder.registry.plan_for_id(SCHEMA_ID).unwrap();
         let decoders: [(&str, &dyn Fn() -> AuthEvent); 2] = [
-            ("json::decode_json", &|| {
-                json::decode_json(black_box(&payloads[0].1)).unwrap()
-            }),
-            ("ReadPlan::decode", &|| {
-                plan.decode(black_box(&body)).unwrap()
-            }),
+            ("json::decode_json", &|| json::decode_json(black_box(&payloads[0].1)).unwrap()),
+            ("ReadPlan::decode", &|| plan.decode(black_box(&body)).unwrap()),
         ];
         for (label, decode) in decoders {
             let started = Instant::now();

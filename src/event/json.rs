@@ -37,12 +37,9 @@ pub fn decode_json(bytes: &[u8]) -> Result<AuthEvent, DecodeError> {
 
     let event_id = wire.event_id.ok_or(Violation::MissingField("event_id"))?;
     let event_id = Uuid::parse_str(&event_id.0).map_err(|_| Violation::InvalidUuid)?;
-    let occurred_at = wire
-        .occurred_at
-        .ok_or(Violation::MissingField("occurred_at"))?;
-    let occurred_at = DateTime::parse_from_rfc3339(&occurred_at.0)
-        .map_err(|_| Violation::InvalidTimestamp)?
-        .timestamp_micros();
+    let occurred_at = wire.occurred_at.ok_or(Violation::MissingField("occurred_at"))?;
+    let occurred_at =
+        DateTime::parse_from_rfc3339(&occurred_at.0).map_err(|_| Violation::InvalidTimestamp)?.timestamp_micros();
     let action = wire.action.ok_or(Violation::MissingField("action"))?;
     let ip_address = match non_empty(wire.ip_address) {
         Some(ip) => Some(ip.parse::<IpAddr>().map_err(|_| Violation::InvalidIp)?),
@@ -106,11 +103,7 @@ impl<'de> Visitor<'de> for TextVisitor {
     type Value = Text<'de>;
 
     fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
-        if self.accept_integers {
-            f.write_str("a string or an integer")
-        } else {
-            f.write_str("a string")
-        }
+        if self.accept_integers { f.write_str("a string or an integer") } else { f.write_str("a string") }
     }
 
     fn visit_borrowed_str<E: serde::de::Error>(self, v: &'de str) -> Result<Self::Value, E> {
@@ -144,9 +137,7 @@ impl<'de> Visitor<'de> for TextVisitor {
 
 impl<'de: 'a, 'a> Deserialize<'de> for Text<'a> {
     fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
-        d.deserialize_str(TextVisitor {
-            accept_integers: false,
-        })
+        d.deserialize_str(TextVisitor { accept_integers: false })
     }
 }
 
@@ -156,10 +147,7 @@ fn user_id<'de: 'a, 'a, D: Deserializer<'de>>(d: D) -> Result<Option<Text<'a>>, 
     struct UserId<'a>(Text<'a>);
     impl<'de: 'a, 'a> Deserialize<'de> for UserId<'a> {
         fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
-            d.deserialize_any(TextVisitor {
-                accept_integers: true,
-            })
-            .map(UserId)
+            d.deserialize_any(TextVisitor { accept_integers: true }).map(UserId)
         }
     }
     Ok(Option::<UserId<'a>>::deserialize(d)?.map(|u| u.0))
@@ -212,10 +200,7 @@ mod tests {
     #[test]
     fn decodes_every_field() {
         let e = decode_json(FULL.as_bytes()).unwrap();
-        assert_eq!(
-            e.event_id,
-            Uuid::parse_str("6f1c2c4e-8a47-4f7e-9d3a-2b6f0c1d9e10").unwrap()
-        );
+        assert_eq!(e.event_id, Uuid::parse_str("6f1c2c4e-8a47-4f7e-9d3a-2b6f0c1d9e10").unwrap());
         // 2025-06-01T12:00:00.123456Z
         assert_eq!(e.occurred_at, 1_748_779_200_123_456);
         assert_eq!(e.action, "AUTH_LOGIN");
@@ -225,13 +210,7 @@ mod tests {
         assert_eq!(e.user_agent.as_deref(), Some("Mozilla/5.0"));
         assert_eq!(e.session_id.as_deref(), Some("s-1"));
         assert_eq!(e.request_id.as_deref(), Some("r-1"));
-        assert_eq!(
-            e.metadata,
-            vec![
-                ("mfa".to_owned(), "totp".to_owned()),
-                ("country".to_owned(), "DE".to_owned())
-            ]
-        );
+        assert_eq!(e.metadata, vec![("mfa".to_owned(), "totp".to_owned()), ("country".to_owned(), "DE".to_owned())]);
     }
 
     #[test]
@@ -262,112 +241,52 @@ mod tests {
 
     #[test]
     fn numeric_user_id_is_kept_as_text() {
-        assert_eq!(
-            decode_json(&with("user_id", "42"))
-                .unwrap()
-                .user_id
-                .as_deref(),
-            Some("42")
-        );
-        assert_eq!(
-            decode_json(&with("user_id", "-7"))
-                .unwrap()
-                .user_id
-                .as_deref(),
-            Some("-7")
-        );
+        assert_eq!(decode_json(&with("user_id", "42")).unwrap().user_id.as_deref(), Some("42"));
+        assert_eq!(decode_json(&with("user_id", "-7")).unwrap().user_id.as_deref(), Some("-7"));
         let err = decode_json(&with("user_id", "4.5")).unwrap_err();
         assert_eq!(err.code(), "malformed_json");
-        assert!(
-            err.to_string().contains("expected a string or an integer"),
-            "{err}"
-        );
+        assert!(err.to_string().contains("expected a string or an integer"), "{err}");
         // Other text fields do not take numbers.
-        assert_eq!(
-            decode_json(&with("username", "42")).unwrap_err().code(),
-            "malformed_json"
-        );
+        assert_eq!(decode_json(&with("username", "42")).unwrap_err().code(), "malformed_json");
     }
 
     #[test]
     fn ip_addresses() {
         let ip = |s: &str| decode_json(&with("ip_address", &format!("\"{s}\"")));
-        assert_eq!(
-            ip("192.0.2.1").unwrap().ip_address,
-            Some("192.0.2.1".parse().unwrap())
-        );
-        assert_eq!(
-            ip("2001:db8::1").unwrap().ip_address,
-            Some("2001:db8::1".parse().unwrap())
-        );
-        assert_eq!(
-            ip("::ffff:192.0.2.1").unwrap().ip_address,
-            Some("::ffff:192.0.2.1".parse().unwrap())
-        );
-        for bad in [
-            "256.0.0.1",
-            "192.0.2",
-            "2001:db8::g",
-            "2001:db8:::1",
-            "localhost",
-        ] {
-            assert_eq!(
-                ip(bad),
-                Err(DecodeError::Invalid(Violation::InvalidIp)),
-                "{bad}"
-            );
+        assert_eq!(ip("192.0.2.1").unwrap().ip_address, Some("192.0.2.1".parse().unwrap()));
+        assert_eq!(ip("2001:db8::1").unwrap().ip_address, Some("2001:db8::1".parse().unwrap()));
+        assert_eq!(ip("::ffff:192.0.2.1").unwrap().ip_address, Some("::ffff:192.0.2.1".parse().unwrap()));
+        for bad in ["256.0.0.1", "192.0.2", "2001:db8::g", "2001:db8:::1", "localhost"] {
+            assert_eq!(ip(bad), Err(DecodeError::Invalid(Violation::InvalidIp)), "{bad}");
         }
     }
 
     #[test]
     fn missing_required_fields() {
         for field in ["event_id", "occurred_at", "action"] {
-            assert_eq!(
-                decode_json(&without(field)),
-                Err(DecodeError::Invalid(Violation::MissingField(field)))
-            );
-            assert_eq!(
-                decode_json(&with(field, "null")),
-                Err(DecodeError::Invalid(Violation::MissingField(field)))
-            );
+            assert_eq!(decode_json(&without(field)), Err(DecodeError::Invalid(Violation::MissingField(field))));
+            assert_eq!(decode_json(&with(field, "null")), Err(DecodeError::Invalid(Violation::MissingField(field))));
         }
     }
 
     #[test]
     fn malformed_values() {
-        assert_eq!(
-            decode_json(&with("event_id", "\"not-a-uuid\"")),
-            Err(DecodeError::Invalid(Violation::InvalidUuid))
-        );
+        assert_eq!(decode_json(&with("event_id", "\"not-a-uuid\"")), Err(DecodeError::Invalid(Violation::InvalidUuid)));
         assert_eq!(
             decode_json(&with("occurred_at", "\"2025-06-01 12:00\"")),
             Err(DecodeError::Invalid(Violation::InvalidTimestamp))
         );
         // Epoch numbers are not accepted: the unit would be a guess.
-        assert_eq!(
-            decode_json(&with("occurred_at", "1748779200000"))
-                .unwrap_err()
-                .code(),
-            "malformed_json"
-        );
+        assert_eq!(decode_json(&with("occurred_at", "1748779200000")).unwrap_err().code(), "malformed_json");
         let err = decode_json(&with("metadata", r#"{"attempts": 3}"#)).unwrap_err();
         assert_eq!(err.code(), "malformed_json");
         assert!(err.to_string().contains("expected a string"), "{err}");
-        assert_eq!(
-            decode_json(&with("metadata", "[]")).unwrap_err().code(),
-            "malformed_json"
-        );
+        assert_eq!(decode_json(&with("metadata", "[]")).unwrap_err().code(), "malformed_json");
     }
 
     #[test]
     fn malformed_json() {
-        for bad in [
-            &br#"{"event_id": "#[..],
-            b"{",
-            b"{} x",
-            b"[]",
-            br#"{"action": "A", "action": "B"}"#,
-        ] {
+        for bad in [&br#"{"event_id": "#[..], b"{", b"{} x", b"[]", br#"{"action": "A", "action": "B"}"#] {
             let err = decode_json(bad).unwrap_err();
             assert!(matches!(err, DecodeError::Json(_)), "{err:?}");
             assert_eq!(err.code(), "malformed_json");
@@ -385,10 +304,7 @@ mod tests {
         let mut bytes = FULL.as_bytes().to_vec();
         let at = FULL.find("Mozilla").unwrap();
         bytes[at] = 0xff;
-        assert_eq!(
-            decode_json(&bytes),
-            Err(DecodeError::InvalidUtf8("payload"))
-        );
+        assert_eq!(decode_json(&bytes), Err(DecodeError::InvalidUtf8("payload")));
     }
 
     #[test]

@@ -64,10 +64,7 @@ impl fmt::Debug for RegistryConfig {
         f.debug_struct("RegistryConfig")
             .field("url", &self.url)
             .field("basic_auth_user", &self.basic_auth_user)
-            .field(
-                "basic_auth_password",
-                &self.basic_auth_password.as_ref().map(|_| "<redacted>"),
-            )
+            .field("basic_auth_password", &self.basic_auth_password.as_ref().map(|_| "<redacted>"))
             .field("timeout", &self.timeout)
             .field("local_schemas", &self.local_schemas)
             .field("schema_dirs", &self.schema_dirs)
@@ -122,25 +119,16 @@ impl SchemaRegistry {
             Some(url) => Some(HttpRegistry::new(url, config)?),
             None => None,
         };
-        let registry = SchemaRegistry {
-            http,
-            by_id: RwLock::default(),
-            by_fingerprint: RwLock::default(),
-        };
+        let registry = SchemaRegistry { http, by_id: RwLock::default(), by_fingerprint: RwLock::default() };
 
         let builtin = Schema::parse_str(AUTH_EVENT_SCHEMA).expect("built-in schema is valid");
         let plan = ReadPlan::compile(&builtin).expect("built-in schema is readable");
         registry.add_fingerprints(&builtin, Arc::new(plan));
 
         for (key, path) in &config.local_schemas {
-            let id = key
-                .parse::<u32>()
-                .map_err(|_| RegistryError::InvalidSchemaId(key.clone()))?;
+            let id = key.parse::<u32>().map_err(|_| RegistryError::InvalidSchemaId(key.clone()))?;
             let (schema, plan) = load_file(path)?;
-            let plan = plan.map_err(|e| RegistryError::InvalidSchema {
-                path: path.clone(),
-                reason: e.to_string(),
-            })?;
+            let plan = plan.map_err(|e| RegistryError::InvalidSchema { path: path.clone(), reason: e.to_string() })?;
             let plan = Arc::new(plan);
             registry.add_fingerprints(&schema, plan.clone());
             write(&registry.by_id).insert(id, Lookup::Found(plan));
@@ -182,9 +170,7 @@ impl SchemaRegistry {
         // Transient failures are returned without caching: the next message
         // asks again.
         let lookup = match http.fetch(id)? {
-            Fetched::NotFound => Lookup::Unknown {
-                until: Instant::now() + UNKNOWN_ID_TTL,
-            },
+            Fetched::NotFound => Lookup::Unknown { until: Instant::now() + UNKNOWN_ID_TTL },
             Fetched::NotAvro(kind) => Lookup::Rejected(DecodeError::IncompatibleSchema(
                 format!("id {id}"),
                 format!("the registry holds a {kind} schema, not Avro"),
@@ -204,10 +190,7 @@ impl SchemaRegistry {
 
     /// The plan for a single-object fingerprint; never blocks.
     pub fn plan_for_fingerprint(&self, fingerprint: u64) -> Result<Arc<ReadPlan>, DecodeError> {
-        read(&self.by_fingerprint)
-            .get(&fingerprint)
-            .cloned()
-            .ok_or(DecodeError::UnknownFingerprint(fingerprint))
+        read(&self.by_fingerprint).get(&fingerprint).cloned().ok_or(DecodeError::UnknownFingerprint(fingerprint))
     }
 
     /// Makes `avsc` the schema of `id` (and known by its fingerprint),
@@ -239,9 +222,8 @@ fn write<T>(lock: &RwLock<T>) -> std::sync::RwLockWriteGuard<'_, T> {
 }
 
 fn parse(id: u32, avsc: &str) -> Result<Schema, DecodeError> {
-    Schema::parse_str(avsc).map_err(|e| {
-        DecodeError::IncompatibleSchema(format!("id {id}"), format!("not a valid Avro schema: {e}"))
-    })
+    Schema::parse_str(avsc)
+        .map_err(|e| DecodeError::IncompatibleSchema(format!("id {id}"), format!("not a valid Avro schema: {e}")))
 }
 
 fn compile(id: u32, avsc: &str) -> Result<ReadPlan, DecodeError> {
@@ -261,10 +243,8 @@ fn relabel(id: u32, err: DecodeError) -> DecodeError {
 /// Reads and parses a schema file; a parse error is a configuration error,
 /// an incompatible schema is left to the caller.
 fn load_file(path: &Path) -> Result<(Schema, Result<ReadPlan, DecodeError>), RegistryError> {
-    let avsc = std::fs::read_to_string(path).map_err(|e| RegistryError::ReadFile {
-        path: path.to_owned(),
-        reason: e.to_string(),
-    })?;
+    let avsc = std::fs::read_to_string(path)
+        .map_err(|e| RegistryError::ReadFile { path: path.to_owned(), reason: e.to_string() })?;
     let schema = Schema::parse_str(&avsc).map_err(|e| RegistryError::InvalidSchema {
         path: path.to_owned(),
         reason: format!("not a valid Avro schema: {e}"),
@@ -276,15 +256,10 @@ fn load_file(path: &Path) -> Result<(Schema, Result<ReadPlan, DecodeError>), Reg
 /// The `*.avsc` files of `dir`, sorted. The default directory may be
 /// absent (e.g. when running outside the source tree).
 fn avsc_files(dir: &Path) -> Result<Vec<PathBuf>, RegistryError> {
-    let dir_error = |e: std::io::Error| RegistryError::SchemaDir {
-        path: dir.to_owned(),
-        reason: e.to_string(),
-    };
+    let dir_error = |e: std::io::Error| RegistryError::SchemaDir { path: dir.to_owned(), reason: e.to_string() };
     let entries = match std::fs::read_dir(dir) {
         Ok(entries) => entries,
-        Err(e)
-            if e.kind() == std::io::ErrorKind::NotFound && dir == Path::new(DEFAULT_SCHEMA_DIR) =>
-        {
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound && dir == Path::new(DEFAULT_SCHEMA_DIR) => {
             return Ok(Vec::new());
         }
         Err(e) => return Err(dir_error(e)),
@@ -327,20 +302,14 @@ struct HttpRegistry {
 
 impl HttpRegistry {
     fn new(url: &str, config: &RegistryConfig) -> Result<Self, RegistryError> {
-        let invalid = |reason: String| RegistryError::InvalidUrl {
-            url: url.to_owned(),
-            reason,
-        };
+        let invalid = |reason: String| RegistryError::InvalidUrl { url: url.to_owned(), reason };
         let parsed = reqwest::Url::parse(url).map_err(|e| invalid(e.to_string()))?;
         if !matches!(parsed.scheme(), "http" | "https") {
             return Err(invalid(format!("unsupported scheme {:?}", parsed.scheme())));
         }
         Ok(HttpRegistry {
             base: url.trim_end_matches('/').to_owned(),
-            auth: config
-                .basic_auth_user
-                .clone()
-                .map(|user| (user, config.basic_auth_password.clone())),
+            auth: config.basic_auth_user.clone().map(|user| (user, config.basic_auth_password.clone())),
             timeout: config.timeout,
             client: OnceLock::new(),
         })
@@ -354,22 +323,19 @@ impl HttpRegistry {
             .timeout(self.timeout)
             .connect_timeout(self.timeout)
             .build()
-            .map_err(|e| {
-                DecodeError::RegistryUnavailable(format!("cannot create an HTTP client: {e}"))
-            })?;
+            .map_err(|e| DecodeError::RegistryUnavailable(format!("cannot create an HTTP client: {e}")))?;
         Ok(self.client.get_or_init(|| client))
     }
 
     /// `GET {url}/schemas/ids/{id}`. Errors are all transient.
     fn fetch(&self, id: u32) -> Result<Fetched, DecodeError> {
         let url = format!("{}/schemas/ids/{id}", self.base);
-        let unavailable =
-            |what: String| DecodeError::RegistryUnavailable(format!("GET {url}: {what}"));
+        let unavailable = |what: String| DecodeError::RegistryUnavailable(format!("GET {url}: {what}"));
 
-        let mut request = self.client()?.get(&url).header(
-            reqwest::header::ACCEPT,
-            "application/vnd.schemaregistry.v1+json, application/json",
-        );
+        let mut request = self
+            .client()?
+            .get(&url)
+            .header(reqwest::header::ACCEPT, "application/vnd.schemaregistry.v1+json, application/json");
         if let Some((user, password)) = &self.auth {
             request = request.basic_auth(user, password.as_ref());
         }
@@ -379,9 +345,8 @@ impl HttpRegistry {
             StatusCode::NOT_FOUND => return Ok(Fetched::NotFound),
             status => return Err(unavailable(format!("HTTP {status}"))),
         }
-        let body: SchemaResponse = response
-            .json()
-            .map_err(|e| unavailable(format!("unreadable response: {}", error_chain(&e))))?;
+        let body: SchemaResponse =
+            response.json().map_err(|e| unavailable(format!("unreadable response: {}", error_chain(&e))))?;
         Ok(match body.schema_type {
             Some(kind) if !kind.eq_ignore_ascii_case("AVRO") => Fetched::NotAvro(kind),
             _ => Fetched::Avro(body.schema),
@@ -410,14 +375,10 @@ mod tests {
     use std::sync::Mutex;
 
     fn offline() -> RegistryConfig {
-        RegistryConfig {
-            schema_dirs: Vec::new(),
-            ..RegistryConfig::default()
-        }
+        RegistryConfig { schema_dirs: Vec::new(), ..RegistryConfig::default() }
     }
 
-    const OTHER_RECORD: &str =
-        r#"{"type": "record", "name": "Alert", "fields": [{"name": "x", "type": "int"}]}"#;
+    const OTHER_RECORD: &str = r#"{"type": "record", "name": "Alert", "fields": [{"name": "x", "type": "int"}]}"#;
 
     /// Our schema under another name with an extra leading field.
     const EVOLVED: &str = r#"{"type": "record", "name": "AuthEventV2", "fields": [
@@ -434,15 +395,8 @@ mod tests {
     #[test]
     fn builtin_schema_is_known_by_fingerprint_only() {
         let registry = SchemaRegistry::from_config(&offline()).unwrap();
-        assert!(
-            registry
-                .plan_for_fingerprint(auth_event_fingerprint())
-                .is_ok()
-        );
-        assert_eq!(
-            registry.plan_for_fingerprint(42).unwrap_err(),
-            DecodeError::UnknownFingerprint(42)
-        );
+        assert!(registry.plan_for_fingerprint(auth_event_fingerprint()).is_ok());
+        assert_eq!(registry.plan_for_fingerprint(42).unwrap_err(), DecodeError::UnknownFingerprint(42));
         let err = registry.plan_for_id(1).unwrap_err();
         assert_eq!(err, DecodeError::UnknownSchemaId(1));
         assert!(!err.is_transient());
@@ -453,11 +407,7 @@ mod tests {
         let registry = SchemaRegistry::from_config(&offline()).unwrap();
         registry.register_schema_for_id(7, EVOLVED).unwrap();
         assert!(registry.plan_for_id(7).is_ok());
-        assert!(
-            registry
-                .plan_for_fingerprint(fingerprint_of(EVOLVED))
-                .is_ok()
-        );
+        assert!(registry.plan_for_fingerprint(fingerprint_of(EVOLVED)).is_ok());
 
         assert_eq!(
             registry.register_schema_for_id(8, OTHER_RECORD),
@@ -471,10 +421,7 @@ mod tests {
             matches!(&err, DecodeError::IncompatibleSchema(id, why) if id == "id 8" && why.starts_with("not a valid Avro schema")),
             "{err:?}"
         );
-        assert_eq!(
-            registry.plan_for_id(8).unwrap_err(),
-            DecodeError::UnknownSchemaId(8)
-        );
+        assert_eq!(registry.plan_for_id(8).unwrap_err(), DecodeError::UnknownSchemaId(8));
     }
 
     #[test]
@@ -494,16 +441,9 @@ mod tests {
         })
         .unwrap();
         assert!(registry.plan_for_id(17).is_ok());
-        assert!(
-            registry
-                .plan_for_fingerprint(fingerprint_of(EVOLVED))
-                .is_ok()
-        );
+        assert!(registry.plan_for_fingerprint(fingerprint_of(EVOLVED)).is_ok());
         assert_eq!(
-            registry
-                .plan_for_fingerprint(fingerprint_of(OTHER_RECORD))
-                .unwrap_err()
-                .code(),
+            registry.plan_for_fingerprint(fingerprint_of(OTHER_RECORD)).unwrap_err().code(),
             "unknown_schema_fingerprint"
         );
     }
@@ -513,11 +453,7 @@ mod tests {
         // Tests run in the crate root, whose schemas/ also holds other
         // record types; those must not stop the start-up.
         let registry = SchemaRegistry::from_config(&RegistryConfig::default()).unwrap();
-        assert!(
-            registry
-                .plan_for_fingerprint(auth_event_fingerprint())
-                .is_ok()
-        );
+        assert!(registry.plan_for_fingerprint(auth_event_fingerprint()).is_ok());
     }
 
     fn config_error(config: RegistryConfig) -> String {
@@ -546,58 +482,22 @@ mod tests {
         );
         assert!(config_error(local("4294967296", &alert)).contains("key \"4294967296\""));
         let err = config_error(local("1", &missing));
-        assert!(
-            err.starts_with(&format!("cannot read schema file {}: ", missing.display())),
-            "{err}"
-        );
+        assert!(err.starts_with(&format!("cannot read schema file {}: ", missing.display())), "{err}");
         let err = config_error(local("1", &broken));
-        assert!(
-            err.starts_with(&format!(
-                "schema file {}: not a valid Avro schema",
-                broken.display()
-            )),
-            "{err}"
-        );
+        assert!(err.starts_with(&format!("schema file {}: not a valid Avro schema", broken.display())), "{err}");
         let err = config_error(local("1", &alert));
-        assert!(
-            err.contains("alert.avsc: Avro schema Alert cannot be read as an auth event"),
-            "{err}"
-        );
+        assert!(err.contains("alert.avsc: Avro schema Alert cannot be read as an auth event"), "{err}");
 
-        let err = config_error(RegistryConfig {
-            schema_dirs: vec![dir.path().join("nope")],
-            ..offline()
-        });
+        let err = config_error(RegistryConfig { schema_dirs: vec![dir.path().join("nope")], ..offline() });
         assert!(err.starts_with("`schema_dirs` entry "), "{err}");
-        let err = config_error(RegistryConfig {
-            schema_dirs: vec![dir.path().to_owned()],
-            ..offline()
-        });
-        assert!(
-            err.contains("broken.avsc: not a valid Avro schema"),
-            "{err}"
-        );
+        let err = config_error(RegistryConfig { schema_dirs: vec![dir.path().to_owned()], ..offline() });
+        assert!(err.contains("broken.avsc: not a valid Avro schema"), "{err}");
 
-        let err = config_error(RegistryConfig {
-            url: Some("ftp://registry".into()),
-            ..offline()
-        });
+        let err = config_error(RegistryConfig { url: Some("ftp://registry".into()), ..offline() });
+        assert_eq!(err, "schema registry `url` \"ftp://registry\" is not an http(s) URL: unsupported scheme \"ftp\"");
+        assert!(config_error(RegistryConfig { url: Some("registry:8081".into()), ..offline() }).contains("`url`"));
         assert_eq!(
-            err,
-            "schema registry `url` \"ftp://registry\" is not an http(s) URL: unsupported scheme \"ftp\""
-        );
-        assert!(
-            config_error(RegistryConfig {
-                url: Some("registry:8081".into()),
-                ..offline()
-            })
-            .contains("`url`")
-        );
-        assert_eq!(
-            config_error(RegistryConfig {
-                basic_auth_password: Some("pw".into()),
-                ..offline()
-            }),
+            config_error(RegistryConfig { basic_auth_password: Some("pw".into()), ..offline() }),
             "schema registry `basic_auth_password` is set without `basic_auth_user`"
         );
     }
@@ -613,15 +513,9 @@ mod tests {
         assert_eq!(config.local_schemas["7"], PathBuf::from("x.avsc"));
         assert_eq!(config.schema_dirs, vec![PathBuf::from("schemas")]);
         let debug = format!("{config:?}");
-        assert!(
-            !debug.contains("hunter2") && debug.contains("<redacted>"),
-            "{debug}"
-        );
+        assert!(!debug.contains("hunter2") && debug.contains("<redacted>"), "{debug}");
         assert!(serde_json::from_str::<RegistryConfig>(r#"{"uri": "x"}"#).is_err());
-        assert_eq!(
-            serde_json::to_value(RegistryConfig::default()).unwrap()["timeout"],
-            "5s"
-        );
+        assert_eq!(serde_json::to_value(RegistryConfig::default()).unwrap()["timeout"], "5s");
     }
 
     /// A fake Confluent registry on 127.0.0.1, run by its own tokio runtime
@@ -674,15 +568,10 @@ mod tests {
             let hits = Arc::new(Mutex::new(HashMap::new()));
             let state = hits.clone();
             std::thread::spawn(move || {
-                let runtime = tokio::runtime::Builder::new_current_thread()
-                    .enable_all()
-                    .build()
-                    .unwrap();
+                let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
                 runtime.block_on(async move {
                     let listener = tokio::net::TcpListener::from_std(listener).unwrap();
-                    let app = Router::new()
-                        .route("/sr/schemas/ids/{id}", get(schema))
-                        .with_state(state);
+                    let app = Router::new().route("/sr/schemas/ids/{id}", get(schema)).with_state(state);
                     axum::serve(listener, app).await.unwrap();
                 });
             });
@@ -738,10 +627,7 @@ mod tests {
             assert!(err.is_transient(), "{err:?}");
             assert_eq!(
                 err.to_string(),
-                format!(
-                    "schema registry unavailable: GET {}schemas/ids/3: HTTP 500 Internal Server Error",
-                    server.url
-                )
+                format!("schema registry unavailable: GET {}schemas/ids/3: HTTP 500 Internal Server Error", server.url)
             );
         }
         assert_eq!(server.hits(3), 2);
@@ -753,10 +639,7 @@ mod tests {
         let registry = server.client();
         assert_eq!(
             registry.plan_for_id(4).unwrap_err(),
-            DecodeError::IncompatibleSchema(
-                "id 4".into(),
-                "the registry holds a PROTOBUF schema, not Avro".into()
-            )
+            DecodeError::IncompatibleSchema("id 4".into(), "the registry holds a PROTOBUF schema, not Avro".into())
         );
         for _ in 0..2 {
             assert_eq!(
@@ -774,10 +657,7 @@ mod tests {
     fn http_basic_auth() {
         let server = FakeRegistry::start();
         let err = server.client().plan_for_id(6).unwrap_err();
-        assert!(
-            err.is_transient() && err.to_string().ends_with("HTTP 401 Unauthorized"),
-            "{err}"
-        );
+        assert!(err.is_transient() && err.to_string().ends_with("HTTP 401 Unauthorized"), "{err}");
 
         let registry = SchemaRegistry::from_config(&RegistryConfig {
             url: Some(server.url.clone()),
@@ -796,26 +676,15 @@ mod tests {
         let started = Instant::now();
         let err = registry.plan_for_id(7).unwrap_err();
         assert!(err.is_transient(), "{err:?}");
-        assert!(
-            started.elapsed() < Duration::from_secs(2),
-            "{:?}",
-            started.elapsed()
-        );
+        assert!(started.elapsed() < Duration::from_secs(2), "{:?}", started.elapsed());
 
         let err = registry.plan_for_id(8).unwrap_err();
-        assert!(
-            err.is_transient() && err.to_string().contains("unreadable response"),
-            "{err}"
-        );
+        assert!(err.is_transient() && err.to_string().contains("unreadable response"), "{err}");
 
         let closed = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
         let url = format!("http://{}", closed.local_addr().unwrap());
         drop(closed);
-        let registry = SchemaRegistry::from_config(&RegistryConfig {
-            url: Some(url),
-            ..offline()
-        })
-        .unwrap();
+        let registry = SchemaRegistry::from_config(&RegistryConfig { url: Some(url), ..offline() }).unwrap();
         let err = registry.plan_for_id(1).unwrap_err();
         assert_eq!(err.code(), "registry_unavailable");
         assert!(err.to_string().to_lowercase().contains("refused"), "{err}");

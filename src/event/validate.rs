@@ -56,23 +56,13 @@ pub enum Violation {
     #[error("occurred_at is not an RFC 3339 timestamp")]
     InvalidTimestamp,
     #[error("occurred_at {} is before the earliest accepted time {}", rfc3339(*.occurred_at), rfc3339(*.min))]
-    TimestampTooOld {
-        occurred_at: EpochMicros,
-        min: EpochMicros,
-    },
+    TimestampTooOld { occurred_at: EpochMicros, min: EpochMicros },
     #[error("occurred_at {} is after the latest accepted time {}", rfc3339(*.occurred_at), rfc3339(*.max))]
-    TimestampInFuture {
-        occurred_at: EpochMicros,
-        max: EpochMicros,
-    },
+    TimestampInFuture { occurred_at: EpochMicros, max: EpochMicros },
     #[error("ip_address is not a valid IPv4 or IPv6 address")]
     InvalidIp,
     #[error("{field} is {len} bytes long, the limit is {limit}")]
-    FieldTooLong {
-        field: &'static str,
-        len: usize,
-        limit: usize,
-    },
+    FieldTooLong { field: &'static str, len: usize, limit: usize },
     #[error("{0} contains a NUL character")]
     NulByte(&'static str),
     #[error("metadata has {count} entries, the limit is {limit}")]
@@ -113,11 +103,7 @@ fn rfc3339(micros: EpochMicros) -> String {
 }
 
 /// Checks `event` against `limits`; `now` is the consumer's clock.
-pub fn validate(
-    event: &AuthEvent,
-    limits: &ValidationLimits,
-    now: EpochMicros,
-) -> Result<(), Violation> {
+pub fn validate(event: &AuthEvent, limits: &ValidationLimits, now: EpochMicros) -> Result<(), Violation> {
     check_action(&event.action, limits)?;
 
     let optional_text = [
@@ -135,18 +121,12 @@ pub fn validate(
 
     let min = limits.min_occurred_at.timestamp_micros();
     if event.occurred_at < min {
-        return Err(Violation::TimestampTooOld {
-            occurred_at: event.occurred_at,
-            min,
-        });
+        return Err(Violation::TimestampTooOld { occurred_at: event.occurred_at, min });
     }
     let max_future = i64::try_from(limits.max_future.as_micros()).unwrap_or(i64::MAX);
     let max = now.saturating_add(max_future);
     if event.occurred_at > max {
-        return Err(Violation::TimestampInFuture {
-            occurred_at: event.occurred_at,
-            max,
-        });
+        return Err(Violation::TimestampInFuture { occurred_at: event.occurred_at, max });
     }
 
     check_metadata(&event.metadata, limits)
@@ -157,11 +137,7 @@ fn check_action(action: &str, limits: &ValidationLimits) -> Result<(), Violation
         return Err(Violation::EmptyAction);
     }
     if action.len() > limits.max_text_bytes {
-        return Err(Violation::FieldTooLong {
-            field: "action",
-            len: action.len(),
-            limit: limits.max_text_bytes,
-        });
+        return Err(Violation::FieldTooLong { field: "action", len: action.len(), limit: limits.max_text_bytes });
     }
     let allowed = |b: u8| b.is_ascii_alphanumeric() || matches!(b, b'_' | b'.' | b'-' | b':');
     if !action.bytes().all(allowed) {
@@ -172,11 +148,7 @@ fn check_action(action: &str, limits: &ValidationLimits) -> Result<(), Violation
 
 fn check_text(field: &'static str, value: &str, limit: usize) -> Result<(), Violation> {
     if value.len() > limit {
-        return Err(Violation::FieldTooLong {
-            field,
-            len: value.len(),
-            limit,
-        });
+        return Err(Violation::FieldTooLong { field, len: value.len(), limit });
     }
     check_no_nul(field, value)
 }
@@ -190,22 +162,13 @@ fn check_no_nul(field: &'static str, value: &str) -> Result<(), Violation> {
     Ok(())
 }
 
-fn check_metadata(
-    metadata: &[(String, String)],
-    limits: &ValidationLimits,
-) -> Result<(), Violation> {
+fn check_metadata(metadata: &[(String, String)], limits: &ValidationLimits) -> Result<(), Violation> {
     if metadata.len() > limits.max_metadata_entries {
-        return Err(Violation::TooManyMetadataEntries {
-            count: metadata.len(),
-            limit: limits.max_metadata_entries,
-        });
+        return Err(Violation::TooManyMetadataEntries { count: metadata.len(), limit: limits.max_metadata_entries });
     }
     let bytes: usize = metadata.iter().map(|(k, v)| k.len() + v.len()).sum();
     if bytes > limits.max_metadata_bytes {
-        return Err(Violation::MetadataTooLarge {
-            bytes,
-            limit: limits.max_metadata_bytes,
-        });
+        return Err(Violation::MetadataTooLarge { bytes, limit: limits.max_metadata_bytes });
     }
     for (key, value) in metadata {
         check_no_nul("metadata", key)?;
@@ -257,14 +220,7 @@ mod tests {
         e.action = "SECURITY:mfa.reset-2".to_owned();
         assert_eq!(check(&e), Ok(()));
         e.action = "A".repeat(1025);
-        assert_eq!(
-            check(&e),
-            Err(Violation::FieldTooLong {
-                field: "action",
-                len: 1025,
-                limit: 1024
-            })
-        );
+        assert_eq!(check(&e), Err(Violation::FieldTooLong { field: "action", len: 1025, limit: 1024 }));
     }
 
     #[test]
@@ -274,14 +230,7 @@ mod tests {
         assert_eq!(check(&e), Ok(()));
         e.user_agent = Some("x".repeat(1025));
         let err = check(&e).unwrap_err();
-        assert_eq!(
-            err,
-            Violation::FieldTooLong {
-                field: "user_agent",
-                len: 1025,
-                limit: 1024
-            }
-        );
+        assert_eq!(err, Violation::FieldTooLong { field: "user_agent", len: 1025, limit: 1024 });
         assert_eq!(err.code(), "field_too_long");
 
         let mut e = event();
@@ -301,24 +250,12 @@ mod tests {
 
         e.metadata = (0..65).map(|i| (format!("k{i}"), String::new())).collect();
         let err = check(&e).unwrap_err();
-        assert_eq!(
-            err,
-            Violation::TooManyMetadataEntries {
-                count: 65,
-                limit: 64
-            }
-        );
+        assert_eq!(err, Violation::TooManyMetadataEntries { count: 65, limit: 64 });
         assert_eq!(err.code(), "too_many_metadata_entries");
 
         e.metadata = vec![("k".to_owned(), "v".repeat(16 * 1024))];
         let err = check(&e).unwrap_err();
-        assert_eq!(
-            err,
-            Violation::MetadataTooLarge {
-                bytes: 16 * 1024 + 1,
-                limit: 16 * 1024
-            }
-        );
+        assert_eq!(err, Violation::MetadataTooLarge { bytes: 16 * 1024 + 1, limit: 16 * 1024 });
         assert_eq!(err.code(), "metadata_too_large");
     }
 
@@ -327,10 +264,7 @@ mod tests {
         let limits = ValidationLimits::default();
         let mut e = event();
 
-        e.occurred_at = Utc
-            .with_ymd_and_hms(1999, 12, 31, 23, 59, 59)
-            .unwrap()
-            .timestamp_micros();
+        e.occurred_at = Utc.with_ymd_and_hms(1999, 12, 31, 23, 59, 59).unwrap().timestamp_micros();
         let err = check(&e).unwrap_err();
         assert_eq!(err.code(), "timestamp_too_old");
         assert_eq!(
@@ -346,10 +280,7 @@ mod tests {
         e.occurred_at = NOW + five_minutes + 1;
         assert_eq!(
             check(&e),
-            Err(Violation::TimestampInFuture {
-                occurred_at: NOW + five_minutes + 1,
-                max: NOW + five_minutes
-            })
+            Err(Violation::TimestampInFuture { occurred_at: NOW + five_minutes + 1, max: NOW + five_minutes })
         );
         e.occurred_at = i64::MAX;
         assert_eq!(check(&e).unwrap_err().code(), "timestamp_in_future");
@@ -363,10 +294,7 @@ mod tests {
         .unwrap();
         assert_eq!(limits.max_text_bytes, 10);
         assert_eq!(limits.max_future, Duration::from_secs(90));
-        assert_eq!(
-            limits.min_occurred_at,
-            Utc.with_ymd_and_hms(2019, 12, 31, 22, 0, 0).unwrap()
-        );
+        assert_eq!(limits.min_occurred_at, Utc.with_ymd_and_hms(2019, 12, 31, 22, 0, 0).unwrap());
         assert_eq!(limits.max_message_bytes, 262_144);
 
         let json = serde_json::to_value(ValidationLimits::default()).unwrap();
@@ -374,9 +302,6 @@ mod tests {
         assert_eq!(json["min_occurred_at"], "2000-01-01T00:00:00Z");
 
         let err = serde_json::from_str::<ValidationLimits>(r#"{"max_txt_bytes": 1}"#).unwrap_err();
-        assert!(
-            err.to_string().contains("unknown field `max_txt_bytes`"),
-            "{err}"
-        );
+        assert!(err.to_string().contains("unknown field `max_txt_bytes`"), "{err}");
     }
 }

@@ -138,7 +138,14 @@ pub struct BatchBuilder {
 
 impl BatchBuilder {
     pub fn new(max_rows: usize, max_age: Duration) -> Self {
-        BatchBuilder { max_rows, max_age, next_seq: 1, current: None, seen: HashSet::new(), last_offset: BTreeMap::new() }
+        BatchBuilder {
+            max_rows,
+            max_age,
+            next_seq: 1,
+            current: None,
+            seen: HashSet::new(),
+            last_offset: BTreeMap::new(),
+        }
     }
 
     fn open(&mut self) -> &mut Batch {
@@ -157,7 +164,13 @@ impl BatchBuilder {
     }
 
     /// Adds a message that decoded to `event`.
-    pub fn push_event(&mut self, msg: SourceMessage<'_>, event: AuthEvent, encoding: Encoding, received_at: EpochMicros) {
+    pub fn push_event(
+        &mut self,
+        msg: SourceMessage<'_>,
+        event: AuthEvent,
+        encoding: Encoding,
+        received_at: EpochMicros,
+    ) {
         self.last_offset.insert(msg.partition, msg.offset);
         let fresh = self.seen.insert(event.event_id);
         let batch = self.open();
@@ -290,13 +303,21 @@ mod tests {
     }
 
     fn msg(partition: i32, offset: i64, payload: &[u8]) -> SourceMessage<'_> {
-        SourceMessage { partition, offset, timestamp: Some(1), key: Some(b"k"), payload: Some(payload), headers: vec![] }
+        SourceMessage {
+            partition,
+            offset,
+            timestamp: Some(1),
+            key: Some(b"k"),
+            payload: Some(payload),
+            headers: vec![],
+        }
     }
 
     #[test]
     fn take_advances_positions_and_drops_in_batch_duplicates() {
         let mut b = BatchBuilder::new(10, Duration::from_secs(1));
-        let mut pos = HashMap::from([(0, Position { epoch: 1, expected: None }), (1, Position { epoch: 1, expected: Some(40) })]);
+        let mut pos =
+            HashMap::from([(0, Position { epoch: 1, expected: None }), (1, Position { epoch: 1, expected: Some(40) })]);
         b.push_event(msg(0, 5, b"a"), event(1), Encoding::Json, 0);
         b.push_event(msg(1, 40, b"b"), event(2), Encoding::Json, 0);
         b.push_event(msg(0, 6, b"a"), event(1), Encoding::Json, 0);

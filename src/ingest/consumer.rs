@@ -209,7 +209,8 @@ impl IngestContext {
         self.status.set_assigned(Vec::new());
         // Another instance reports these partitions' lag now.
         for p in self.status.snapshot().lag.keys() {
-            metrics::gauge!("audit_consumer_lag_messages", "topic" => self.topic.clone(), "partition" => p.to_string()).set(0.0);
+            metrics::gauge!("audit_consumer_lag_messages", "topic" => self.topic.clone(), "partition" => p.to_string())
+                .set(0.0);
         }
         self.status.set_lag(BTreeMap::new());
     }
@@ -344,7 +345,13 @@ pub fn run_loop(
                 (false, None) => {}
             }
             let now = Instant::now();
-            state.lanes.iter().filter_map(|l| l.builder.time_until_due(now)).min().unwrap_or(MAX_POLL_WAIT).min(MAX_POLL_WAIT)
+            state
+                .lanes
+                .iter()
+                .filter_map(|l| l.builder.time_until_due(now))
+                .min()
+                .unwrap_or(MAX_POLL_WAIT)
+                .min(MAX_POLL_WAIT)
         };
         if paused_generation.is_some() && last_lag_probe.elapsed() >= LAG_PROBE_INTERVAL {
             probe_lag(&consumer);
@@ -413,9 +420,9 @@ fn offer_waiting(ctx: &IngestContext, lane: &mut Lane) -> bool {
                 // goes on into librdkafka's own bounded queue meanwhile; a
                 // pause (which drops that prefetch and costs a refetch) only
                 // pays off when the writer is stuck for longer.
-                let permit = ctx.runtime.block_on(async {
-                    tokio::time::timeout(BRIEF_BACKPRESSURE_WAIT, lane.commands.reserve()).await
-                });
+                let permit = ctx
+                    .runtime
+                    .block_on(async { tokio::time::timeout(BRIEF_BACKPRESSURE_WAIT, lane.commands.reserve()).await });
                 match permit {
                     Ok(Ok(permit)) => permit.send(WriterCommand::Batch(batch)),
                     Ok(Err(_closed)) => return false,

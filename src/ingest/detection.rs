@@ -69,10 +69,13 @@ impl Detection {
             return Vec::new();
         }
         let publisher = &mut self.publisher;
-        self.scratch.drain(..).map(|t| {
-            let sent = publisher.offer(&t);
-            (t, sent)
-        }).collect()
+        self.scratch
+            .drain(..)
+            .map(|t| {
+                let sent = publisher.offer(&t);
+                (t, sent)
+            })
+            .collect()
     }
 
     /// Rebuilds state for partitions not seen before: the open alerts (once)
@@ -95,7 +98,11 @@ impl Detection {
                         key_hash: r.get::<_, i64>(3) as u64,
                         subject: r.get(4),
                         state: AlertState::parse(r.get(5))?,
-                        severity: if r.get::<_, &str>(6) == "critical" { Severity::Critical } else { Severity::Warning },
+                        severity: if r.get::<_, &str>(6) == "critical" {
+                            Severity::Critical
+                        } else {
+                            Severity::Warning
+                        },
                         episode_start: r.get::<_, chrono::DateTime<chrono::Utc>>(7).timestamp_micros(),
                         last_event_at: r.get::<_, chrono::DateTime<chrono::Utc>>(8).timestamp_micros(),
                     })
@@ -110,7 +117,10 @@ impl Detection {
         let (exact, prefixes) = self.detector.relevant_actions();
         let started = Instant::now();
         let rows = client
-            .query_raw(queries::REBUILD_EVENTS, [&since as &(dyn tokio_postgres::types::ToSql + Sync), &fresh, &exact, &prefixes])
+            .query_raw(
+                queries::REBUILD_EVENTS,
+                [&since as &(dyn tokio_postgres::types::ToSql + Sync), &fresh, &exact, &prefixes],
+            )
             .await
             .map_err(|e| e.to_string())?;
         pin_mut!(rows);

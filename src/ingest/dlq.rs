@@ -38,7 +38,13 @@ pub struct DeadLetterProducer {
 impl DeadLetterProducer {
     /// Payloads longer than `max_payload` are cut to it (and marked), so that
     /// an oversized message cannot block its partition on a DLQ that refuses it.
-    pub fn new(producer: FutureProducer, topic: String, source_topic: String, timeout: Duration, max_payload: usize) -> Self {
+    pub fn new(
+        producer: FutureProducer,
+        topic: String,
+        source_topic: String,
+        timeout: Duration,
+        max_payload: usize,
+    ) -> Self {
         DeadLetterProducer { producer, topic, source_topic, timeout, max_payload }
     }
 
@@ -86,10 +92,6 @@ impl DeadLetterProducer {
         if let Some(key) = &letter.key {
             record = record.key(key.as_slice());
         }
-        self.producer
-            .send(record, Timeout::After(self.timeout))
-            .await
-            .map(|_| ())
-            .map_err(|(e, _)| e)
+        self.producer.send(record, Timeout::After(self.timeout)).await.map(|_| ()).map_err(|(e, _)| e)
     }
 }

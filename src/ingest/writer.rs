@@ -13,10 +13,10 @@ use tokio::sync::mpsc;
 use tracing::{Instrument, debug, info_span, warn};
 
 use super::batch::Batch;
-use crate::activity::hll::ActiveUsers;
-use crate::activity::{ACTION_LABELS, ActivityConfig, action_label_index};
 use super::dlq::DeadLetterProducer;
 use super::status::IngestStatus;
+use crate::activity::hll::ActiveUsers;
+use crate::activity::{ACTION_LABELS, ActivityConfig, action_label_index};
 use crate::store::copy_format::RowRef;
 use crate::store::writer::{self, DeadLetterRecord, InsertMethod, OffsetAdvance, WriteError, WriteResult, WriteSet};
 
@@ -177,7 +177,12 @@ impl BatchWriter {
             rows: batch
                 .rows
                 .iter()
-                .map(|r| RowRef { event: &r.event, received_at: r.received_at, partition: r.partition, offset: r.offset })
+                .map(|r| RowRef {
+                    event: &r.event,
+                    received_at: r.received_at,
+                    partition: r.partition,
+                    offset: r.offset,
+                })
                 .collect(),
             dead: batch
                 .dead
@@ -221,7 +226,12 @@ impl BatchWriter {
         if self.settings.activity.is_some() {
             self.record_activity_metrics(batch);
         }
-        debug!(inserted = result.inserted, duplicates = result.duplicates, ms = elapsed.as_millis() as u64, "batch committed");
+        debug!(
+            inserted = result.inserted,
+            duplicates = result.duplicates,
+            ms = elapsed.as_millis() as u64,
+            "batch committed"
+        );
         let offsets = batch.progress.iter().map(|p| (p.partition, p.next_offset)).collect();
         let _ = self.events.send(WriterEvent::Committed(offsets));
     }

@@ -47,9 +47,8 @@ impl EmbeddedKafka {
             return Err(EmbeddedError::Create("rd_kafka_mock_cluster_new returned null".into()));
         }
         // SAFETY: cluster is valid; the returned string lives as long as it.
-        let bootstrap = unsafe { CStr::from_ptr(sys::rd_kafka_mock_cluster_bootstraps(cluster)) }
-            .to_string_lossy()
-            .into_owned();
+        let bootstrap =
+            unsafe { CStr::from_ptr(sys::rd_kafka_mock_cluster_bootstraps(cluster)) }.to_string_lossy().into_owned();
         let kafka = EmbeddedKafka { cluster, bootstrap, _client: client };
         // SAFETY: cluster is valid.
         unsafe { sys::rd_kafka_mock_group_initial_rebalance_delay_ms(kafka.cluster, 0) };

@@ -9,7 +9,11 @@ use crate::config::KafkaConfig;
 
 /// Settings every client gets: brokers, client id, the pass-through
 /// properties (security, SASL, SSL, ...).
-fn base(cfg: &KafkaConfig, defaults: &[(&str, &str)], specific: &std::collections::BTreeMap<String, String>) -> ClientConfig {
+fn base(
+    cfg: &KafkaConfig,
+    defaults: &[(&str, &str)],
+    specific: &std::collections::BTreeMap<String, String>,
+) -> ClientConfig {
     let mut c = ClientConfig::new();
     c.set("client.id", &cfg.client_id);
     // Defaults of ours that an operator may override...

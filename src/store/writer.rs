@@ -12,9 +12,9 @@ use tokio_postgres::{Client, Transaction};
 use uuid::Uuid;
 
 use super::copy_format::{CopyEncoder, RowRef};
+use super::{is_data_error, is_unique_violation, queries};
 use crate::activity::{ActivityConfig, ActivityDeltas};
 use crate::detect::Transition;
-use super::{is_data_error, is_unique_violation, queries};
 
 /// How rows get into audit_logs. Chosen by measurement; see BENCHMARKS.md.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
@@ -159,7 +159,8 @@ async fn insert_rows(
     match attempt {
         Some(ids) => {
             let inserted = ids.len() as u64;
-            let result = WriteResult { inserted, duplicates: rows.len() as u64 - inserted, staged: true, activity_deltas: 0 };
+            let result =
+                WriteResult { inserted, duplicates: rows.len() as u64 - inserted, staged: true, activity_deltas: 0 };
             Ok((result, Inserted::Only(ids)))
         }
         None => Err(WriteError::Rejected(find_rejected(tx, rows).await?)),
@@ -179,7 +180,10 @@ async fn dedup_insert(
 
 /// Bisects the batch under savepoints to name the rows PostgreSQL refuses.
 /// Everything it inserts is rolled back; the caller retries without them.
-async fn find_rejected(tx: &mut Transaction<'_>, rows: &[RowRef<'_>]) -> Result<Vec<(usize, String)>, tokio_postgres::Error> {
+async fn find_rejected(
+    tx: &mut Transaction<'_>,
+    rows: &[RowRef<'_>],
+) -> Result<Vec<(usize, String)>, tokio_postgres::Error> {
     let mut rejected = Vec::new();
     let mut pending: Vec<std::ops::Range<usize>> = Vec::new();
     pending.push(0..rows.len());
@@ -273,8 +277,19 @@ async fn insert_unnest(tx: &Transaction<'_>, rows: &[&RowRef<'_>]) -> Result<Has
         .query(
             queries::INSERT_UNNEST,
             &[
-                &event_id, &created_at, &received_at, &action, &user_id, &username, &ip, &user_agent, &session_id,
-                &request_id, &metadata, &partition, &offset,
+                &event_id,
+                &created_at,
+                &received_at,
+                &action,
+                &user_id,
+                &username,
+                &ip,
+                &user_agent,
+                &session_id,
+                &request_id,
+                &metadata,
+                &partition,
+                &offset,
             ],
         )
         .await?;
@@ -290,8 +305,7 @@ async fn record_dead_letters(tx: &Transaction<'_>, set: &WriteSet<'_>) -> Result
     let codes: Vec<&str> = set.dead.iter().map(|d| d.reason_code).collect();
     let reasons: Vec<&str> = set.dead.iter().map(|d| d.reason).collect();
     let sizes: Vec<i32> = set.dead.iter().map(|d| d.payload_bytes).collect();
-    tx.execute(queries::INSERT_DEAD_LETTERS, &[&set.topic, &partitions, &offsets, &codes, &reasons, &sizes])
-        .await?;
+    tx.execute(queries::INSERT_DEAD_LETTERS, &[&set.topic, &partitions, &offsets, &codes, &reasons, &sizes]).await?;
     Ok(())
 }
 
@@ -313,8 +327,10 @@ pub async fn record_alerts(tx: &Transaction<'_>, alerts: &[(&Transition, bool)])
     let thresholds: Vec<i64> = alerts.iter().map(|(a, _)| i64::from(a.threshold)).collect();
     let windows: Vec<i64> = alerts.iter().map(|(a, _)| a.window_seconds as i64).collect();
     let starts: Vec<chrono::DateTime<chrono::Utc>> = alerts.iter().map(|(a, _)| ts(a.episode_start)).collect();
-    let firsts: Vec<Option<chrono::DateTime<chrono::Utc>>> = alerts.iter().map(|(a, _)| a.first_event_at.map(ts)).collect();
-    let lasts: Vec<Option<chrono::DateTime<chrono::Utc>>> = alerts.iter().map(|(a, _)| a.last_event_at.map(ts)).collect();
+    let firsts: Vec<Option<chrono::DateTime<chrono::Utc>>> =
+        alerts.iter().map(|(a, _)| a.first_event_at.map(ts)).collect();
+    let lasts: Vec<Option<chrono::DateTime<chrono::Utc>>> =
+        alerts.iter().map(|(a, _)| a.last_event_at.map(ts)).collect();
     // uuid[] per row cannot go through unnest (arrays must be rectangular):
     // each row's samples travel as one comma-separated text.
     let samples: Vec<String> = alerts
@@ -327,8 +343,23 @@ pub async fn record_alerts(tx: &Transaction<'_>, alerts: &[(&Transition, bool)])
     tx.execute(
         queries::INSERT_ALERTS,
         &[
-            &ids, &rules, &subjects, &key_specs, &key_hashes, &states, &severities, &counts, &thresholds, &windows,
-            &starts, &firsts, &lasts, &samples, &actions, &detected, &published,
+            &ids,
+            &rules,
+            &subjects,
+            &key_specs,
+            &key_hashes,
+            &states,
+            &severities,
+            &counts,
+            &thresholds,
+            &windows,
+            &starts,
+            &firsts,
+            &lasts,
+            &samples,
+            &actions,
+            &detected,
+            &published,
         ],
     )
     .await?;

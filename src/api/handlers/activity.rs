@@ -75,7 +75,11 @@ pub async fn user(
     let now = Utc::now();
     let since = now - TimeDelta::days(days as i64);
     let hour_floor = |t: DateTime<Utc>| t.duration_trunc(TimeDelta::hours(1)).unwrap_or(t);
-    let windows = [hour_floor(now - TimeDelta::days(1)), hour_floor(now - TimeDelta::days(7)), hour_floor(now - TimeDelta::days(30))];
+    let windows = [
+        hour_floor(now - TimeDelta::days(1)),
+        hour_floor(now - TimeDelta::days(7)),
+        hour_floor(now - TimeDelta::days(30)),
+    ];
     let detect = &ctx.config.detect;
     let mut conn = db::connection(&ctx).await?;
     let tx = db::read_only(&mut conn, ctx.config.api.statement_timeout).await?;

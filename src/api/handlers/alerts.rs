@@ -86,12 +86,17 @@ fn one_of(name: &str, value: Option<&str>, allowed: &[&str]) -> Result<Option<St
     }
 }
 
-pub async fn list(State(ctx): State<Ctx>, ApiQuery(p): ApiQuery<AlertParams>) -> Result<Json<Page<AlertRow>>, ApiError> {
+pub async fn list(
+    State(ctx): State<Ctx>,
+    ApiQuery(p): ApiQuery<AlertParams>,
+) -> Result<Json<Page<AlertRow>>, ApiError> {
     let limit = params::limit(p.limit, 100, MAX_LIMIT)?;
     let after = match p.cursor.as_deref() {
         Some(text) => {
             let (at, id) = cursor::decode(CURSOR_KIND, text)?;
-            let id = id.parse::<i64>().map_err(|_| ApiError::bad_request("invalid_cursor", "cursor is not one returned by this endpoint"))?;
+            let id = id
+                .parse::<i64>()
+                .map_err(|_| ApiError::bad_request("invalid_cursor", "cursor is not one returned by this endpoint"))?;
             Some((at, id))
         }
         None => None,

@@ -92,7 +92,13 @@ pub struct StorageHealth {
 fn pool_use(pool: &Pool) -> PoolUse {
     let s = pool.status();
     let in_use = s.size.saturating_sub(s.available);
-    PoolUse { max: s.max_size, open: s.size, in_use, waiting: s.waiting, utilization: in_use as f64 / s.max_size.max(1) as f64 }
+    PoolUse {
+        max: s.max_size,
+        open: s.size,
+        in_use,
+        waiting: s.waiting,
+        utilization: in_use as f64 / s.max_size.max(1) as f64,
+    }
 }
 
 fn unix(seconds: Option<i64>) -> Option<DateTime<Utc>> {
@@ -107,7 +113,12 @@ pub async fn health(State(ctx): State<Ctx>) -> Result<Response, ApiError> {
     let started = Instant::now();
     let (database, storage) = match storage(&ctx, now).await {
         Ok(storage) => (
-            DatabaseHealth { reachable: true, latency_ms: Some(started.elapsed().as_secs_f64() * 1000.0), error: None, pools },
+            DatabaseHealth {
+                reachable: true,
+                latency_ms: Some(started.elapsed().as_secs_f64() * 1000.0),
+                error: None,
+                pools,
+            },
             Some(storage),
         ),
         Err(e) => {
@@ -160,7 +171,9 @@ fn assess(
         problems.push(format!("the database checks did not run: {error}"));
     }
     if s.maintenance_paused {
-        problems.push("ingest is paused for maintenance (POST /api/v1/audit/maintenance {\"paused\": false} resumes)".into());
+        problems.push(
+            "ingest is paused for maintenance (POST /api/v1/audit/maintenance {\"paused\": false} resumes)".into(),
+        );
     }
     if s.backpressure_paused {
         problems.push("ingest is paused by backpressure: PostgreSQL is not keeping up".into());
@@ -178,7 +191,11 @@ fn assess(
     }
     for (name, pool) in [("api", &database.pools.api), ("ingest", &database.pools.ingest)] {
         if pool.utilization > api.health_max_pool_utilization {
-            problems.push(format!("{name} pool use {:.0} % is above {:.0} %", pool.utilization * 100.0, api.health_max_pool_utilization * 100.0));
+            problems.push(format!(
+                "{name} pool use {:.0} % is above {:.0} %",
+                pool.utilization * 100.0,
+                api.health_max_pool_utilization * 100.0
+            ));
         }
     }
     let status = if failing {

@@ -114,7 +114,9 @@ pub fn build_search(p: &LogParams) -> Result<LogSearch, ApiError> {
 
 fn decode_cursor(text: &str) -> Result<(DateTime<Utc>, Uuid), ApiError> {
     let (at, id) = cursor::decode(CURSOR_KIND, text)?;
-    let id = id.parse().map_err(|_| ApiError::bad_request("invalid_cursor", "cursor is not one returned by this endpoint"))?;
+    let id = id
+        .parse()
+        .map_err(|_| ApiError::bad_request("invalid_cursor", "cursor is not one returned by this endpoint"))?;
     Ok((at, id))
 }
 

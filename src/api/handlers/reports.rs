@@ -80,7 +80,8 @@ pub async fn security_incidents(
     ApiQuery(p): ApiQuery<IncidentParams>,
 ) -> Result<Json<Page<LogRow>>, ApiError> {
     let limit = params::limit(p.limit, logs::DEFAULT_LIMIT, MAX_LIMIT)?;
-    let since = params::optional_timestamp("since", p.since.as_deref())?.unwrap_or_else(|| Utc::now() - TimeDelta::days(1));
+    let since =
+        params::optional_timestamp("since", p.since.as_deref())?.unwrap_or_else(|| Utc::now() - TimeDelta::days(1));
     let mut search = logs::build_search(&logs::LogParams {
         user_id: None,
         action: None,
@@ -135,7 +136,10 @@ pub struct LastCleanup {
     pub details: Option<serde_json::Value>,
 }
 
-pub async fn retention(State(ctx): State<Ctx>, ApiQuery(p): ApiQuery<RetentionParams>) -> Result<Json<RetentionReport>, ApiError> {
+pub async fn retention(
+    State(ctx): State<Ctx>,
+    ApiQuery(p): ApiQuery<RetentionParams>,
+) -> Result<Json<RetentionReport>, ApiError> {
     let policy = &ctx.config.retention;
     let days = p.retention_days.unwrap_or(policy.days);
     if days == 0 || days > retention::MAX_RETENTION_DAYS {
@@ -169,7 +173,13 @@ pub async fn retention(State(ctx): State<Ctx>, ApiQuery(p): ApiQuery<RetentionPa
         },
         partitions_awaiting_purge: awaiting_purge,
         last_cleanup: last
-            .map(|r| Ok::<_, tokio_postgres::Error>(LastCleanup { at: r.try_get(0)?, by: r.try_get(1)?, details: r.try_get(2)? }))
+            .map(|r| {
+                Ok::<_, tokio_postgres::Error>(LastCleanup {
+                    at: r.try_get(0)?,
+                    by: r.try_get(1)?,
+                    details: r.try_get(2)?,
+                })
+            })
             .transpose()?,
     }))
 }

@@ -71,7 +71,10 @@ pub struct SuspiciousIp {
     pub distinct_usernames: i64,
 }
 
-pub async fn overview(State(ctx): State<Ctx>, ApiQuery(p): ApiQuery<SecurityParams>) -> Result<Json<SecurityOverview>, ApiError> {
+pub async fn overview(
+    State(ctx): State<Ctx>,
+    ApiQuery(p): ApiQuery<SecurityParams>,
+) -> Result<Json<SecurityOverview>, ApiError> {
     let top = params::limit(p.top, 10, 100)?;
     let limit = params::limit(p.limit, 50, 500)?;
     let ip_threshold = match p.ip_threshold {
@@ -97,7 +100,9 @@ pub async fn overview(State(ctx): State<Ctx>, ApiQuery(p): ApiQuery<SecurityPara
         .query(queries::SUSPICIOUS_IPS, &[&hour_ago, &ip_threshold, &limit])
         .await?
         .iter()
-        .map(|r| Ok(SuspiciousIp { ip_address: r.try_get(0)?, failures: r.try_get(1)?, distinct_usernames: r.try_get(2)? }))
+        .map(|r| {
+            Ok(SuspiciousIp { ip_address: r.try_get(0)?, failures: r.try_get(1)?, distinct_usernames: r.try_get(2)? })
+        })
         .collect::<Result<Vec<_>, tokio_postgres::Error>>()?;
     let open_alerts = tx
         .query(queries::OPEN_ALERTS, &[&alerts_since, &limit])
@@ -112,8 +117,12 @@ pub async fn overview(State(ctx): State<Ctx>, ApiQuery(p): ApiQuery<SecurityPara
         ..LogSearch::default()
     }
     .to_sql();
-    let recent_security_events =
-        tx.query(&sql, &param_refs(&search_params)).await?.iter().map(LogRow::from_row).collect::<Result<Vec<_>, _>>()?;
+    let recent_security_events = tx
+        .query(&sql, &param_refs(&search_params))
+        .await?
+        .iter()
+        .map(LogRow::from_row)
+        .collect::<Result<Vec<_>, _>>()?;
     tx.commit().await?;
 
     Ok(Json(SecurityOverview {
