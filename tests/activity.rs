@@ -28,17 +28,41 @@ async fn difference(db: &TestDb, a: &str, b: &str) -> i64 {
     .await
 }
 
-/// The per-user read (`user_sessions`) and the open-session count give what
-/// merging every session (`sessions_v`) gives, for a sample of 50 users.
+/// The per-user reads (`user_sessions`, `user_hourly`) and the open-session
+/// count give what merging everything (`sessions_v`,
+/// `activity_user_hourly_v`) gives, for a sample of 50 users.
 async fn assert_session_reads_agree(db: &TestDb) {
     let users = "SELECT DISTINCT user_id FROM sessions_v WHERE user_id IS NOT NULL ORDER BY 1 LIMIT 50";
     let per_user = format!("SELECT u.user_id, s.* FROM ({users}) u, LATERAL user_sessions(u.user_id) s");
     let merged = format!("SELECT user_id, * FROM sessions_v WHERE user_id IN ({users})");
     assert!(db.count(&format!("SELECT count(*) FROM ({merged}) m")).await > 50);
     assert_eq!(difference(db, &per_user, &merged).await, 0);
+    // The same for a user's hourly counts (`user_hourly`, which skips the
+    // pending batches whose key filter rules the user out).
+    let per_user = format!("SELECT u.user_id, h.* FROM ({users}) u, LATERAL user_hourly(u.user_id) h");
+    let merged = format!("SELECT user_id, hour, action, events FROM activity_user_hourly_v WHERE user_id IN ({users})");
+    assert_eq!(difference(db, &per_user, &merged).await, 0);
     let open = db.count("SELECT count(*) FROM sessions_v WHERE ended_at IS NULL").await;
     assert!(open > 0);
     assert_eq!(db.count("SELECT open_session_count()").await, open);
+}
+
+/// The pending batches' key filters: SQL and Rust agree on a key's bits, and
+/// a user who is nowhere is ruled out by some pending batch.
+async fn assert_key_filters_rule_out(db: &TestDb) {
+    for key in ["", "u1", "s-1999-3", "ünïcødé-user", "a much longer user id than the generator makes"] {
+        let first = db.count(&format!("SELECT (activity_key_bits('{key}'))[1]::bigint")).await;
+        let second = db.count(&format!("SELECT (activity_key_bits('{key}'))[2]::bigint")).await;
+        assert_eq!([first as usize, second as usize], audit_service::activity::key_bits(key), "bits of {key:?}");
+    }
+    let batches = db.count("SELECT count(*) FROM activity_delta_batches WHERE key_filter IS NOT NULL").await;
+    let may_hold = db
+        .count(
+            "SELECT count(*) FROM activity_delta_batches \
+             WHERE activity_batch_may_hold(key_filter, activity_key_bits('no-such-user'))",
+        )
+        .await;
+    assert!(batches > 0 && may_hold < batches, "{may_hold} of {batches} batches may hold an absent user");
 }
 
 const USER_ROLLUP: &str = "SELECT user_id, hour, action, events FROM activity_user_hourly_v";
@@ -337,6 +361,7 @@ fn session_reads_are_exact_over_folded_and_pending_deltas() {
         let ended_by_pending = "SELECT count(*) FROM sessions s JOIN session_deltas d USING (session_id) \
                                 WHERE s.ended_at IS NULL AND d.ended_at IS NOT NULL";
         assert!(db.count(ended_by_pending).await > 0);
+        assert_key_filters_rule_out(&db).await;
         assert_session_reads_agree(&db).await;
         compactor::compact_once(&pool).await.unwrap();
         assert_session_reads_agree(&db).await;

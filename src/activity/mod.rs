@@ -16,6 +16,7 @@ use std::collections::HashMap;
 use std::net::IpAddr;
 use std::time::Duration;
 
+use bytes::BufMut;
 use futures::SinkExt;
 use serde::{Deserialize, Serialize};
 use tokio_postgres::Transaction;
@@ -205,7 +206,7 @@ impl<'a> ActivityDeltas<'a> {
             None => put_null(b),
         };
         let mut s = CopyStream::new();
-        let b = s.row(12);
+        let b = s.row(13);
         put_array(b, OID_TEXT, &rollup, |b, r| put_text(b, r.0));
         put_array(b, OID_TIMESTAMPTZ, &rollup, |b, r| put_timestamptz(b, r.1));
         put_array(b, OID_TEXT, &rollup, |b, r| put_text(b, Some(r.2)));
@@ -218,8 +219,41 @@ impl<'a> ActivityDeltas<'a> {
         put_array(b, OID_TIMESTAMPTZ, &sessions, |b, (_, d)| put_timestamptz(b, d.last_seen_at));
         put_array(b, OID_TIMESTAMPTZ, &sessions, |b, (_, d)| ts(b, &d.ended_at));
         put_array(b, OID_TEXT, &sessions, |b, (_, d)| put_text(b, d.end_reason));
+        let filter = self.key_filter();
+        b.put_i32(filter.len() as i32);
+        b.put_slice(&filter);
         s
     }
+
+    /// The batch's key filter (migrations/0005): a Bloom filter over the
+    /// user ids and session ids it holds, so that a per-user read can skip
+    /// batches.
+    fn key_filter(&self) -> Vec<u8> {
+        let mut filter = vec![0u8; KEY_FILTER_BITS / 8];
+        let users = self.user_hourly.keys().map(|(u, _, _)| *u);
+        let sessions = self.sessions.iter().flat_map(|(id, d)| std::iter::once(*id).chain(d.user_id));
+        for key in users.chain(sessions) {
+            for bit in key_bits(key) {
+                filter[bit >> 3] |= 1 << (bit & 7);
+            }
+        }
+        filter
+    }
+}
+
+/// Bits in a batch's key filter. A batch of 5,000 events holds ~8,500
+/// keys: with two bits per key, ~1.5 % of unrelated batches still match.
+const KEY_FILTER_BITS: usize = 1 << 17;
+
+/// The two filter bits of a key: bits 0-16 and 15-31 of the 32-bit FNV-1a
+/// hash of its bytes; the same as `activity_key_bits()` in migrations/0005.
+pub fn key_bits(key: &str) -> [usize; 2] {
+    let mut h: u32 = 0x811c_9dc5;
+    for &byte in key.as_bytes() {
+        h = (h ^ u32::from(byte)).wrapping_mul(0x0100_0193);
+    }
+    let mask = KEY_FILTER_BITS - 1;
+    [h as usize & mask, (h >> 15) as usize & mask]
 }
 
 async fn copy(tx: &Transaction<'_>, statement: &str, stream: CopyStream) -> Result<u64, tokio_postgres::Error> {
@@ -306,6 +340,20 @@ mod tests {
         assert_eq!(d.user_hourly[&("u1", HOUR, "AUTH_LOGIN")], 1);
         assert_eq!(d.user_hourly[&("u1", 0, "AUTH_LOGOUT")], 1);
         assert!(d.anonymous_hourly.is_empty());
+    }
+
+    #[test]
+    fn key_bits_are_fnv1a_and_every_key_of_a_batch_is_in_its_filter() {
+        // FNV-1a 32 reference values: "a" 0xe40c292c, "foobar" 0xbf9cf968.
+        assert_eq!(key_bits("a"), [0xe40c_292c & 0x1_ffff, (0xe40c_292c >> 15) & 0x1_ffff]);
+        assert_eq!(key_bits("foobar"), [0xbf9c_f968 & 0x1_ffff, (0xbf9c_f968 >> 15) & 0x1_ffff]);
+        let cfg = ActivityConfig::default();
+        let events = [ev("AUTH_LOGIN", "s1", 10), ev("AUTH_LOGOUT", "s2", 20)];
+        let filter = ActivityDeltas::from_events(&cfg, &events).key_filter();
+        let set = |key: &str| key_bits(key).iter().all(|&bit| filter[bit >> 3] & (1 << (bit & 7)) != 0);
+        assert!(set("u1") && set("s1") && set("s2"));
+        assert!(!set("u2"));
+        assert!(filter.iter().map(|b| b.count_ones()).sum::<u32>() <= 6);
     }
 
     #[test]

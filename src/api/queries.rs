@@ -353,8 +353,8 @@ SELECT session_id, started_at, last_seen_at, ended_at, end_reason, host(ip_addre
 /// A user's events per UTC day and action since $2. $1 user.
 pub const USER_ACTIONS_PER_DAY: &str = "
 SELECT date_trunc('day', hour, 'UTC')::date AS day, action, sum(events)::bigint
-  FROM activity_user_hourly_v
- WHERE user_id = $1 AND hour >= $2
+  FROM user_hourly($1)
+ WHERE hour >= $2
  GROUP BY 1, 2
  ORDER BY 1 DESC, 2";
 
@@ -362,7 +362,7 @@ SELECT date_trunc('day', hour, 'UTC')::date AS day, action, sum(events)::bigint
 pub const USER_ACTION_TOTALS: &str = "
 SELECT since, coalesce(sum(events) FILTER (WHERE action = ANY($3::text[])), 0)::bigint
   FROM unnest($2::timestamptz[]) AS since
-  LEFT JOIN activity_user_hourly_v r ON r.user_id = $1 AND r.hour >= since
+  LEFT JOIN user_hourly($1) r ON r.hour >= since
  GROUP BY since
  ORDER BY since DESC";
 

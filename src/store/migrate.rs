@@ -19,6 +19,11 @@ pub const MIGRATIONS: &[Migration] = &[
     Migration { version: 2, name: "alerts", sql: include_str!("../../migrations/0002_alerts.sql") },
     Migration { version: 3, name: "admin_api", sql: include_str!("../../migrations/0003_admin_api.sql") },
     Migration { version: 4, name: "activity", sql: include_str!("../../migrations/0004_activity.sql") },
+    Migration {
+        version: 5,
+        name: "activity_key_filter",
+        sql: include_str!("../../migrations/0005_activity_key_filter.sql"),
+    },
 ];
 
 /// Arbitrary constant naming the migration lock.
