@@ -363,6 +363,9 @@ fn session_reads_are_exact_over_folded_and_pending_deltas() {
         assert!(db.count(ended_by_pending).await > 0);
         assert_key_filters_rule_out(&db).await;
         assert_session_reads_agree(&db).await;
+        // System-wide hourly counts from the batches' own sums, exact too.
+        assert_eq!(difference(&db, SYSTEM_ROLLUP, SYSTEM_GROUP_BY).await, 0);
+        assert_eq!(difference(&db, USER_ROLLUP, USER_GROUP_BY).await, 0);
         compactor::compact_once(&pool).await.unwrap();
         assert_session_reads_agree(&db).await;
         running.stop();

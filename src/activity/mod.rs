@@ -206,7 +206,14 @@ impl<'a> ActivityDeltas<'a> {
             None => put_null(b),
         };
         let mut s = CopyStream::new();
-        let b = s.row(13);
+        // Counts per (hour, action), users and anonymous together, for the
+        // system-wide reads.
+        let mut hourly: FastMap<(EpochMicros, &str), i64> = FastMap::default();
+        for &(_, hour, action, n) in &rollup {
+            *hourly.entry((hour, action)).or_default() += n;
+        }
+        let hourly: Vec<((EpochMicros, &str), i64)> = hourly.into_iter().collect();
+        let b = s.row(16);
         put_array(b, OID_TEXT, &rollup, |b, r| put_text(b, r.0));
         put_array(b, OID_TIMESTAMPTZ, &rollup, |b, r| put_timestamptz(b, r.1));
         put_array(b, OID_TEXT, &rollup, |b, r| put_text(b, Some(r.2)));
@@ -222,6 +229,9 @@ impl<'a> ActivityDeltas<'a> {
         let filter = self.key_filter();
         b.put_i32(filter.len() as i32);
         b.put_slice(&filter);
+        put_array(b, OID_TIMESTAMPTZ, &hourly, |b, ((h, _), _)| put_timestamptz(b, *h));
+        put_array(b, OID_TEXT, &hourly, |b, ((_, a), _)| put_text(b, Some(a)));
+        put_array(b, OID_INT8, &hourly, |b, (_, n)| put_i64(b, *n));
         s
     }
 

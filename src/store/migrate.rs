@@ -24,6 +24,11 @@ pub const MIGRATIONS: &[Migration] = &[
         name: "activity_key_filter",
         sql: include_str!("../../migrations/0005_activity_key_filter.sql"),
     },
+    Migration {
+        version: 6,
+        name: "activity_hourly_deltas",
+        sql: include_str!("../../migrations/0006_activity_hourly_deltas.sql"),
+    },
 ];
 
 /// Arbitrary constant naming the migration lock.

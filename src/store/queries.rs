@@ -109,10 +109,11 @@ SELECT event_id, created_at, action, user_id, username, ip_address, user_agent, 
    AND (action = ANY($3::text[]) OR EXISTS (SELECT 1 FROM unnest($4::text[]) p WHERE starts_with(action, p)))
  ORDER BY created_at, kafka_partition, kafka_offset";
 
-/// A batch's activity deltas: one row of parallel arrays and its key filter
-/// (migrations/0004, 0005).
+/// A batch's activity deltas: one row of parallel arrays, its key filter and
+/// its counts per (hour, action) (migrations/0004, 0005, 0006).
 pub const COPY_ACTIVITY_DELTAS: &str = "COPY activity_delta_batches (user_ids, hours, actions, events, session_ids, \
-     s_user_ids, s_ips, s_agents, s_started, s_last_seen, s_ended, s_reasons, key_filter) FROM STDIN BINARY";
+     s_user_ids, s_ips, s_agents, s_started, s_last_seen, s_ended, s_reasons, key_filter, h_hours, h_actions, h_events) \
+     FROM STDIN BINARY";
 
 /// Folds pending activity deltas; returns delta rows moved.
 pub const ACTIVITY_COMPACT: &str = "SELECT activity_compact()";
