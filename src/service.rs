@@ -10,6 +10,7 @@ use tracing::info;
 use crate::config::Config;
 use crate::event::Decoder;
 use crate::event::registry::SchemaRegistry;
+use crate::ingest::maintenance;
 use crate::ingest::status::IngestStatus;
 use crate::ingest::{self, IngestHandle};
 use crate::store::{self, migrate, partitions};
@@ -63,9 +64,17 @@ pub async fn start(config: &Config, cancel: CancellationToken) -> Result<Running
     // shows in audit_last_batch_stored_timestamp_seconds too.
     ::metrics::gauge!("audit_last_batch_stored_timestamp_seconds").set(chrono::Utc::now().timestamp() as f64);
 
+    // A pause stored by any instance holds from the first message on.
+    let maintenance_version = maintenance::restore(&pool, &status).await?;
     let ingest = ingest::start(config, pool.clone(), decoder, status.clone(), cancel.clone())?;
 
     let mut background = Vec::new();
+    background.push(tokio::spawn(maintenance::follow(
+        pool.clone(),
+        status.clone(),
+        maintenance_version,
+        cancel.clone(),
+    )));
     background.push(tokio::spawn(partitions::maintain(pool.clone(), config.storage.clone(), cancel.clone())));
     background.push(tokio::spawn(metrics::sample_pool(pool.clone(), "ingest", cancel.clone())));
     if config.activity.enabled {

@@ -109,6 +109,88 @@ fn maintenance_pauses_the_consumer_and_resumes_without_loss() {
     });
 }
 
+async fn post_maintenance(http: &reqwest::Client, base: &str, body: Value) -> Value {
+    let resp =
+        http.post(format!("{base}/api/v1/audit/maintenance")).bearer_auth(TOKEN).json(&body).send().await.unwrap();
+    assert_eq!(resp.status(), 200);
+    resp.json().await.unwrap()
+}
+
+/// Maintenance mode is the deployment's: a pause made through one instance
+/// holds on the others, on an instance that restarts while it is set (from
+/// its first message), and a resume through any instance ends it everywhere.
+#[test]
+fn maintenance_mode_holds_on_every_instance_and_across_a_restart() {
+    let kafka = EmbeddedKafka::start(1).unwrap();
+    let names = Names::new();
+    names.create(&kafka, 2);
+    let rt = rt();
+    rt.block_on(async {
+        let db = TestDb::create().await;
+        let mut config = service_config(&db, &kafka, &names);
+        config.api.tokens.push(StaticTokenConfig { name: "ops".into(), sha256: sha256_hex(TOKEN) });
+        // Two instances of one deployment: same group, same database.
+        let a = service::start(&config, CancellationToken::new()).await.unwrap();
+        let b = service::start(&config, CancellationToken::new()).await.unwrap();
+        let (base_a, base_b) = (format!("http://{}", a.http_addr), format!("http://{}", b.http_addr));
+        let http = reqwest::Client::new();
+
+        let (_, before) = get(&http, format!("{base_b}/api/v1/audit/maintenance")).await;
+        assert_eq!((before["paused"].clone(), before["shared"].clone()), (json!(false), Value::Null));
+        let paused = post_maintenance(&http, &base_a, json!({"paused": true, "reason": "vacuum full"})).await;
+        assert_eq!(paused["recorded"], true, "{paused}");
+        assert_eq!(paused["shared"]["paused"], true, "{paused}");
+        assert_eq!(paused["shared"]["changed_by"], "token:ops");
+        assert_eq!(paused["shared"]["reason"], "vacuum full");
+        eventually(Duration::from_secs(10), "the other instance follows the pause", || async {
+            let (_, h) = get(&http, format!("{base_b}/api/v1/audit/health")).await;
+            (h["ingest"]["maintenance_paused"] == true).then_some(())
+        })
+        .await;
+
+        // A restart while paused: the new instance is paused before it
+        // takes any message.
+        a.stop();
+        a.wait().await;
+        let a = service::start(&config, CancellationToken::new()).await.unwrap();
+        let base_a = format!("http://{}", a.http_addr);
+        let (_, state) = get(&http, format!("{base_a}/api/v1/audit/maintenance")).await;
+        assert_eq!(state["paused"], true, "a restarted instance starts paused: {state}");
+
+        let produced = events(31, 300);
+        produce_events(&producer(&kafka), &names.events, &produced, ALL_FORMATS);
+        // Both instances hold their partitions and report the events as lag:
+        // none was taken.
+        eventually(Duration::from_secs(120), "the paused instances report all 300 events as lag", || async {
+            let (_, ha) = get(&http, format!("{base_a}/api/v1/audit/health")).await;
+            let (_, hb) = get(&http, format!("{base_b}/api/v1/audit/health")).await;
+            let lag = ha["kafka"]["consumer_lag"].as_i64().unwrap() + hb["kafka"]["consumer_lag"].as_i64().unwrap();
+            let stored = db.count("SELECT count(*) FROM audit_logs WHERE kafka_partition >= 0").await;
+            assert_eq!(stored, 0, "an event was stored while every instance was paused");
+            (lag == 300).then_some(())
+        })
+        .await;
+
+        let resumed = post_maintenance(&http, &base_b, json!({"paused": false})).await;
+        assert_eq!((resumed["recorded"].clone(), resumed["shared"]["paused"].clone()), (json!(true), json!(false)));
+        eventually(Duration::from_secs(10), "the restarted instance follows the resume", || async {
+            let (_, state) = get(&http, format!("{base_a}/api/v1/audit/maintenance")).await;
+            (state["paused"] == false).then_some(())
+        })
+        .await;
+        eventually(Duration::from_secs(60), "all 300 events stored after the resume", || async {
+            (db.count("SELECT count(DISTINCT event_id) FROM audit_logs WHERE kafka_partition >= 0").await == 300)
+                .then_some(())
+        })
+        .await;
+        assert_eq!(db.count("SELECT count(*) FROM audit_logs WHERE action LIKE 'ADMIN_MAINTENANCE_%'").await, 2);
+        for running in [a, b] {
+            running.stop();
+            running.wait().await;
+        }
+    });
+}
+
 /// The binary, as the runbook runs it: `Authorization: Bearer $ADMIN_TOKEN`.
 #[test]
 fn binary_takes_admin_token_from_environment_never_logs_it_and_passes_promtool() {

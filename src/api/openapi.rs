@@ -169,7 +169,7 @@ pub fn document() -> Value {
     ));
     let mut maintenance = admin_get("Maintenance mode state", json!([]), schema_ref("Maintenance"));
     maintenance["post"] = admin_post(
-        "Pause (true) or resume (false) consumption of the events topic on this instance",
+        "Pause (true) or resume (false) consumption of the events topic on every instance (stored; instances follow it within a second and start paused while it is set)",
         json!({"type": "object", "required": ["paused"], "additionalProperties": false, "properties": {
             "paused": {"type": "boolean"}, "reason": {"type": "string"}
         }}),
@@ -292,6 +292,11 @@ pub fn document() -> Value {
                 }},
                 "Maintenance": {"type": "object", "properties": {
                     "paused": {"type": "boolean"}, "backpressure_paused": {"type": "boolean"}, "consumer_lag": {"type": "integer"},
+                    "shared": {"type": ["object", "null"], "properties": {
+                        "paused": {"type": "boolean"}, "reason": {"type": ["string", "null"]},
+                        "changed_by": {"type": "string"}, "changed_at": {"type": "string", "format": "date-time"},
+                        "version": {"type": "integer"}
+                    }},
                     "recorded": {"type": "boolean"}, "audit_event_id": {"type": "string", "format": "uuid"}
                 }}
             }

@@ -12,6 +12,7 @@ pub mod batch;
 pub mod consumer;
 pub mod detection;
 pub mod dlq;
+pub mod maintenance;
 pub mod status;
 pub mod writer;
 

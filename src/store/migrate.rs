@@ -29,6 +29,7 @@ pub const MIGRATIONS: &[Migration] = &[
         name: "activity_hourly_deltas",
         sql: include_str!("../../migrations/0006_activity_hourly_deltas.sql"),
     },
+    Migration { version: 7, name: "maintenance_mode", sql: include_str!("../../migrations/0007_maintenance_mode.sql") },
 ];
 
 /// Arbitrary constant naming the migration lock.

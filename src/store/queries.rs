@@ -122,6 +122,17 @@ pub const ACTIVITY_CLOSE_IDLE: &str = "SELECT activity_close_idle($1, $2::text::
 /// Sessions open now, pending deltas included.
 pub const ACTIVE_SESSIONS: &str = "SELECT open_session_count()";
 
+/// The deployment's maintenance mode (migrations/0007); no row until the
+/// first switch.
+pub const MAINTENANCE_MODE: &str = "SELECT paused, reason, changed_by, changed_at, version FROM maintenance_mode";
+/// Stores a switch: $1 paused, $2 reason, $3 who; returns its version.
+pub const SET_MAINTENANCE_MODE: &str = "
+INSERT INTO maintenance_mode AS m (paused, reason, changed_by, version) VALUES ($1, $2, $3, 1)
+ON CONFLICT (singleton) DO UPDATE
+   SET paused = EXCLUDED.paused, reason = EXCLUDED.reason, changed_by = EXCLUDED.changed_by, changed_at = now(),
+       version = m.version + 1
+RETURNING version";
+
 /// Creates the missing daily partitions between two dates (inclusive).
 pub const ENSURE_PARTITIONS: &str = "SELECT audit_ensure_partitions($1::date, $2::date)";
 

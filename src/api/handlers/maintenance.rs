@@ -1,13 +1,17 @@
 //! Maintenance mode (the runbook's "enable maintenance mode" under high
 //! load): `POST /api/v1/audit/maintenance` with `{"paused": true}` pauses
-//! consumption of the events topic on this instance, `false` resumes it.
-//! Nothing is lost: the events wait in Kafka, the lag grows and is reported
-//! by health and `audit_consumer_lag_messages`; the state shows in health
-//! and in `audit_ingest_paused{reason="maintenance"}`.
+//! consumption of the events topic, `false` resumes it, on every instance:
+//! the switch is stored (migrations/0007) and the other instances follow it
+//! within a second; an instance started while it is set starts paused
+//! (src/ingest/maintenance.rs). Nothing is lost: the events wait in Kafka,
+//! the lag grows and is reported by health and
+//! `audit_consumer_lag_messages`; the state shows in health and in
+//! `audit_ingest_paused{reason="maintenance"}`.
 //!
-//! The switch is made first and recorded in the audit trail after, so that
-//! an overloaded database cannot stop an operator from pausing; the answer
-//! says whether the record was written.
+//! The switch is made on this instance first, then stored and recorded in
+//! the audit trail in one transaction, so that an overloaded database cannot
+//! stop an operator from pausing the instance they reached; the answer says
+//! whether the switch was stored (and so reaches the other instances).
 
 use axum::extract::State;
 use axum::{Extension, Json};
@@ -20,6 +24,7 @@ use crate::api::extract::ApiJson;
 use crate::api::middleware::{Caller, RequestId};
 use crate::api::params;
 use crate::api::{Ctx, db};
+use crate::ingest::maintenance::{self, StoredSwitch};
 
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -31,10 +36,15 @@ pub struct MaintenanceRequest {
 
 #[derive(Debug, Serialize)]
 pub struct MaintenanceState {
+    /// This instance's state.
     pub paused: bool,
     pub backpressure_paused: bool,
     pub consumer_lag: i64,
-    /// Whether the switch was recorded in audit_logs (POST only).
+    /// The last switch stored for every instance (null: none yet, or the
+    /// database could not be read).
+    pub shared: Option<StoredSwitch>,
+    /// Whether the switch was stored for every instance and recorded in
+    /// audit_logs (POST only).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub audit_event_id: Option<Uuid>,
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -42,14 +52,30 @@ pub struct MaintenanceState {
 }
 
 pub async fn state(State(ctx): State<Ctx>) -> Json<MaintenanceState> {
+    let shared = stored_switch(&ctx).await;
     let s = ctx.status.snapshot();
     Json(MaintenanceState {
         paused: s.maintenance_paused,
         backpressure_paused: s.backpressure_paused,
         consumer_lag: s.total_lag,
+        shared,
         audit_event_id: None,
         recorded: None,
     })
+}
+
+/// The stored switch; None when there is none or it cannot be read (this
+/// instance's own state is still reported).
+async fn stored_switch(ctx: &Ctx) -> Option<StoredSwitch> {
+    async {
+        let mut conn = db::connection(ctx).await?;
+        let tx = db::read_only(&mut conn, ctx.config.api.statement_timeout).await?;
+        Ok::<_, ApiError>(maintenance::read(&*tx).await?)
+    }
+    .await
+    .inspect_err(|e| tracing::warn!(error = ?e, "cannot read the shared maintenance mode"))
+    .ok()
+    .flatten()
 }
 
 pub async fn set(
@@ -73,18 +99,23 @@ pub async fn set(
     let recorded = async {
         let mut conn = db::connection(&ctx).await?;
         let tx = db::read_write(&mut conn, ctx.config.api.statement_timeout).await?;
+        maintenance::store(&*tx, body.paused, reason.as_deref(), &actor.id).await?;
         let id = audit_trail::record(&*tx, action, &actor, metadata).await?;
         tx.commit().await?;
         Ok::<_, ApiError>(id)
     }
     .await
-    .inspect_err(|e| tracing::warn!(error = ?e, "maintenance switch made but not recorded in the audit trail"))
+    .inspect_err(|e| {
+        tracing::warn!(error = ?e, "maintenance switch made on this instance only: not stored, not in the audit trail")
+    })
     .ok();
+    let shared = if recorded.is_some() { stored_switch(&ctx).await } else { None };
     let s = ctx.status.snapshot();
     Ok(Json(MaintenanceState {
         paused: s.maintenance_paused,
         backpressure_paused: s.backpressure_paused,
         consumer_lag: s.total_lag,
+        shared,
         recorded: Some(recorded.is_some()),
         audit_event_id: recorded,
     }))
