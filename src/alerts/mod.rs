@@ -190,6 +190,7 @@ pub(crate) fn sample_transition() -> Transition {
         sample_event_ids: vec![uuid::Uuid::from_u128(1), uuid::Uuid::from_u128(2)],
         recommended_action: RecommendedAction::LockAccount,
         detected_at: 1_800_000_010_100_000,
+        partition: 0,
     }
 }
 

@@ -164,6 +164,10 @@ pub struct Transition {
     pub recommended_action: RecommendedAction,
     /// Wall clock at detection.
     pub detected_at: EpochMicros,
+    /// The Kafka partition of the event that opened the episode (-1: not
+    /// known): the instance that owns it picks the episode up after a
+    /// restart or a rebalance.
+    pub partition: i32,
 }
 
 /// An alert still open in the database, picked up again after a restart.
@@ -178,6 +182,7 @@ pub struct OpenEpisode {
     pub severity: Severity,
     pub episode_start: EpochMicros,
     pub last_event_at: EpochMicros,
+    pub partition: i32,
 }
 
 /// The alert id of an episode: the same rule, subject and start always
@@ -238,6 +243,7 @@ struct Episode {
     last_event_at: EpochMicros,
     count: u32,
     samples: Vec<Uuid>,
+    partition: i32,
 }
 
 #[derive(Clone, Copy, Default)]
@@ -260,6 +266,8 @@ struct PendingMetrics {
 }
 
 pub struct Detector {
+    /// What it was built from (to start afresh on a rebalance).
+    config: DetectConfig,
     rules: Vec<Rule>,
     instances: Vec<Instance>,
     slots: Vec<Slot>,
@@ -270,6 +278,8 @@ pub struct Detector {
     max_keys: usize,
     /// Newest event time per partition (index = partition number).
     partition_max: Vec<EpochMicros>,
+    /// The partition of the event being observed.
+    observing: i32,
     max_event_time: EpochMicros,
     /// `max_event_time` as seen at the last tick, and when that was.
     max_at_last_tick: EpochMicros,
@@ -334,6 +344,7 @@ impl Detector {
         }
         let n = instances.len();
         Ok(Detector {
+            config: cfg.clone(),
             rules,
             instances,
             slots,
@@ -343,6 +354,7 @@ impl Detector {
             quiet: micros(cfg.quiet_period),
             max_keys: cfg.max_keys_per_rule,
             partition_max: Vec::new(),
+            observing: -1,
             max_event_time: EpochMicros::MIN,
             max_at_last_tick: EpochMicros::MIN,
             wall_at_max: Instant::now(),
@@ -389,6 +401,18 @@ impl Detector {
         Duration::from_micros((longest.saturating_add(self.lateness)).max(0) as u64)
     }
 
+    /// Forgets every key's state and open episode without emitting anything:
+    /// on a rebalance, when this instance's partitions are revoked. The
+    /// partitions it gets next are rebuilt from the stored events and open
+    /// alerts (a partition that comes back may have moved on meanwhile).
+    pub fn forget_all(&mut self) {
+        self.flush_metrics();
+        let emitting = self.emitting;
+        // The config compiled when this detector was built; it still does.
+        *self = Detector::new(&self.config).expect("the detector's own config compiles");
+        self.emitting = emitting;
+    }
+
     /// Picks up alerts that were open before a restart.
     pub fn restore(&mut self, open: Vec<OpenEpisode>) {
         for ep in open {
@@ -413,6 +437,7 @@ impl Detector {
                     last_event_at: ep.last_event_at,
                     count: 0,
                     samples: Vec::new(),
+                    partition: ep.partition,
                 },
             );
             self.next_resolution = self.next_resolution.min(ep.last_event_at.saturating_add(self.quiet));
@@ -460,6 +485,7 @@ impl Detector {
             return;
         }
         let t = e.occurred_at;
+        self.observing = partition;
         let slot = usize::try_from(partition).unwrap_or(0);
         if slot >= self.partition_max.len() {
             self.partition_max.resize(slot + 1, EpochMicros::MIN);
@@ -661,6 +687,7 @@ impl Detector {
                     last_event_at: t,
                     count,
                     samples: vec![e.event_id],
+                    partition: self.observing,
                 };
                 self.next_resolution = self.next_resolution.min(ep.calm_at.saturating_add(self.quiet));
                 let tr = self.transition(i, key, &ep, AlertState::Firing, threshold);
@@ -714,6 +741,7 @@ impl Detector {
             sample_event_ids: ep.samples.clone(),
             recommended_action: rule.recommended_action,
             detected_at: wall_micros(),
+            partition: ep.partition,
         }
     }
 

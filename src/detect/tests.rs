@@ -342,6 +342,7 @@ fn restored_episodes_are_continued_not_reopened() {
         severity: Severity::Warning,
         episode_start: first.episode_start,
         last_event_at: T0 + 5 * S,
+        partition: first.partition,
     }]);
     g.detector.set_emitting(false);
     for i in 0..6 {
@@ -355,6 +356,33 @@ fn restored_episodes_are_continued_not_reopened() {
     }
     assert_eq!(g.out.len(), 1);
     assert_eq!((g.out[0].state, g.out[0].alert_id), (AlertState::Escalated, first.alert_id));
+}
+
+#[test]
+fn transitions_carry_the_partition_and_forget_all_drops_state_silently() {
+    let mut f = Feed::new(only(&["user_failed_logins"]));
+    let mut out = Vec::new();
+    for i in 0..6 {
+        let e = f.event("FAILED_AUTH_LOGIN", "uma", "10.0.0.1", T0 + i * S);
+        f.detector.observe(&e, 3, &mut out);
+    }
+    assert_eq!(out.len(), 1);
+    assert_eq!((out[0].state, out[0].partition), (AlertState::Firing, 3));
+    // Revoked: state and episode are gone, nothing is emitted, not even the
+    // resolution a quiet stream would bring.
+    f.detector.forget_all();
+    out.clear();
+    f.detector.resolve_until(T0 + 3600 * S, &mut out);
+    assert!(out.is_empty());
+    // Counting starts afresh (the next owner's rebuild brings the history).
+    for i in 0..5 {
+        let e = f.event("FAILED_AUTH_LOGIN", "uma", "10.0.0.1", T0 + (10 + i) * S);
+        f.detector.observe(&e, 3, &mut out);
+    }
+    assert!(out.is_empty(), "5 failures after forgetting are below the warning level: {out:?}");
+    let e = f.event("FAILED_AUTH_LOGIN", "uma", "10.0.0.1", T0 + 15 * S);
+    f.detector.observe(&e, 3, &mut out);
+    assert_eq!(out.len(), 1, "a new episode, after six failures since");
 }
 
 #[test]

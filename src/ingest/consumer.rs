@@ -201,6 +201,11 @@ impl IngestContext {
         self.drain();
         let mut state = self.state();
         state.positions.clear();
+        // Their detector state is the next owner's now; whatever comes back
+        // to this instance is rebuilt from what is stored then.
+        if let Some(detection) = state.detection.as_mut() {
+            detection.forget_all();
+        }
         state.assignment_generation += 1;
         drop(state);
         if let Err(e) = consumer.unassign() {

@@ -3,7 +3,9 @@
 //! written), each transition is offered to the alert publisher and also
 //! stored with the batch, so that the alerts table and the offsets always
 //! agree. On assignment the detector state of the new partitions is rebuilt
-//! from the stored events and the alerts that were open.
+//! from the stored events and the alerts that were open; on revocation all
+//! of it is forgotten (a partition that comes back later may have moved on
+//! under another instance, and its open alerts are that instance's now).
 
 use std::collections::HashSet;
 use std::time::{Duration, Instant};
@@ -27,7 +29,10 @@ pub struct Detection {
     rebuild_window_max: Duration,
     last_tick: Instant,
     scratch: Vec<Transition>,
-    restored: bool,
+    /// Whether the open alerts stored without a partition (before
+    /// migrations/0008) were picked up since the last reset.
+    restored_unpartitioned: bool,
+    /// Partitions whose state is loaded since the last reset.
     rebuilt: HashSet<i32>,
 }
 
@@ -39,7 +44,7 @@ impl Detection {
             rebuild_window_max,
             last_tick: Instant::now(),
             scratch: Vec::new(),
-            restored: false,
+            restored_unpartitioned: false,
             rebuilt: HashSet::new(),
         }
     }
@@ -78,16 +83,24 @@ impl Detection {
             .collect()
     }
 
-    /// Rebuilds state for partitions not seen before: the open alerts (once)
-    /// and the stored events of the last window, replayed without emitting.
+    /// Forgets every partition's state (their partitions were revoked).
+    pub fn forget_all(&mut self) {
+        self.detector.forget_all();
+        self.rebuilt.clear();
+        self.restored_unpartitioned = false;
+    }
+
+    /// Rebuilds state for partitions not loaded yet: their open alerts and
+    /// their stored events of the last window, replayed without emitting.
     pub async fn rebuild(&mut self, pool: &Pool, partitions: &[i32]) -> Result<(), String> {
         let fresh: Vec<i32> = partitions.iter().copied().filter(|p| !self.rebuilt.contains(p)).collect();
         if fresh.is_empty() {
             return Ok(());
         }
         let client = pool.get().await.map_err(|e| e.to_string())?;
-        if !self.restored {
-            let open = client.query(queries::OPEN_ALERTS, &[]).await.map_err(|e| e.to_string())?;
+        {
+            let unpartitioned = !self.restored_unpartitioned;
+            let open = client.query(queries::OPEN_ALERTS, &[&fresh, &unpartitioned]).await.map_err(db_error)?;
             let episodes: Vec<OpenEpisode> = open
                 .iter()
                 .filter_map(|r| {
@@ -105,12 +118,13 @@ impl Detection {
                         },
                         episode_start: r.get::<_, chrono::DateTime<chrono::Utc>>(7).timestamp_micros(),
                         last_event_at: r.get::<_, chrono::DateTime<chrono::Utc>>(8).timestamp_micros(),
+                        partition: r.get(9),
                     })
                 })
                 .collect();
-            info!(open = episodes.len(), "restored open alerts");
+            info!(open = episodes.len(), partitions = ?fresh, "restored open alerts");
             self.detector.restore(episodes);
-            self.restored = true;
+            self.restored_unpartitioned = true;
         }
         let span = self.detector.rebuild_span().min(self.rebuild_window_max);
         let since = chrono::Utc::now() - chrono::Duration::from_std(span).unwrap_or_default();
@@ -122,13 +136,13 @@ impl Detection {
                 [&since as &(dyn tokio_postgres::types::ToSql + Sync), &fresh, &exact, &prefixes],
             )
             .await
-            .map_err(|e| e.to_string())?;
+            .map_err(db_error)?;
         pin_mut!(rows);
         self.detector.set_emitting(false);
         let mut n = 0u64;
         let mut discard = Vec::new();
         while let Some(row) = rows.next().await {
-            let row = row.map_err(|e| e.to_string())?;
+            let row = row.map_err(db_error)?;
             let event = row_to_event(&row);
             self.detector.observe(&event, row.get(10), &mut discard);
             discard.clear();
@@ -139,6 +153,12 @@ impl Detection {
         info!(events = n, partitions = ?fresh, ms = started.elapsed().as_millis() as u64, "detector state rebuilt from stored events");
         Ok(())
     }
+}
+
+/// A database error as a log line: PostgreSQL's own message where there is
+/// one (the client's Display says only "db error").
+fn db_error(e: tokio_postgres::Error) -> String {
+    e.as_db_error().map_or_else(|| e.to_string(), ToString::to_string)
 }
 
 /// An event read back by [`queries::REBUILD_EVENTS`] (or a query with its

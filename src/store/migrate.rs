@@ -30,6 +30,7 @@ pub const MIGRATIONS: &[Migration] = &[
         sql: include_str!("../../migrations/0006_activity_hourly_deltas.sql"),
     },
     Migration { version: 7, name: "maintenance_mode", sql: include_str!("../../migrations/0007_maintenance_mode.sql") },
+    Migration { version: 8, name: "alert_partition", sql: include_str!("../../migrations/0008_alert_partition.sql") },
 ];
 
 /// Arbitrary constant naming the migration lock.

@@ -73,29 +73,33 @@ INSERT INTO dead_letters (topic, kafka_partition, kafka_offset, reason_code, rea
 SELECT $1, * FROM unnest($2::int[], $3::bigint[], $4::text[], $5::text[], $6::int[])";
 
 /// Alert transitions of a batch. $14 holds each row's sample event ids as
-/// comma-separated text.
+/// comma-separated text; $18 the partition (NULL when not known).
 pub const INSERT_ALERTS: &str = "
 INSERT INTO alerts (alert_id, rule, subject, key_spec, key_hash, state, severity, count, threshold,
                     window_seconds, episode_start, first_event_at, last_event_at, sample_event_ids,
-                    recommended_action, detected_at, published)
+                    recommended_action, detected_at, published, kafka_partition)
 SELECT alert_id, rule, subject, key_spec, key_hash, state, severity, count, threshold,
        window_seconds, episode_start, first_event_at, last_event_at,
        coalesce(string_to_array(nullif(samples, ''), ',')::uuid[], '{}'),
-       recommended_action, detected_at, published
+       recommended_action, detected_at, published, kafka_partition
   FROM unnest($1::uuid[], $2::text[], $3::text[], $4::text[], $5::bigint[], $6::text[], $7::text[], $8::bigint[],
               $9::bigint[], $10::bigint[], $11::timestamptz[], $12::timestamptz[], $13::timestamptz[], $14::text[],
-              $15::text[], $16::timestamptz[], $17::bool[])
+              $15::text[], $16::timestamptz[], $17::bool[], $18::int[])
        AS t(alert_id, rule, subject, key_spec, key_hash, state, severity, count, threshold, window_seconds,
-            episode_start, first_event_at, last_event_at, samples, recommended_action, detected_at, published)
+            episode_start, first_event_at, last_event_at, samples, recommended_action, detected_at, published,
+            kafka_partition)
 ON CONFLICT (alert_id, state) DO NOTHING";
 
-/// Episodes that were open when the service stopped: the newest transition
-/// of each alert_id that has no `resolved` row.
+/// Episodes that were open when the service stopped or the partitions
+/// were revoked: the newest transition of each alert_id that has no
+/// `resolved` row, of the partitions $1 (and those stored without one, if
+/// $2).
 pub const OPEN_ALERTS: &str = "
 SELECT DISTINCT ON (a.alert_id) a.alert_id, a.rule, a.key_spec, a.key_hash, a.subject, a.state, a.severity,
-       a.episode_start, coalesce(a.last_event_at, a.episode_start)
+       a.episode_start, coalesce(a.last_event_at, a.episode_start), coalesce(a.kafka_partition, -1)
   FROM alerts a
- WHERE NOT EXISTS (SELECT 1 FROM alerts r WHERE r.alert_id = a.alert_id AND r.state = 'resolved')
+ WHERE (a.kafka_partition = ANY($1::int[]) OR ($2 AND a.kafka_partition IS NULL))
+   AND NOT EXISTS (SELECT 1 FROM alerts r WHERE r.alert_id = a.alert_id AND r.state = 'resolved')
  ORDER BY a.alert_id, a.detected_at DESC, a.id DESC";
 
 /// The stored events detector state is rebuilt from: since $1, of the

@@ -340,6 +340,7 @@ pub async fn record_alerts(tx: &Transaction<'_>, alerts: &[(&Transition, bool)])
     let actions: Vec<&str> = alerts.iter().map(|(a, _)| a.recommended_action.as_str()).collect();
     let detected: Vec<chrono::DateTime<chrono::Utc>> = alerts.iter().map(|(a, _)| ts(a.detected_at)).collect();
     let published: Vec<bool> = alerts.iter().map(|(_, p)| *p).collect();
+    let partitions: Vec<Option<i32>> = alerts.iter().map(|(a, _)| (a.partition >= 0).then_some(a.partition)).collect();
     tx.execute(
         queries::INSERT_ALERTS,
         &[
@@ -360,6 +361,7 @@ pub async fn record_alerts(tx: &Transaction<'_>, alerts: &[(&Transition, bool)])
             &actions,
             &detected,
             &published,
+            &partitions,
         ],
     )
     .await?;
