@@ -108,3 +108,16 @@ fn rejected_rows_are_named_and_nothing_is_committed() {
         assert_eq!(db.count("SELECT count(*) FROM consumer_offsets").await, 0);
     });
 }
+
+/// Log lines and errors carry PostgreSQL's own message: the client's
+/// Display alone says only "db error".
+#[test]
+fn database_errors_are_described_with_postgresql_message() {
+    rt().block_on(async {
+        let (_db, client) = migrated_db().await;
+        let e = client.query("SELECT no_such_column FROM audit_logs", &[]).await.unwrap_err();
+        assert_eq!(e.to_string(), "db error");
+        let text = audit_service::store::with_causes(&e);
+        assert!(text.contains("column \"no_such_column\" does not exist"), "{text}");
+    });
+}

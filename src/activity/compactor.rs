@@ -17,23 +17,23 @@ use tracing::{debug, warn};
 
 use super::ActivityConfig;
 use crate::ingest::status::IngestStatus;
-use crate::store::queries;
+use crate::store::{queries, with_causes};
 
 /// How often the compactor looks whether folding is due.
 const CHECK_EVERY: Duration = Duration::from_millis(250);
 
 /// One compaction, in one transaction; returns delta rows folded.
 pub async fn compact_once(pool: &Pool) -> Result<i64, String> {
-    let mut client = pool.get().await.map_err(|e| e.to_string())?;
+    let mut client = pool.get().await.map_err(|e| with_causes(&e))?;
     // REPEATABLE READ: one snapshot of the deltas for the whole fold.
     let tx = client
         .build_transaction()
         .isolation_level(tokio_postgres::IsolationLevel::RepeatableRead)
         .start()
         .await
-        .map_err(|e| e.to_string())?;
-    let moved: i64 = tx.query_one(queries::ACTIVITY_COMPACT, &[]).await.map_err(|e| e.to_string())?.get(0);
-    tx.commit().await.map_err(|e| e.to_string())?;
+        .map_err(|e| with_causes(&e))?;
+    let moved: i64 = tx.query_one(queries::ACTIVITY_COMPACT, &[]).await.map_err(|e| with_causes(&e))?.get(0);
+    tx.commit().await.map_err(|e| with_causes(&e))?;
     metrics::counter!("audit_activity_deltas_folded_total").increment(moved.max(0) as u64);
     Ok(moved)
 }
@@ -41,16 +41,16 @@ pub async fn compact_once(pool: &Pool) -> Result<i64, String> {
 /// Closes sessions idle as of `event_time` (the newest stored event time)
 /// and publishes how many are open.
 pub async fn sweep_sessions(pool: &Pool, cfg: &ActivityConfig, event_time: Option<i64>) -> Result<(), String> {
-    let client = pool.get().await.map_err(|e| e.to_string())?;
+    let client = pool.get().await.map_err(|e| with_causes(&e))?;
     if let Some(t) = event_time.and_then(chrono::DateTime::from_timestamp_micros) {
         let idle = format!("{} seconds", cfg.idle_timeout.as_secs());
         let closed: i64 =
-            client.query_one(queries::ACTIVITY_CLOSE_IDLE, &[&t, &idle]).await.map_err(|e| e.to_string())?.get(0);
+            client.query_one(queries::ACTIVITY_CLOSE_IDLE, &[&t, &idle]).await.map_err(|e| with_causes(&e))?.get(0);
         if closed > 0 {
             debug!(closed, "sessions closed after idling");
         }
     }
-    let active: i64 = client.query_one(queries::ACTIVE_SESSIONS, &[]).await.map_err(|e| e.to_string())?.get(0);
+    let active: i64 = client.query_one(queries::ACTIVE_SESSIONS, &[]).await.map_err(|e| with_causes(&e))?.get(0);
     metrics::gauge!("audit_active_sessions").set(active as f64);
     Ok(())
 }

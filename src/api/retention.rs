@@ -208,8 +208,8 @@ pub async fn cleanup(
 pub async fn purge(pool: Pool) {
     let started = Instant::now();
     let result = async {
-        let conn = pool.get().await.map_err(|e| e.to_string())?;
-        conn.batch_execute(queries::RETENTION_PURGE).await.map_err(|e| e.to_string())
+        let conn = pool.get().await.map_err(|e| crate::store::with_causes(&e))?;
+        conn.batch_execute(queries::RETENTION_PURGE).await.map_err(|e| crate::store::with_causes(&e))
     }
     .await;
     match result {

@@ -147,11 +147,11 @@ impl IngestContext {
     fn stored_offsets(&self, partitions: &[i32]) -> Option<HashMap<i32, i64>> {
         self.retry_db("reading stored offsets", || {
             self.runtime.block_on(async {
-                let client = self.pool.get().await.map_err(|e| e.to_string())?;
+                let client = self.pool.get().await.map_err(|e| crate::store::with_causes(&e))?;
                 let rows = client
                     .query(queries::STORED_OFFSETS, &[&self.group, &self.topic, &partitions])
                     .await
-                    .map_err(|e| e.to_string())?;
+                    .map_err(|e| crate::store::with_causes(&e))?;
                 Ok(rows.iter().map(|r| (r.get(0), r.get(1))).collect())
             })
         })

@@ -18,7 +18,7 @@ use uuid::Uuid;
 use crate::alerts::publisher::AlertPublisher;
 use crate::detect::{AlertState, Detector, OpenEpisode, Severity, Transition};
 use crate::event::AuthEvent;
-use crate::store::queries;
+use crate::store::{queries, with_causes};
 
 /// How often the wall-clock housekeeping runs.
 const TICK: Duration = Duration::from_secs(1);
@@ -97,10 +97,11 @@ impl Detection {
         if fresh.is_empty() {
             return Ok(());
         }
-        let client = pool.get().await.map_err(|e| e.to_string())?;
+        let client = pool.get().await.map_err(|e| with_causes(&e))?;
         {
             let unpartitioned = !self.restored_unpartitioned;
-            let open = client.query(queries::OPEN_ALERTS, &[&fresh, &unpartitioned]).await.map_err(db_error)?;
+            let open =
+                client.query(queries::OPEN_ALERTS, &[&fresh, &unpartitioned]).await.map_err(|e| with_causes(&e))?;
             let episodes: Vec<OpenEpisode> = open
                 .iter()
                 .filter_map(|r| {
@@ -136,13 +137,13 @@ impl Detection {
                 [&since as &(dyn tokio_postgres::types::ToSql + Sync), &fresh, &exact, &prefixes],
             )
             .await
-            .map_err(db_error)?;
+            .map_err(|e| with_causes(&e))?;
         pin_mut!(rows);
         self.detector.set_emitting(false);
         let mut n = 0u64;
         let mut discard = Vec::new();
         while let Some(row) = rows.next().await {
-            let row = row.map_err(db_error)?;
+            let row = row.map_err(|e| with_causes(&e))?;
             let event = row_to_event(&row);
             self.detector.observe(&event, row.get(10), &mut discard);
             discard.clear();
@@ -153,12 +154,6 @@ impl Detection {
         info!(events = n, partitions = ?fresh, ms = started.elapsed().as_millis() as u64, "detector state rebuilt from stored events");
         Ok(())
     }
-}
-
-/// A database error as a log line: PostgreSQL's own message where there is
-/// one (the client's Display says only "db error").
-fn db_error(e: tokio_postgres::Error) -> String {
-    e.as_db_error().map_or_else(|| e.to_string(), ToString::to_string)
 }
 
 /// An event read back by [`queries::REBUILD_EVENTS`] (or a query with its

@@ -88,8 +88,8 @@ pub async fn follow(pool: Pool, status: Arc<IngestStatus>, mut applied: i64, can
             _ = tokio::time::sleep(POLL_EVERY) => {}
         }
         let stored = match pool.get().await {
-            Ok(client) => read(&**client).await.map_err(|e| e.to_string()),
-            Err(e) => Err(e.to_string()),
+            Ok(client) => read(&**client).await.map_err(|e| crate::store::with_causes(&e)),
+            Err(e) => Err(crate::store::with_causes(&e)),
         };
         match stored {
             Ok(stored) => {

@@ -124,9 +124,10 @@ pub fn is_unique_violation(err: &tokio_postgres::Error) -> bool {
 }
 
 /// `error: cause: cause...`: tokio-postgres keeps the reason a connection
-/// failed ("Connection refused", a TLS or authentication error) in the
-/// source, not in its own message.
-fn with_causes(e: &dyn std::error::Error) -> String {
+/// failed ("Connection refused", a TLS or authentication error) and
+/// PostgreSQL's own message in the source; its Display alone says only
+/// "db error". For log lines and health reports.
+pub fn with_causes(e: &dyn std::error::Error) -> String {
     let mut text = e.to_string();
     let mut source = e.source();
     while let Some(cause) = source {
