@@ -39,26 +39,7 @@ pub fn encode(event: &AuthEvent, format: WireFormat) -> Vec<u8> {
 }
 
 /// The JSON form of the event contract (RFC 3339 times, absent fields null).
-pub fn encode_json(event: &AuthEvent) -> Vec<u8> {
-    let occurred_at = chrono::DateTime::from_timestamp_micros(event.occurred_at)
-        .map(|t| t.to_rfc3339_opts(chrono::SecondsFormat::Micros, true))
-        .unwrap_or_default();
-    let metadata: serde_json::Map<String, serde_json::Value> =
-        event.metadata.iter().map(|(k, v)| (k.clone(), serde_json::Value::String(v.clone()))).collect();
-    let value = serde_json::json!({
-        "event_id": event.event_id.to_string(),
-        "occurred_at": occurred_at,
-        "action": event.action,
-        "user_id": event.user_id,
-        "username": event.username,
-        "ip_address": event.ip_address.map(|ip| ip.to_string()),
-        "user_agent": event.user_agent,
-        "session_id": event.session_id,
-        "request_id": event.request_id,
-        "metadata": metadata,
-    });
-    serde_json::to_vec(&value).expect("a JSON value always serialises")
-}
+pub use crate::event::json::encode_json;
 
 /// Produces `(key, payload)` messages as fast as the producer's queue
 /// allows, then waits until every one is acknowledged.

@@ -9,6 +9,7 @@
 //! quiet stream also looks at the wall clock).
 
 pub mod keys;
+pub mod routing;
 pub mod rules;
 pub mod window;
 
@@ -75,6 +76,11 @@ pub struct DetectConfig {
     /// (at most; each rule needs its own window plus the lateness).
     #[serde(with = "humantime_serde")]
     pub rebuild_window_max: Duration,
+    /// Rules keyed by something other than the user (IP address,
+    /// system-wide) are evaluated on this topic, so that they count the
+    /// events of every instance (src/detect/routing.rs). Unset: they count
+    /// what this instance consumes, exact with one instance only.
+    pub routing_topic: Option<String>,
     pub rules: Vec<RuleConfig>,
 }
 
@@ -91,6 +97,7 @@ impl Default for DetectConfig {
             storm_burst: 50,
             max_keys_per_rule: 2_000_000,
             rebuild_window_max: Duration::from_secs(24 * 3600),
+            routing_topic: None,
             rules: rules::default_rules(),
         }
     }

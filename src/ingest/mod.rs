@@ -13,6 +13,8 @@ pub mod consumer;
 pub mod detection;
 pub mod dlq;
 pub mod maintenance;
+pub mod routed;
+pub mod router;
 pub mod status;
 pub mod writer;
 
@@ -20,7 +22,7 @@ use std::sync::{Arc, Mutex};
 
 use deadpool_postgres::Pool;
 use rdkafka::consumer::{BaseConsumer, Consumer};
-use rdkafka::producer::FutureProducer;
+use rdkafka::producer::{FutureProducer, Producer};
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
@@ -28,11 +30,12 @@ use crate::activity::hll::ActiveUsers;
 use crate::alerts::AlertEncoder;
 use crate::alerts::publisher::{AlertPublisher, run_sender};
 use crate::config::Config;
-use crate::detect::Detector;
+use crate::detect::{Detector, routing};
 use crate::event::Decoder;
 use crate::kafka;
 use consumer::{ContextSettings, IngestContext};
 use detection::Detection;
+use router::Router;
 use status::IngestStatus;
 use writer::{BatchWriter, WriterSettings};
 
@@ -44,6 +47,8 @@ pub enum IngestError {
     Thread(#[from] std::io::Error),
     #[error("detection rules: {0}")]
     Rules(#[from] crate::detect::RuleError),
+    #[error("detect.routing_topic `{topic}`: {message}")]
+    RoutingTopic { topic: String, message: String },
 }
 
 /// The running pipeline; `join` waits until it has flushed and stopped.
@@ -51,6 +56,9 @@ pub struct IngestHandle {
     consumer_thread: std::thread::JoinHandle<()>,
     writer_tasks: Vec<tokio::task::JoinHandle<()>>,
     alert_sender: Option<tokio::task::JoinHandle<()>>,
+    /// The routed detectors' consumer thread and alert sender (routed
+    /// detection on).
+    routed: Option<(std::thread::JoinHandle<()>, tokio::task::JoinHandle<()>)>,
 }
 
 impl IngestHandle {
@@ -68,6 +76,14 @@ impl IngestHandle {
             && let Err(e) = sender.await
         {
             tracing::error!(error = %e, "alert sender failed");
+        }
+        if let Some((thread, sender)) = self.routed {
+            if let Ok(Err(panic)) = tokio::task::spawn_blocking(move || thread.join()).await {
+                tracing::error!(?panic, "routed consumer thread panicked");
+            }
+            if let Err(e) = sender.await {
+                tracing::error!(error = %e, "routed alert sender failed");
+            }
         }
     }
 }
@@ -93,6 +109,21 @@ pub fn start(
         k.produce_timeout,
         k.dlq_max_payload_bytes,
     );
+    // Routed detection: rules keyed by IP or system-wide go through the
+    // routing topic (src/detect/routing.rs); the rest stay here.
+    let routing = match (&config.detect.routing_topic, config.detect.enabled) {
+        (Some(topic), true) => {
+            let split = routing::split(&config.detect)?;
+            let producer: FutureProducer = kafka::producer_config(k).create()?;
+            let partitions = topic_partitions(&producer, topic, k.produce_timeout)?;
+            let keys = Arc::new(split.routed);
+            let router = Router::new(producer, topic.clone(), partitions, keys.clone(), k.produce_timeout);
+            Some((split.local, router, keys, topic.clone(), partitions))
+        }
+        _ => None,
+    };
+    let local_rules = routing.as_ref().map_or_else(|| config.detect.clone(), |r| r.0.clone());
+
     // One writer per lane, each with its own connection and queue.
     let active_users = Arc::new(Mutex::new(ActiveUsers::default()));
     let mut senders = Vec::new();
@@ -102,6 +133,7 @@ pub fn start(
         let writer = BatchWriter::new(
             pool.clone(),
             dlq.clone(),
+            routing.as_ref().map(|r| r.1.clone()),
             WriterSettings {
                 activity: config.activity.enabled.then(|| config.activity.clone()),
                 group: k.group_id.clone(),
@@ -120,24 +152,14 @@ pub fn start(
     drop(events_tx);
 
     let (detection, alert_sender) = if config.detect.enabled {
-        let detector = Detector::new(&config.detect)?;
-        let (publisher, queue) = AlertPublisher::new(
-            AlertEncoder::new(config.detect.alert_format),
-            config.detect.storm_limit_per_second,
-            config.detect.storm_burst,
-        );
-        let mut producer_config = kafka::producer_config(k);
-        if !k.producer_properties.contains_key("linger.ms") && !k.properties.contains_key("linger.ms") {
-            // An alert is one message that should leave at once.
-            producer_config.set("linger.ms", "0");
-        }
-        let producer: FutureProducer = producer_config.create()?;
-        let sender = tokio::spawn(run_sender(queue, producer, k.alerts_topic.clone()));
+        let detector = Detector::new(&local_rules)?;
+        let (publisher, sender) = alert_publisher(config)?;
         (Some(Detection::new(detector, publisher, config.detect.rebuild_window_max)), Some(sender))
     } else {
         (None, None)
     };
 
+    let (pool_for_routed, routed_cancel) = (pool.clone(), cancel.clone());
     let context = IngestContext::new(
         tokio::runtime::Handle::current(),
         pool,
@@ -161,5 +183,65 @@ pub fn start(
     let consumer_thread = std::thread::Builder::new()
         .name("ingest-consumer".into())
         .spawn(move || consumer::run_loop(consumer, decoder, events_rx))?;
-    Ok(IngestHandle { consumer_thread, writer_tasks, alert_sender })
+
+    let routed = match routing {
+        Some((_, _, keys, topic, partitions)) => {
+            let (publisher, sender) = alert_publisher(config)?;
+            let group = format!("{}.routed", k.group_id);
+            let mut client_config = kafka::consumer_config(k);
+            client_config.set("group.id", &group);
+            let consumer = routed::consumer(
+                client_config,
+                tokio::runtime::Handle::current(),
+                pool_for_routed,
+                routed::RoutedSettings {
+                    group,
+                    topic,
+                    partitions,
+                    keys,
+                    rebuild_window_max: config.detect.rebuild_window_max,
+                    retry_backoff: (i.retry_initial_backoff, i.retry_max_backoff),
+                },
+                publisher,
+                routed_cancel,
+            )?;
+            let thread =
+                std::thread::Builder::new().name("routed-consumer".into()).spawn(move || routed::run_loop(consumer))?;
+            Some((thread, sender))
+        }
+        None => None,
+    };
+    Ok(IngestHandle { consumer_thread, writer_tasks, alert_sender, routed })
+}
+
+/// An alert publisher and its sender task on the alerts topic.
+fn alert_publisher(config: &Config) -> Result<(AlertPublisher, tokio::task::JoinHandle<()>), IngestError> {
+    let k = &config.kafka;
+    let (publisher, queue) = AlertPublisher::new(
+        AlertEncoder::new(config.detect.alert_format),
+        config.detect.storm_limit_per_second,
+        config.detect.storm_burst,
+    );
+    let mut producer_config = kafka::producer_config(k);
+    if !k.producer_properties.contains_key("linger.ms") && !k.properties.contains_key("linger.ms") {
+        // An alert is one message that should leave at once.
+        producer_config.set("linger.ms", "0");
+    }
+    let producer: FutureProducer = producer_config.create()?;
+    Ok((publisher, tokio::spawn(run_sender(queue, producer, k.alerts_topic.clone()))))
+}
+
+/// Partitions of the routing topic; it must exist (routing by key hash
+/// needs a fixed count).
+fn topic_partitions(producer: &FutureProducer, topic: &str, timeout: std::time::Duration) -> Result<i32, IngestError> {
+    let error = |message: String| IngestError::RoutingTopic { topic: topic.to_owned(), message };
+    let metadata = producer.client().fetch_metadata(Some(topic), timeout).map_err(|e| error(e.to_string()))?;
+    let t = metadata.topics().iter().find(|t| t.name() == topic).ok_or_else(|| error("not in metadata".into()))?;
+    if let Some(e) = t.error() {
+        return Err(error(format!("{e:?}")));
+    }
+    match i32::try_from(t.partitions().len()) {
+        Ok(n) if n > 0 => Ok(n),
+        _ => Err(error("has no partitions; create it first".into())),
+    }
 }

@@ -1,5 +1,6 @@
 //! The writer task: takes batches from the consumer thread, in order, and
-//! makes each durable: dead letters acknowledged by Kafka first, then rows,
+//! makes each durable: dead letters (and the events routed to the routing
+//! topic, when routed detection is on) acknowledged by Kafka first, then rows,
 //! dead-letter records and offsets in one PostgreSQL transaction. A batch is
 //! retried (with backoff) until it commits; the bounded queue in front of
 //! this task is what pauses the consumer while PostgreSQL is away.
@@ -14,6 +15,7 @@ use tracing::{Instrument, debug, info_span, warn};
 
 use super::batch::Batch;
 use super::dlq::DeadLetterProducer;
+use super::router::Router;
 use super::status::IngestStatus;
 use crate::activity::hll::ActiveUsers;
 use crate::activity::{ACTION_LABELS, ActivityConfig, action_label_index};
@@ -50,6 +52,7 @@ pub struct WriterSettings {
 pub struct BatchWriter {
     pool: Pool,
     dlq: DeadLetterProducer,
+    router: Option<Router>,
     settings: WriterSettings,
     status: Arc<IngestStatus>,
     events: std::sync::mpsc::Sender<WriterEvent>,
@@ -68,12 +71,13 @@ impl BatchWriter {
     pub fn new(
         pool: Pool,
         dlq: DeadLetterProducer,
+        router: Option<Router>,
         settings: WriterSettings,
         status: Arc<IngestStatus>,
         events: std::sync::mpsc::Sender<WriterEvent>,
         active_users: Arc<Mutex<ActiveUsers>>,
     ) -> Self {
-        BatchWriter { pool, dlq, settings, status, events, fenced: HashMap::new(), active_users }
+        BatchWriter { pool, dlq, router, settings, status, events, fenced: HashMap::new(), active_users }
     }
 
     /// Handles commands until the consumer thread drops its sender.
@@ -113,6 +117,7 @@ impl BatchWriter {
         }
         let started = Instant::now();
         let mut dead_sent = 0;
+        let mut routed = self.router.is_none();
         let mut backoff = self.settings.initial_backoff;
         loop {
             if dead_sent < batch.dead.len() {
@@ -121,6 +126,17 @@ impl BatchWriter {
                     Err(e) => {
                         warn!(error = %e, "dead-letter produce failed; retrying");
                         metrics::counter!("audit_dlq_produce_errors_total").increment(1);
+                        backoff = self.pause(backoff).await;
+                        continue;
+                    }
+                }
+            }
+            if !routed && let Some(router) = &self.router {
+                match router.send_all(&batch.rows).await {
+                    Ok(_) => routed = true,
+                    Err(e) => {
+                        warn!(error = %e, "routing produce failed; retrying");
+                        metrics::counter!("audit_routed_produce_errors_total").increment(1);
                         backoff = self.pause(backoff).await;
                         continue;
                     }

@@ -113,6 +113,38 @@ SELECT event_id, created_at, action, user_id, username, ip_address, user_agent, 
    AND (action = ANY($3::text[]) OR EXISTS (SELECT 1 FROM unnest($4::text[]) p WHERE starts_with(action, p)))
  ORDER BY created_at, kafka_partition, kafka_offset";
 
+/// Routed detection (migrations/0009): how far each events-topic partition
+/// has been counted on the routing partitions $2 of group $1.
+pub const ROUTED_PROGRESS: &str = "SELECT routed_partition, source_partition, source_offset FROM routed_progress \
+     WHERE consumer_group = $1 AND routed_partition = ANY($2::int[])";
+/// Moves those marks forward: $2 routing partitions, $3 source partitions,
+/// $4 source offsets.
+pub const ADVANCE_ROUTED_PROGRESS: &str = "
+INSERT INTO routed_progress AS r (consumer_group, routed_partition, source_partition, source_offset)
+SELECT $1, * FROM unnest($2::int[], $3::int[], $4::bigint[])
+ON CONFLICT (consumer_group, routed_partition, source_partition)
+DO UPDATE SET source_offset = greatest(r.source_offset, EXCLUDED.source_offset)";
+/// Open alerts of the routed key specs $1 (the newest transition of each
+/// alert_id without a `resolved` row), with the columns of [`OPEN_ALERTS`].
+pub const OPEN_ROUTED_ALERTS: &str = "
+SELECT DISTINCT ON (a.alert_id) a.alert_id, a.rule, a.key_spec, a.key_hash, a.subject, a.state, a.severity,
+       a.episode_start, coalesce(a.last_event_at, a.episode_start), -1
+  FROM alerts a
+ WHERE a.key_spec = ANY($1::text[])
+   AND NOT EXISTS (SELECT 1 FROM alerts r WHERE r.alert_id = a.alert_id AND r.state = 'resolved')
+ ORDER BY a.alert_id, a.detected_at DESC, a.id DESC";
+/// Stored events of every partition since $1 whose action is one of $2 or
+/// starts with one of $3, with the columns of [`REBUILD_EVENTS`] and the
+/// offset, in event-time order: what routed detectors are rebuilt from.
+pub const REBUILD_ROUTED_EVENTS: &str = "
+SELECT event_id, created_at, action, user_id, username, ip_address, user_agent, session_id, request_id,
+       metadata, kafka_partition, kafka_offset
+  FROM audit_logs
+ WHERE created_at >= $1
+   AND kafka_partition >= 0
+   AND (action = ANY($2::text[]) OR EXISTS (SELECT 1 FROM unnest($3::text[]) p WHERE starts_with(action, p)))
+ ORDER BY created_at, kafka_partition, kafka_offset";
+
 /// A batch's activity deltas: one row of parallel arrays, its key filter and
 /// its counts per (hour, action) (migrations/0004, 0005, 0006).
 pub const COPY_ACTIVITY_DELTAS: &str = "COPY activity_delta_batches (user_ids, hours, actions, events, session_ids, \

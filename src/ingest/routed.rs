@@ -1,0 +1,463 @@
+//! The routed detectors: consume the routing topic (src/detect/routing.rs)
+//! in the consumer group `<group_id>.routed` and count the rules keyed by
+//! IP address or system-wide over the events of every instance.
+//!
+//! Like the main pipeline, a routed consumer stores its offsets in
+//! PostgreSQL, in one transaction with the alert transitions it made and
+//! with how far it has counted each events-topic partition on each routing
+//! partition (`routed_progress`). That mark makes counting exact: a record
+//! at or below it is a re-send and is skipped, and on assignment the state
+//! of a routing partition is rebuilt from the stored events up to it, then
+//! consumption resumes at the stored offset. On revocation all state is
+//! forgotten; open alerts are picked up by whoever owns their key's
+//! partition.
+
+use std::collections::{HashMap, HashSet};
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::{Duration, Instant};
+
+use deadpool_postgres::Pool;
+use futures::{StreamExt, pin_mut};
+use rdkafka::consumer::{BaseConsumer, Consumer, ConsumerContext};
+use rdkafka::message::{BorrowedMessage, Headers};
+use rdkafka::types::RDKafkaRespErr;
+use rdkafka::{ClientContext, Message, Offset, TopicPartitionList};
+use tokio::runtime::Handle;
+use tokio_util::sync::CancellationToken;
+use tracing::{debug, info, warn};
+use uuid::Uuid;
+
+use super::detection::row_to_event;
+use crate::alerts::publisher::AlertPublisher;
+use crate::detect::routing::{self, HEADER_KEY_SPEC, HEADER_SOURCE, RoutedKey};
+use crate::detect::{AlertState, Detector, OpenEpisode, Severity, Transition};
+use crate::event::json::decode_json;
+use crate::store::{queries, with_causes};
+
+const POLL_WAIT: Duration = Duration::from_millis(50);
+/// How often offsets, marks and alerts are stored when records flow.
+const STORE_EVERY: Duration = Duration::from_millis(50);
+/// How often quiet streams are judged (resolutions).
+const TICK: Duration = Duration::from_secs(1);
+
+#[derive(Debug, thiserror::Error)]
+enum StoreError {
+    #[error("{0}")]
+    Db(String),
+    #[error("routed offsets of partitions {0:?} were moved by another consumer")]
+    Fenced(Vec<i32>),
+}
+
+impl From<tokio_postgres::Error> for StoreError {
+    fn from(e: tokio_postgres::Error) -> Self {
+        StoreError::Db(with_causes(&e))
+    }
+}
+
+pub struct RoutedSettings {
+    pub group: String,
+    pub topic: String,
+    /// Partitions of the routing topic.
+    pub partitions: i32,
+    pub keys: Arc<Vec<RoutedKey>>,
+    pub rebuild_window_max: Duration,
+    pub retry_backoff: (Duration, Duration),
+}
+
+struct RoutedState {
+    /// One detector per routed key spec (index as in `keys`).
+    detectors: Vec<Detector>,
+    publisher: AlertPublisher,
+    /// Routing partition → (next offset to store, the stored one it expects).
+    positions: HashMap<i32, (Option<i64>, Option<i64>)>,
+    /// (routing partition, source partition) → highest source offset counted.
+    marks: HashMap<(i32, i32), i64>,
+    dirty_marks: HashSet<(i32, i32)>,
+    /// Transitions not stored yet, with whether they were published.
+    pending: Vec<(Transition, bool)>,
+}
+
+pub struct RoutedContext {
+    runtime: Handle,
+    pool: Pool,
+    settings: RoutedSettings,
+    state: Mutex<RoutedState>,
+    cancel: CancellationToken,
+}
+
+impl ClientContext for RoutedContext {}
+
+impl ConsumerContext for RoutedContext {
+    fn rebalance(&self, consumer: &BaseConsumer<Self>, err: RDKafkaRespErr, tpl: &mut TopicPartitionList) {
+        match err {
+            RDKafkaRespErr::RD_KAFKA_RESP_ERR__ASSIGN_PARTITIONS => {
+                let partitions: Vec<i32> =
+                    tpl.elements_for_topic(&self.settings.topic).iter().map(|e| e.partition()).collect();
+                let Some(starts) = self.retry("loading routed detector state", || self.load(&partitions)) else {
+                    return;
+                };
+                for (p, start) in starts {
+                    let offset = start.map_or(Offset::Beginning, Offset::Offset);
+                    if let Err(e) = tpl.set_partition_offset(&self.settings.topic, p, offset) {
+                        warn!(partition = p, error = %e, "cannot set routed start offset");
+                    }
+                }
+                info!(?partitions, "routed partitions assigned");
+                if let Err(e) = consumer.assign(tpl) {
+                    warn!(error = %e, "routed assign failed");
+                }
+            }
+            _ => {
+                if let Err(e) = self.store() {
+                    warn!(error = %e, "storing routed progress before giving the partitions up failed");
+                }
+                self.forget();
+                if let Err(e) = consumer.unassign() {
+                    warn!(error = %e, "routed unassign failed");
+                }
+            }
+        }
+    }
+}
+
+impl RoutedContext {
+    fn state(&self) -> MutexGuard<'_, RoutedState> {
+        self.state.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    fn retry<T>(&self, what: &str, mut step: impl FnMut() -> Result<T, String>) -> Option<T> {
+        let mut backoff = self.settings.retry_backoff.0;
+        loop {
+            match step() {
+                Ok(v) => return Some(v),
+                Err(e) => {
+                    warn!(error = %e, "{what} failed; retrying");
+                    if self.cancel.is_cancelled() {
+                        return None;
+                    }
+                    std::thread::sleep(backoff);
+                    backoff = (backoff * 2).min(self.settings.retry_backoff.1);
+                }
+            }
+        }
+    }
+
+    fn fresh_detectors(&self) -> Vec<Detector> {
+        self.settings
+            .keys
+            .iter()
+            .map(|k| Detector::new(&k.config).expect("the routed rules compiled at start"))
+            .collect()
+    }
+
+    fn forget(&self) {
+        let detectors = self.fresh_detectors();
+        let mut state = self.state();
+        state.detectors = detectors;
+        state.positions.clear();
+        state.marks.clear();
+        state.dirty_marks.clear();
+    }
+
+    /// Rebuilds the state of `partitions` and returns where each resumes.
+    fn load(&self, partitions: &[i32]) -> Result<Vec<(i32, Option<i64>)>, String> {
+        let s = &self.settings;
+        let mut detectors = self.fresh_detectors();
+        self.runtime.block_on(async {
+            let client = self.pool.get().await.map_err(|e| with_causes(&e))?;
+            let stored: HashMap<i32, i64> = client
+                .query(queries::STORED_OFFSETS, &[&s.group, &s.topic, &partitions])
+                .await
+                .map_err(|e| with_causes(&e))?
+                .iter()
+                .map(|r| (r.get(0), r.get(1)))
+                .collect();
+            let marks: HashMap<(i32, i32), i64> = client
+                .query(queries::ROUTED_PROGRESS, &[&s.group, &partitions])
+                .await
+                .map_err(|e| with_causes(&e))?
+                .iter()
+                .map(|r| ((r.get(0), r.get(1)), r.get(2)))
+                .collect();
+            // Open alerts whose key lands on these partitions.
+            let specs: Vec<&str> = s.keys.iter().map(|k| k.text.as_str()).collect();
+            let open: Vec<OpenEpisode> = client
+                .query(queries::OPEN_ROUTED_ALERTS, &[&specs])
+                .await
+                .map_err(|e| with_causes(&e))?
+                .iter()
+                .filter(|r| partitions.contains(&routing::partition_of(r.get::<_, i64>(3) as u64, s.partitions)))
+                .filter_map(|r| {
+                    Some(OpenEpisode {
+                        alert_id: r.get::<_, Uuid>(0),
+                        rule: r.get(1),
+                        key_spec: r.get(2),
+                        key_hash: r.get::<_, i64>(3) as u64,
+                        subject: r.get(4),
+                        state: AlertState::parse(r.get(5))?,
+                        severity: if r.get::<_, &str>(6) == "critical" {
+                            Severity::Critical
+                        } else {
+                            Severity::Warning
+                        },
+                        episode_start: r.get::<_, chrono::DateTime<chrono::Utc>>(7).timestamp_micros(),
+                        last_event_at: r.get::<_, chrono::DateTime<chrono::Utc>>(8).timestamp_micros(),
+                        partition: -1,
+                    })
+                })
+                .collect();
+            let restored = open.len();
+            for (k, detector) in s.keys.iter().zip(&mut detectors) {
+                detector.restore(open.iter().filter(|ep| ep.key_spec == k.text).cloned().collect());
+                detector.set_emitting(false);
+            }
+            // Replay what these partitions have counted so far.
+            let span = detectors.iter().map(Detector::rebuild_span).max().unwrap_or_default();
+            let since =
+                chrono::Utc::now() - chrono::Duration::from_std(span.min(s.rebuild_window_max)).unwrap_or_default();
+            let (mut exact, mut prefixes) = (Vec::new(), Vec::new());
+            for d in &detectors {
+                let (e, p) = d.relevant_actions();
+                exact.extend(e);
+                prefixes.extend(p);
+            }
+            let rows = client
+                .query_raw(
+                    queries::REBUILD_ROUTED_EVENTS,
+                    [&since as &(dyn tokio_postgres::types::ToSql + Sync), &exact, &prefixes],
+                )
+                .await
+                .map_err(|e| with_causes(&e))?;
+            pin_mut!(rows);
+            let (mut replayed, mut discard) = (0u64, Vec::new());
+            while let Some(row) = rows.next().await {
+                let row = row.map_err(|e| with_causes(&e))?;
+                let (source_partition, source_offset): (i32, i64) = (row.get(10), row.get(11));
+                let event = row_to_event(&row);
+                for (k, p) in routing::routes(&s.keys, s.partitions, &event) {
+                    let counted = marks.get(&(p, source_partition)).is_some_and(|&mark| source_offset <= mark);
+                    if partitions.contains(&p) && counted {
+                        // Event-time order holds per events-topic partition,
+                        // not across them: lateness is judged per source.
+                        detectors[k].observe(&event, source_partition, &mut discard);
+                        discard.clear();
+                        replayed += 1;
+                    }
+                }
+            }
+            for d in &mut detectors {
+                d.set_emitting(true);
+            }
+            info!(?partitions, restored, replayed, "routed detector state rebuilt");
+            let mut state = self.state();
+            state.detectors = detectors;
+            state.positions =
+                partitions.iter().map(|p| (*p, (stored.get(p).copied(), stored.get(p).copied()))).collect();
+            state.marks = marks;
+            state.dirty_marks.clear();
+            Ok(partitions.iter().map(|p| (*p, stored.get(p).copied())).collect())
+        })
+    }
+
+    /// Counts one routed record.
+    fn observe(&self, message: &BorrowedMessage<'_>) {
+        let p = message.partition();
+        let header =
+            |name: &str| message.headers().and_then(|hs| hs.iter().find(|h| h.key == name).and_then(|h| h.value));
+        let key = header(HEADER_KEY_SPEC).and_then(|v| std::str::from_utf8(v).ok());
+        let source = header(HEADER_SOURCE)
+            .and_then(|v| std::str::from_utf8(v).ok())
+            .and_then(|s| s.split_once(':'))
+            .and_then(|(sp, so)| Some((sp.parse::<i32>().ok()?, so.parse::<i64>().ok()?)));
+        let mut guard = self.state();
+        let state = &mut *guard;
+        let Some(position) = state.positions.get_mut(&p) else { return };
+        position.0 = Some(message.offset() + 1);
+        let index = key.and_then(|key| self.settings.keys.iter().position(|k| k.text == key));
+        let (Some(index), Some((sp, so))) = (index, source) else {
+            // A rule removed since, or not our record: nothing to count.
+            metrics::counter!("audit_routed_records_skipped_total", "reason" => "unknown").increment(1);
+            return;
+        };
+        if state.marks.get(&(p, sp)).is_some_and(|&mark| so <= mark) {
+            metrics::counter!("audit_routed_records_skipped_total", "reason" => "resent").increment(1);
+            return;
+        }
+        let Ok(event) = decode_json(message.payload().unwrap_or_default()) else {
+            metrics::counter!("audit_routed_records_skipped_total", "reason" => "undecodable").increment(1);
+            return;
+        };
+        state.marks.insert((p, sp), so);
+        state.dirty_marks.insert((p, sp));
+        let mut out = Vec::new();
+        // Records of one routing partition come from every instance, each
+        // at its own pace; event time is in order per source partition.
+        state.detectors[index].observe(&event, sp, &mut out);
+        Self::offer(state, out);
+    }
+
+    fn offer(state: &mut RoutedState, transitions: Vec<Transition>) {
+        for mut t in transitions {
+            // Found by key hash, not by an events-topic partition.
+            t.partition = -1;
+            let sent = state.publisher.offer(&t);
+            state.pending.push((t, sent));
+        }
+    }
+
+    fn tick(&self) {
+        let mut guard = self.state();
+        let state = &mut *guard;
+        let mut out = Vec::new();
+        for d in &mut state.detectors {
+            d.tick(&mut out);
+        }
+        Self::offer(state, out);
+        state.publisher.flush_withheld(chrono::Utc::now().timestamp_micros());
+    }
+
+    /// Stores the alerts made, the offsets and the marks in one transaction.
+    fn store(&self) -> Result<(), StoreError> {
+        let (alerts, moved, marks) = {
+            let state = self.state();
+            let moved: Vec<(i32, i64, Option<i64>)> = state
+                .positions
+                .iter()
+                .filter_map(|(p, (next, stored))| next.filter(|n| Some(*n) != *stored).map(|n| (*p, n, *stored)))
+                .collect();
+            let marks: Vec<(i32, i32, i64)> =
+                state.dirty_marks.iter().filter_map(|k| state.marks.get(k).map(|m| (k.0, k.1, *m))).collect();
+            (state.pending.clone(), moved, marks)
+        };
+        if alerts.is_empty() && moved.is_empty() && marks.is_empty() {
+            return Ok(());
+        }
+        let s = &self.settings;
+        let stored_partitions: Vec<i32> = self.runtime.block_on(async {
+            let mut client = self.pool.get().await.map_err(|e| StoreError::Db(with_causes(&e)))?;
+            let tx = client.transaction().await?;
+            let refs: Vec<(&Transition, bool)> = alerts.iter().map(|(t, p)| (t, *p)).collect();
+            crate::store::writer::record_alerts(&tx, &refs).await?;
+            let partitions: Vec<i32> = moved.iter().map(|m| m.0).collect();
+            let next: Vec<i64> = moved.iter().map(|m| m.1).collect();
+            let expected: Vec<Option<i64>> = moved.iter().map(|m| m.2).collect();
+            let advanced: Vec<i32> = tx
+                .query(queries::ADVANCE_OFFSETS, &[&s.group, &s.topic, &partitions, &next, &expected])
+                .await?
+                .iter()
+                .map(|r| r.get(0))
+                .collect();
+            if advanced.len() != partitions.len() {
+                // Another routed consumer moved them: it owns them now.
+                return Err(StoreError::Fenced(partitions.into_iter().filter(|p| !advanced.contains(p)).collect()));
+            }
+            let (mp, ms, mo): (Vec<i32>, Vec<i32>, Vec<i64>) =
+                marks.iter().fold((Vec::new(), Vec::new(), Vec::new()), |(mut a, mut b, mut c), m| {
+                    a.push(m.0);
+                    b.push(m.1);
+                    c.push(m.2);
+                    (a, b, c)
+                });
+            tx.execute(queries::ADVANCE_ROUTED_PROGRESS, &[&s.group, &mp, &ms, &mo]).await?;
+            tx.commit().await?;
+            Ok::<_, StoreError>(partitions)
+        })?;
+        let mut state = self.state();
+        let stored = alerts.len();
+        let done = stored.min(state.pending.len());
+        state.pending.drain(..done);
+        for (p, next, _) in &moved {
+            if let Some(position) = state.positions.get_mut(p) {
+                position.1 = Some(*next);
+            }
+        }
+        for (p, sp, m) in &marks {
+            if state.marks.get(&(*p, *sp)) == Some(m) {
+                state.dirty_marks.remove(&(*p, *sp));
+            }
+        }
+        debug!(alerts = stored, partitions = ?stored_partitions, "routed progress stored");
+        Ok(())
+    }
+}
+
+/// Creates the routed consumer (subscribed, not polling yet).
+pub fn consumer(
+    client_config: rdkafka::ClientConfig,
+    runtime: Handle,
+    pool: Pool,
+    settings: RoutedSettings,
+    publisher: AlertPublisher,
+    cancel: CancellationToken,
+) -> Result<BaseConsumer<RoutedContext>, rdkafka::error::KafkaError> {
+    let detectors =
+        settings.keys.iter().map(|k| Detector::new(&k.config).expect("the routed rules compiled at start")).collect();
+    let topic = settings.topic.clone();
+    let context = RoutedContext {
+        runtime,
+        pool,
+        settings,
+        state: Mutex::new(RoutedState {
+            detectors,
+            publisher,
+            positions: HashMap::new(),
+            marks: HashMap::new(),
+            dirty_marks: HashSet::new(),
+            pending: Vec::new(),
+        }),
+        cancel,
+    };
+    let consumer: BaseConsumer<RoutedContext> = client_config.create_with_context(context)?;
+    consumer.subscribe(&[&topic])?;
+    Ok(consumer)
+}
+
+/// The poll loop; returns when `cancel` fires (after storing progress).
+pub fn run_loop(consumer: BaseConsumer<RoutedContext>) {
+    let ctx = consumer.context();
+    let (mut last_store, mut last_tick) = (Instant::now(), Instant::now());
+    // Said once per outage, not once per attempt.
+    let mut failing = false;
+    while !ctx.cancel.is_cancelled() {
+        if let Some(result) = consumer.poll(POLL_WAIT) {
+            match result {
+                Ok(message) => ctx.observe(&message),
+                Err(e) => {
+                    metrics::counter!("audit_kafka_errors_total").increment(1);
+                    warn!(error = %e, "routed consume error");
+                }
+            }
+        }
+        if last_tick.elapsed() >= TICK {
+            ctx.tick();
+            last_tick = Instant::now();
+        }
+        if last_store.elapsed() >= STORE_EVERY {
+            match ctx.store() {
+                Ok(()) => failing = false,
+                Err(StoreError::Fenced(partitions)) => {
+                    // This consumer was replaced (a rebalance it missed):
+                    // drop what it counted and wait to be assigned again.
+                    warn!(?partitions, "routed partitions taken over by another consumer; giving them up");
+                    ctx.state().pending.clear();
+                    ctx.forget();
+                    if let Err(e) = consumer.unassign() {
+                        warn!(error = %e, "routed unassign failed");
+                    }
+                }
+                Err(e) if !failing => {
+                    failing = true;
+                    warn!(error = %e, "storing routed progress failed; will retry");
+                }
+                Err(_) => {}
+            }
+            last_store = Instant::now();
+        }
+    }
+    if let Err(e) = ctx.store() {
+        warn!(error = %e, "storing routed progress at shutdown failed");
+    }
+    consumer.unsubscribe();
+    drop(consumer);
+    info!("routed consumer stopped");
+}

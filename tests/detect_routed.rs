@@ -1,0 +1,162 @@
+//! Routed detection: a rule keyed by IP address counts the events of every
+//! instance (through the routing topic), exactly, also across a rebalance
+//! of the routed consumers.
+
+mod common;
+
+use std::time::Duration;
+
+use audit_service::detect::keys::KeySpec;
+use audit_service::detect::rules::AllowList;
+use audit_service::detect::{RecommendedAction, RuleConfig, RuleKind, routing};
+use audit_service::event::AuthEvent;
+use audit_service::kafka::embedded::EmbeddedKafka;
+use audit_service::loadgen::{self, WireFormat};
+use audit_service::service::{self, RunningService};
+use common::*;
+use rdkafka::message::{Header, OwnedHeaders};
+use rdkafka::producer::{BaseProducer, BaseRecord, Producer};
+use tokio_util::sync::CancellationToken;
+
+const IP: &str = "198.51.100.77";
+
+/// Failed logins from one address, each by another user (no per-user rule
+/// would fire), a tenth of a second apart from `t0`.
+fn failures(from: u32, n: u32, t0: i64) -> Vec<AuthEvent> {
+    (from..from + n)
+        .map(|i| auth_event("FAILED_AUTH_LOGIN", &format!("victim{i}"), IP, t0 + i64::from(i) * 100_000))
+        .collect()
+}
+
+fn produce_to(producer: &BaseProducer, topic: &str, partition: i32, events: &[AuthEvent]) {
+    for e in events {
+        let payload = loadgen::encode(e, WireFormat::Json);
+        let key = e.user_id.clone().unwrap_or_default();
+        producer.send(BaseRecord::to(topic).partition(partition).key(&key).payload(&payload)).unwrap();
+    }
+    producer.flush(Duration::from_secs(30)).unwrap();
+}
+
+fn assigned(s: &RunningService) -> Vec<i32> {
+    let mut p = s.status.snapshot().assigned_partitions;
+    p.sort();
+    p
+}
+
+/// (state, severity, count) of the address's alert transitions, in order.
+async fn ip_alerts(db: &TestDb) -> Vec<(String, String, i64)> {
+    db.client()
+        .await
+        .query(
+            "SELECT state, severity, count FROM alerts WHERE rule = 'ip_failures' AND subject = $1 ORDER BY id",
+            &[&format!("ip:{IP}")],
+        )
+        .await
+        .unwrap()
+        .iter()
+        .map(|r| (r.get(0), r.get(1), r.get(2)))
+        .collect()
+}
+
+#[test]
+fn an_ip_rule_counts_every_instance_exactly_across_a_rebalance() {
+    let kafka = EmbeddedKafka::start(1).unwrap();
+    let names = Names::new();
+    names.create(&kafka, 2);
+    let routing_topic = format!("{}.routed", names.events);
+    kafka.create_topic(&routing_topic, 4).unwrap();
+    let rt = rt();
+    rt.block_on(async {
+        let db = TestDb::create().await;
+        let mut config = service_config(&db, &kafka, &names);
+        config.detect.routing_topic = Some(routing_topic.clone());
+        config.detect.rules = vec![RuleConfig {
+            id: "ip_failures".into(),
+            kind: RuleKind::EventCount,
+            enabled: true,
+            actions: vec!["@failure".into()],
+            then_actions: Vec::new(),
+            group_by: vec!["ip_address".into()],
+            distinct: None,
+            window: Duration::from_secs(3600),
+            warning: Some(11),
+            critical: Some(15),
+            min_count: None,
+            severity: None,
+            recommended_action: RecommendedAction::BlockIp,
+            allow: AllowList::default(),
+        }];
+        let producer = producer(&kafka);
+        let a = service::start(&config, CancellationToken::new()).await.unwrap();
+        let b = service::start(&config, CancellationToken::new()).await.unwrap();
+        eventually(Duration::from_secs(120), "one events partition each", || async {
+            let (pa, pb) = (assigned(&a), assigned(&b));
+            (pa.len() == 1 && pb.len() == 1 && pa != pb).then_some(())
+        })
+        .await;
+
+        // Twelve failures from one address, six through each instance: each
+        // alone sees six, below the warning level (> 11).
+        let t0 = chrono::Utc::now().timestamp_micros() - 60_000_000;
+        produce_to(&producer, &names.events, 0, &failures(0, 6, t0));
+        produce_to(&producer, &names.events, 1, &failures(6, 6, t0));
+        eventually(Duration::from_secs(90), "the warning, counted over both instances", || async {
+            let alerts = ip_alerts(&db).await;
+            (!alerts.is_empty()).then(|| {
+                assert_eq!(alerts, [("firing".to_owned(), "warning".to_owned(), 12)]);
+            })
+        })
+        .await;
+
+        // One instance leaves: the other takes over every routing partition
+        // and rebuilds their counts. Three more failures (below) make 15, not
+        // above the critical level: a count rebuilt twice, or the re-send
+        // counted, would escalate there.
+        b.stop();
+        b.wait().await;
+        eventually(Duration::from_secs(120), "the remaining instance owns both events partitions", || async {
+            (assigned(&a) == [0, 1]).then_some(())
+        })
+        .await;
+        // A re-send of a counted event (what an instance that crashed before
+        // its batch committed sends again) must not count twice; sent now,
+        // it is read after the routed state was rebuilt.
+        let first = &failures(0, 1, t0)[0];
+        let ip_key = KeySpec::parse("ip_address").unwrap();
+        let routed_partition = routing::partition_of(ip_key.hash(first).unwrap(), 4);
+        let headers = OwnedHeaders::new()
+            .insert(Header { key: routing::HEADER_KEY_SPEC, value: Some("ip_address") })
+            .insert(Header { key: routing::HEADER_SOURCE, value: Some("0:0") });
+        let payload = loadgen::encode(first, WireFormat::Json);
+        producer
+            .send(
+                BaseRecord::<(), _>::to(&routing_topic).partition(routed_partition).payload(&payload).headers(headers),
+            )
+            .unwrap();
+        producer.flush(Duration::from_secs(30)).unwrap();
+
+        produce_to(&producer, &names.events, 1, &failures(12, 3, t0));
+        // Counted up to the fifteenth (offset 8 of partition 1): its mark is
+        // stored in the same transaction as any alert it made.
+        let mark = format!(
+            "SELECT count(*) FROM routed_progress WHERE routed_partition = {routed_partition} \
+             AND source_partition = 1 AND source_offset >= 8"
+        );
+        eventually(Duration::from_secs(90), "the fifteenth failure counted", || async {
+            (db.count(&mark).await == 1).then_some(())
+        })
+        .await;
+        assert_eq!(ip_alerts(&db).await.len(), 1, "no escalation at fifteen: {:?}", ip_alerts(&db).await);
+        // The sixteenth crosses it: escalated with the exact count.
+        produce_to(&producer, &names.events, 0, &failures(15, 1, t0));
+        eventually(Duration::from_secs(90), "the escalation at the sixteenth failure", || async {
+            let alerts = ip_alerts(&db).await;
+            (alerts.len() == 2).then(|| {
+                assert_eq!(alerts[1], ("escalated".to_owned(), "critical".to_owned(), 16), "{alerts:?}");
+            })
+        })
+        .await;
+        a.stop();
+        a.wait().await;
+    });
+}
