@@ -8,6 +8,7 @@ use std::time::{Duration, Instant};
 use audit_service::kafka::embedded::EmbeddedKafka;
 use audit_service::service;
 use common::*;
+use rdkafka::producer::Producer;
 use tokio_util::sync::CancellationToken;
 
 async fn offsets_total(db: &TestDb) -> i64 {
@@ -97,19 +98,25 @@ fn broker_down_and_back_loses_nothing() {
         let producer = producer(&kafka);
         produce_events(&producer, &names.events, &all[..30_000], ALL_FORMATS);
         let running = service::start(&config, CancellationToken::new()).await.unwrap();
-        eventually(Duration::from_secs(60), "some events stored", || async {
-            (db.count("SELECT count(*) FROM audit_logs").await > 1_000).then_some(())
+        // Events of every partition stored: the consumer fetches from every
+        // leader, so the one taken down below is one it depends on.
+        eventually(Duration::from_secs(60), "events of every partition stored", || async {
+            (db.count("SELECT count(DISTINCT kafka_partition) FROM audit_logs").await == 6).then_some(())
         })
         .await;
-        // Broker 1 leads a third of the partitions (replication factor 1):
-        // they are unreachable until it is back.
-        kafka.broker_down(1).unwrap();
+        // The leader of partition 0 (replication factor 1): its partitions
+        // are unreachable until it is back. (The mock cluster places leaders
+        // at random: a fixed broker may lead none of the partitions, and
+        // the consumer never connects to it.)
+        let metadata = producer.client().fetch_metadata(Some(&names.events), Duration::from_secs(10)).unwrap();
+        let leader = metadata.topics()[0].partitions().iter().find(|p| p.id() == 0).unwrap().leader();
+        kafka.broker_down(leader).unwrap();
         eventually(Duration::from_secs(60), "the service notices the broker is gone", || async {
             running.status.snapshot().last_kafka_error.is_some().then_some(())
         })
         .await;
         let stalled_at = offsets_total(&db).await;
-        kafka.broker_up(1).unwrap();
+        kafka.broker_up(leader).unwrap();
         produce_events(&producer, &names.events, &all[30_000..], ALL_FORMATS);
         eventually(Duration::from_secs(120), "all 60,000 stored after the broker returned", || async {
             (offsets_total(&db).await == 60_000).then_some(())
