@@ -34,6 +34,8 @@
 //!   (k), a bare consumer with the service's settings, shows the Kafka side.
 //! - `activity`: (a) with the activity tracker (sessions, rollups) on and
 //!   off, on the same topic: its cost (issue 5: ≤ 15 %).
+//! - `routing`: (a) with routed detection (`detect.routing_topic`: IP and
+//!   system-wide rules counted through a routing topic) on and off.
 //! - `methods`: (a) once per insert method (`AUDIT_BENCH_METHODS`, default
 //!   `optimistic_copy,staged,unnest`) on the same topic.
 //! - `latency`: p50/p99 from producing the event that crosses a threshold
@@ -272,8 +274,12 @@ async fn run_service(
     let cpu_at_start = cpu_seconds(pid);
     let client = connect(&db.url).await;
     loop {
+        // This run's group only (routed detection stores its own offsets).
         let stored: i64 = client
-            .query_one("SELECT coalesce(sum(next_offset), 0)::bigint FROM consumer_offsets", &[])
+            .query_one(
+                "SELECT coalesce(sum(next_offset), 0)::bigint FROM consumer_offsets WHERE consumer_group = $1",
+                &[&group],
+            )
             .await
             .unwrap()
             .get(0);
@@ -717,7 +723,7 @@ fn main() {
         ));
     }
 
-    if has("throughput") || has("methods") || has("activity") {
+    if has("throughput") || has("methods") || has("activity") || has("routing") {
         let n: u64 = env_or("AUDIT_BENCH_EVENTS", 1_000_000);
         let partitions: i32 = env_or("AUDIT_BENCH_PARTITIONS", 16);
         let pipelines =
@@ -908,6 +914,41 @@ fn main() {
                         "\nCounted until every delta is folded ({:.2} s + {fold:.2} s): {until_folded:.0} events/s, cost {:.1} %.",
                         on.seconds,
                         100.0 * (1.0 - until_folded / off.events_per_s)
+                    ));
+                }
+            }
+            if has("routing") {
+                // Routed detection (IP and system-wide rules counted through
+                // a routing topic, exact across instances) on vs off, one
+                // instance, same run; rounds alternate and keep the best.
+                let rounds: usize = env_or("AUDIT_BENCH_ROUNDS", 1usize).max(1);
+                let (mut on, mut off) = (None, None);
+                for round in 1..=rounds {
+                    // The embedded broker keeps ~5 MiB per partition: many
+                    // partitions, so that the routed records all stay.
+                    let routing_topic = format!("bench.routed.{}.{round}", std::process::id());
+                    kafka.create_topic(&routing_topic, 64).unwrap();
+                    let r =
+                        run_service(&kafka, &topic, n, None, &[("AUDIT__DETECT__ROUTING_TOPIC", routing_topic.as_str())])
+                            .await;
+                    eprintln!("(a) routing on, round {round}: {:.0} events/s ({:.1} CPU s)", r.events_per_s, r.cpu_seconds.unwrap_or_default());
+                    keep_best(&mut on, r);
+                    let r = run_service(&kafka, &topic, n, None, &[]).await;
+                    eprintln!("(a) routing off, round {round}: {:.0} events/s ({:.1} CPU s)", r.events_per_s, r.cpu_seconds.unwrap_or_default());
+                    keep_best(&mut off, r);
+                }
+                let (on, off) = (on.unwrap(), off.unwrap());
+                report.push(String::new());
+                report.push(format!("| routed detection ({n} events) | events/s | seconds | service CPU s | peak RSS MiB | cost |"));
+                report.push("|---|---|---|---|---|---|".into());
+                for (label, r) in [("(a) routing off (default)", &off), ("(a) routing on (detect.routing_topic)", &on)] {
+                    report.push(format!(
+                        "| {label} | {:.0} | {:.2} | {:.1} | {} | {:.1} % |",
+                        r.events_per_s,
+                        r.seconds,
+                        r.cpu_seconds.unwrap_or_default(),
+                        opt(r.peak_rss_mib, 0),
+                        100.0 * (1.0 - r.events_per_s / off.events_per_s)
                     ));
                 }
             }
