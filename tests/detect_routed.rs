@@ -127,7 +127,7 @@ fn an_ip_rule_counts_every_instance_exactly_across_a_rebalance() {
         let headers = OwnedHeaders::new()
             .insert(Header { key: routing::HEADER_KEY_SPEC, value: Some("ip_address") })
             .insert(Header { key: routing::HEADER_SOURCE, value: Some("0:0") });
-        let payload = loadgen::encode(first, WireFormat::Json);
+        let payload = loadgen::encode(first, WireFormat::AvroSingleObject);
         producer
             .send(
                 BaseRecord::<(), _>::to(&routing_topic).partition(routed_partition).payload(&payload).headers(headers),

@@ -31,7 +31,7 @@ use super::detection::row_to_event;
 use crate::alerts::publisher::AlertPublisher;
 use crate::detect::routing::{self, HEADER_KEY_SPEC, HEADER_SOURCE, RoutedKey};
 use crate::detect::{AlertState, Detector, OpenEpisode, Severity, Transition};
-use crate::event::json::decode_json;
+use crate::event::avro::{AUTH_EVENT_SCHEMA, ReadPlan, auth_event_fingerprint, split_single_object};
 use crate::store::{queries, with_causes};
 
 const POLL_WAIT: Duration = Duration::from_millis(50);
@@ -79,6 +79,8 @@ struct RoutedState {
 
 pub struct RoutedContext {
     runtime: Handle,
+    /// Decodes the routed records (the built-in event schema).
+    plan: ReadPlan,
     pool: Pool,
     settings: RoutedSettings,
     state: Mutex<RoutedState>,
@@ -283,7 +285,11 @@ impl RoutedContext {
             metrics::counter!("audit_routed_records_skipped_total", "reason" => "resent").increment(1);
             return;
         }
-        let Ok(event) = decode_json(message.payload().unwrap_or_default()) else {
+        let decoded = split_single_object(message.payload().unwrap_or_default())
+            .ok()
+            .filter(|(fingerprint, _)| *fingerprint == auth_event_fingerprint())
+            .and_then(|(_, body)| self.plan.decode(body).ok());
+        let Some(event) = decoded else {
             metrics::counter!("audit_routed_records_skipped_total", "reason" => "undecodable").increment(1);
             return;
         };
@@ -393,8 +399,11 @@ pub fn consumer(
     let detectors =
         settings.keys.iter().map(|k| Detector::new(&k.config).expect("the routed rules compiled at start")).collect();
     let topic = settings.topic.clone();
+    let schema = apache_avro::Schema::parse_str(AUTH_EVENT_SCHEMA).expect("built-in schema is valid");
+    let plan = ReadPlan::compile(&schema).expect("the built-in schema reads itself");
     let context = RoutedContext {
         runtime,
+        plan,
         pool,
         settings,
         state: Mutex::new(RoutedState {
