@@ -16,6 +16,7 @@ use audit_service::service::{self, RunningService};
 use common::*;
 use rdkafka::message::{Header, OwnedHeaders};
 use rdkafka::producer::{BaseProducer, BaseRecord, Producer};
+use rdkafka::types::RDKafkaRespErr;
 use tokio_util::sync::CancellationToken;
 
 const IP: &str = "198.51.100.77";
@@ -26,6 +27,26 @@ fn failures(from: u32, n: u32, t0: i64) -> Vec<AuthEvent> {
     (from..from + n)
         .map(|i| auth_event("FAILED_AUTH_LOGIN", &format!("victim{i}"), IP, t0 + i64::from(i) * 100_000))
         .collect()
+}
+
+/// Warning above 11 failures from one address in an hour, critical above 15.
+fn ip_rule() -> RuleConfig {
+    RuleConfig {
+        id: "ip_failures".into(),
+        kind: RuleKind::EventCount,
+        enabled: true,
+        actions: vec!["@failure".into()],
+        then_actions: Vec::new(),
+        group_by: vec!["ip_address".into()],
+        distinct: None,
+        window: Duration::from_secs(3600),
+        warning: Some(11),
+        critical: Some(15),
+        min_count: None,
+        severity: None,
+        recommended_action: RecommendedAction::BlockIp,
+        allow: AllowList::default(),
+    }
 }
 
 fn produce_to(producer: &BaseProducer, topic: &str, partition: i32, events: &[AuthEvent]) {
@@ -70,22 +91,7 @@ fn an_ip_rule_counts_every_instance_exactly_across_a_rebalance() {
         let db = TestDb::create().await;
         let mut config = service_config(&db, &kafka, &names);
         config.detect.routing_topic = Some(routing_topic.clone());
-        config.detect.rules = vec![RuleConfig {
-            id: "ip_failures".into(),
-            kind: RuleKind::EventCount,
-            enabled: true,
-            actions: vec!["@failure".into()],
-            then_actions: Vec::new(),
-            group_by: vec!["ip_address".into()],
-            distinct: None,
-            window: Duration::from_secs(3600),
-            warning: Some(11),
-            critical: Some(15),
-            min_count: None,
-            severity: None,
-            recommended_action: RecommendedAction::BlockIp,
-            allow: AllowList::default(),
-        }];
+        config.detect.rules = vec![ip_rule()];
         let producer = producer(&kafka);
         let a = service::start(&config, CancellationToken::new()).await.unwrap();
         let b = service::start(&config, CancellationToken::new()).await.unwrap();
@@ -158,5 +164,43 @@ fn an_ip_rule_counts_every_instance_exactly_across_a_rebalance() {
         .await;
         a.stop();
         a.wait().await;
+    });
+}
+
+/// A batch whose routed records Kafka refuses is not committed: it is
+/// written again once they are acknowledged, and nothing is counted twice.
+#[test]
+fn a_batch_waits_for_its_routed_records() {
+    let kafka = EmbeddedKafka::start(1).unwrap();
+    let names = Names::new();
+    names.create(&kafka, 1);
+    let routing_topic = format!("{}.routed", names.events);
+    kafka.create_topic(&routing_topic, 2).unwrap();
+    let rt = rt();
+    rt.block_on(async {
+        let db = TestDb::create().await;
+        let mut config = service_config(&db, &kafka, &names);
+        config.detect.routing_topic = Some(routing_topic.clone());
+        config.detect.rules = vec![ip_rule()];
+        // The events are in the topic before the service starts; the next
+        // produce requests then fail for good (not retried by the client):
+        // they are the service's first, its first batch's routed records.
+        let t0 = chrono::Utc::now().timestamp_micros() - 60_000_000;
+        produce_to(&producer(&kafka), &names.events, 0, &failures(0, 12, t0));
+        kafka.push_request_errors(0, RDKafkaRespErr::RD_KAFKA_RESP_ERR_TOPIC_AUTHORIZATION_FAILED, 3);
+        let service = service::start(&config, CancellationToken::new()).await.unwrap();
+        eventually(Duration::from_secs(90), "the warning at twelve, once", || async {
+            let alerts = ip_alerts(&db).await;
+            (!alerts.is_empty()).then(|| assert_eq!(alerts, [("firing".to_owned(), "warning".to_owned(), 12)]))
+        })
+        .await;
+        assert_eq!(db.count("SELECT count(*) FROM audit_logs").await, 12);
+        let scrape = scrape(service.http_addr).await;
+        assert!(
+            metric_value(&scrape, "audit_routed_produce_errors_total").is_some_and(|n| n >= 1.0),
+            "the refused routed records were retried"
+        );
+        service.stop();
+        service.wait().await;
     });
 }

@@ -1,6 +1,7 @@
 //! The writer task: takes batches from the consumer thread, in order, and
-//! makes each durable: dead letters (and the events routed to the routing
-//! topic, when routed detection is on) acknowledged by Kafka first, then rows,
+//! makes each durable: dead letters acknowledged by Kafka first (and the
+//! records of routed detection, produced while the statements run, before
+//! the commit), then rows,
 //! dead-letter records and offsets in one PostgreSQL transaction. A batch is
 //! retried (with backoff) until it commits; the bounded queue in front of
 //! this task is what pauses the consumer while PostgreSQL is away.
@@ -117,7 +118,6 @@ impl BatchWriter {
         }
         let started = Instant::now();
         let mut dead_sent = 0;
-        let mut routed = self.router.is_none();
         let mut backoff = self.settings.initial_backoff;
         loop {
             if dead_sent < batch.dead.len() {
@@ -126,17 +126,6 @@ impl BatchWriter {
                     Err(e) => {
                         warn!(error = %e, "dead-letter produce failed; retrying");
                         metrics::counter!("audit_dlq_produce_errors_total").increment(1);
-                        backoff = self.pause(backoff).await;
-                        continue;
-                    }
-                }
-            }
-            if !routed && let Some(router) = &self.router {
-                match router.send_all(&batch.rows).await {
-                    Ok(_) => routed = true,
-                    Err(e) => {
-                        warn!(error = %e, "routing produce failed; retrying");
-                        metrics::counter!("audit_routed_produce_errors_total").increment(1);
                         backoff = self.pause(backoff).await;
                         continue;
                     }
@@ -167,6 +156,11 @@ impl BatchWriter {
                     if batch.progress.is_empty() && batch.alerts.is_empty() {
                         return;
                     }
+                }
+                Err(AttemptError::Write(WriteError::NotReady(e))) => {
+                    warn!(error = %e, "routing produce failed; retrying the batch");
+                    metrics::counter!("audit_routed_produce_errors_total").increment(1);
+                    backoff = self.pause(backoff).await;
                 }
                 Err(AttemptError::Write(WriteError::Db(e))) => {
                     self.status.db_error();
@@ -219,7 +213,19 @@ impl BatchWriter {
             alerts: batch.alerts.iter().map(|(t, published)| (t, *published)).collect(),
             activity: self.settings.activity.as_ref(),
         };
-        writer::write(&mut client, &set, self.settings.method).await.map_err(AttemptError::Write)
+        // The routed records (routed detection on) are produced while the
+        // statements run; the transaction commits only once they are
+        // acknowledged. A retried batch sends them again: the routed
+        // consumers skip what they counted.
+        let routed = async {
+            match &self.router {
+                Some(router) => {
+                    router.send_all(&batch.rows).await.map(|_| ()).map_err(|e| format!("routing topic: {e}"))
+                }
+                None => Ok(()),
+            }
+        };
+        writer::write_when(&mut client, &set, self.settings.method, routed).await.map_err(AttemptError::Write)
     }
 
     fn committed(&mut self, batch: &Batch, result: WriteResult, started: Instant) {

@@ -90,22 +90,44 @@ pub enum WriteError {
     /// Nothing was committed: this consumer no longer owns their position.
     #[error("offsets of partitions {0:?} were moved by another consumer")]
     Fenced(Vec<i32>),
+    /// What had to be acknowledged elsewhere first (the routed records) was
+    /// not. Nothing was committed; retry the same batch later.
+    #[error("not committed: {0}")]
+    NotReady(String),
 }
 
 /// Writes and commits the set. The client must not be inside a transaction.
 pub async fn write(client: &mut Client, set: &WriteSet<'_>, method: InsertMethod) -> Result<WriteResult, WriteError> {
+    write_when(client, set, method, async { Ok(()) }).await
+}
+
+/// Writes the set and commits it once `ready` has succeeded too; `ready`
+/// runs while the statements do (the routed records' acknowledgements,
+/// awaited beside PostgreSQL's work instead of before it).
+pub async fn write_when(
+    client: &mut Client,
+    set: &WriteSet<'_>,
+    method: InsertMethod,
+    ready: impl std::future::Future<Output = Result<(), String>>,
+) -> Result<WriteResult, WriteError> {
     let mut tx = client.transaction().await?;
-    let (mut result, inserted) = insert_rows(&mut tx, &set.rows, method).await?;
-    if let Some(cfg) = set.activity {
-        // From the rows actually inserted: a duplicate adds nothing.
-        let events = set.rows.iter().filter(|r| inserted.contains(&r.event.event_id)).map(|r| r.event);
-        let deltas = ActivityDeltas::from_events(cfg, events);
-        deltas.write(&tx).await?;
-        result.activity_deltas = deltas.rows() as u64;
-    }
-    record_dead_letters(&tx, set).await?;
-    record_alerts(&tx, &set.alerts).await?;
-    advance_offsets(&tx, set).await?;
+    let statements = async {
+        let (mut result, inserted) = insert_rows(&mut tx, &set.rows, method).await?;
+        if let Some(cfg) = set.activity {
+            // From the rows actually inserted: a duplicate adds nothing.
+            let events = set.rows.iter().filter(|r| inserted.contains(&r.event.event_id)).map(|r| r.event);
+            let deltas = ActivityDeltas::from_events(cfg, events);
+            deltas.write(&tx).await?;
+            result.activity_deltas = deltas.rows() as u64;
+        }
+        record_dead_letters(&tx, set).await?;
+        record_alerts(&tx, &set.alerts).await?;
+        advance_offsets(&tx, set).await?;
+        Ok::<_, WriteError>(result)
+    };
+    let (result, ready) = tokio::join!(statements, ready);
+    let result = result?;
+    ready.map_err(WriteError::NotReady)?;
     tx.commit().await?;
     Ok(result)
 }
