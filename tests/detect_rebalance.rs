@@ -9,10 +9,8 @@ use std::time::Duration;
 
 use audit_service::event::AuthEvent;
 use audit_service::kafka::embedded::EmbeddedKafka;
-use audit_service::loadgen::{self, WireFormat};
-use audit_service::service::{self, RunningService};
+use audit_service::service;
 use common::*;
-use rdkafka::producer::{BaseProducer, BaseRecord, Producer};
 use tokio_util::sync::CancellationToken;
 
 /// Failed logins of one user from different addresses: only the per-user
@@ -21,22 +19,6 @@ fn failures(user: &str, from: u32, n: u32, t0: i64) -> Vec<AuthEvent> {
     (from..from + n)
         .map(|i| auth_event("FAILED_AUTH_LOGIN", user, &format!("10.7.0.{}", i + 1), t0 + i64::from(i) * 100_000))
         .collect()
-}
-
-/// Produces to one partition (the test decides where the user's events go).
-fn produce_to(producer: &BaseProducer, topic: &str, partition: i32, events: &[AuthEvent]) {
-    for e in events {
-        let payload = loadgen::encode(e, WireFormat::Json);
-        let key = e.user_id.clone().unwrap_or_default();
-        producer.send(BaseRecord::to(topic).partition(partition).key(&key).payload(&payload)).unwrap();
-    }
-    producer.flush(Duration::from_secs(30)).unwrap();
-}
-
-fn assigned(s: &RunningService) -> Vec<i32> {
-    let mut p = s.status.snapshot().assigned_partitions;
-    p.sort();
-    p
 }
 
 #[test]

@@ -12,10 +12,10 @@ use audit_service::detect::{RecommendedAction, RuleConfig, RuleKind, routing};
 use audit_service::event::AuthEvent;
 use audit_service::kafka::embedded::EmbeddedKafka;
 use audit_service::loadgen::{self, WireFormat};
-use audit_service::service::{self, RunningService};
+use audit_service::service;
 use common::*;
 use rdkafka::message::{Header, OwnedHeaders};
-use rdkafka::producer::{BaseProducer, BaseRecord, Producer};
+use rdkafka::producer::{BaseRecord, Producer};
 use rdkafka::types::RDKafkaRespErr;
 use tokio_util::sync::CancellationToken;
 
@@ -47,21 +47,6 @@ fn ip_rule() -> RuleConfig {
         recommended_action: RecommendedAction::BlockIp,
         allow: AllowList::default(),
     }
-}
-
-fn produce_to(producer: &BaseProducer, topic: &str, partition: i32, events: &[AuthEvent]) {
-    for e in events {
-        let payload = loadgen::encode(e, WireFormat::Json);
-        let key = e.user_id.clone().unwrap_or_default();
-        producer.send(BaseRecord::to(topic).partition(partition).key(&key).payload(&payload)).unwrap();
-    }
-    producer.flush(Duration::from_secs(30)).unwrap();
-}
-
-fn assigned(s: &RunningService) -> Vec<i32> {
-    let mut p = s.status.snapshot().assigned_partitions;
-    p.sort();
-    p
 }
 
 /// (state, severity, count) of the address's alert transitions, in order.

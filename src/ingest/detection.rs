@@ -102,27 +102,7 @@ impl Detection {
             let unpartitioned = !self.restored_unpartitioned;
             let open =
                 client.query(queries::OPEN_ALERTS, &[&fresh, &unpartitioned]).await.map_err(|e| with_causes(&e))?;
-            let episodes: Vec<OpenEpisode> = open
-                .iter()
-                .filter_map(|r| {
-                    Some(OpenEpisode {
-                        alert_id: r.get::<_, Uuid>(0),
-                        rule: r.get(1),
-                        key_spec: r.get(2),
-                        key_hash: r.get::<_, i64>(3) as u64,
-                        subject: r.get(4),
-                        state: AlertState::parse(r.get(5))?,
-                        severity: if r.get::<_, &str>(6) == "critical" {
-                            Severity::Critical
-                        } else {
-                            Severity::Warning
-                        },
-                        episode_start: r.get::<_, chrono::DateTime<chrono::Utc>>(7).timestamp_micros(),
-                        last_event_at: r.get::<_, chrono::DateTime<chrono::Utc>>(8).timestamp_micros(),
-                        partition: r.get(9),
-                    })
-                })
-                .collect();
+            let episodes: Vec<OpenEpisode> = open.iter().filter_map(open_episode).collect();
             info!(open = episodes.len(), partitions = ?fresh, "restored open alerts");
             self.detector.restore(episodes);
             self.restored_unpartitioned = true;
@@ -154,6 +134,23 @@ impl Detection {
         info!(events = n, partitions = ?fresh, ms = started.elapsed().as_millis() as u64, "detector state rebuilt from stored events");
         Ok(())
     }
+}
+
+/// An open alert read back by [`queries::OPEN_ALERTS`] (or a query with its
+/// columns); None for a state this version does not know.
+pub(crate) fn open_episode(r: &tokio_postgres::Row) -> Option<OpenEpisode> {
+    Some(OpenEpisode {
+        alert_id: r.get::<_, Uuid>(0),
+        rule: r.get(1),
+        key_spec: r.get(2),
+        key_hash: r.get::<_, i64>(3) as u64,
+        subject: r.get(4),
+        state: AlertState::parse(r.get(5))?,
+        severity: if r.get::<_, &str>(6) == "critical" { Severity::Critical } else { Severity::Warning },
+        episode_start: r.get::<_, chrono::DateTime<chrono::Utc>>(7).timestamp_micros(),
+        last_event_at: r.get::<_, chrono::DateTime<chrono::Utc>>(8).timestamp_micros(),
+        partition: r.get(9),
+    })
 }
 
 /// An event read back by [`queries::REBUILD_EVENTS`] (or a query with its

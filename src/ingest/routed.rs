@@ -25,12 +25,11 @@ use rdkafka::{ClientContext, Message, Offset, TopicPartitionList};
 use tokio::runtime::Handle;
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn};
-use uuid::Uuid;
 
-use super::detection::row_to_event;
+use super::detection::{open_episode, row_to_event};
 use crate::alerts::publisher::AlertPublisher;
 use crate::detect::routing::{self, HEADER_KEY_SPEC, HEADER_SOURCE, RoutedKey};
-use crate::detect::{AlertState, Detector, OpenEpisode, Severity, Transition};
+use crate::detect::{Detector, OpenEpisode, Transition};
 use crate::event::avro::{AUTH_EVENT_SCHEMA, ReadPlan, auth_event_fingerprint, split_single_object};
 use crate::store::{queries, with_causes};
 
@@ -189,24 +188,7 @@ impl RoutedContext {
                 .map_err(|e| with_causes(&e))?
                 .iter()
                 .filter(|r| partitions.contains(&routing::partition_of(r.get::<_, i64>(3) as u64, s.partitions)))
-                .filter_map(|r| {
-                    Some(OpenEpisode {
-                        alert_id: r.get::<_, Uuid>(0),
-                        rule: r.get(1),
-                        key_spec: r.get(2),
-                        key_hash: r.get::<_, i64>(3) as u64,
-                        subject: r.get(4),
-                        state: AlertState::parse(r.get(5))?,
-                        severity: if r.get::<_, &str>(6) == "critical" {
-                            Severity::Critical
-                        } else {
-                            Severity::Warning
-                        },
-                        episode_start: r.get::<_, chrono::DateTime<chrono::Utc>>(7).timestamp_micros(),
-                        last_event_at: r.get::<_, chrono::DateTime<chrono::Utc>>(8).timestamp_micros(),
-                        partition: -1,
-                    })
-                })
+                .filter_map(open_episode)
                 .collect();
             let restored = open.len();
             for (k, detector) in s.keys.iter().zip(&mut detectors) {

@@ -410,3 +410,23 @@ pub fn auth_event(action: &str, user: &str, ip: &str, at: i64) -> AuthEvent {
         metadata: vec![],
     }
 }
+
+/// Produces JSON events to one partition (the test decides where they go),
+/// keyed by user id, and waits until all are acknowledged.
+pub fn produce_to(producer: &BaseProducer, topic: &str, partition: i32, events: &[AuthEvent]) {
+    for e in events {
+        let payload = loadgen::encode(e, WireFormat::Json);
+        let key = e.user_id.clone().unwrap_or_default();
+        producer
+            .send(rdkafka::producer::BaseRecord::to(topic).partition(partition).key(&key).payload(&payload))
+            .unwrap();
+    }
+    producer.flush(Duration::from_secs(30)).unwrap();
+}
+
+/// The events-topic partitions an in-process service owns, sorted.
+pub fn assigned(s: &audit_service::service::RunningService) -> Vec<i32> {
+    let mut p = s.status.snapshot().assigned_partitions;
+    p.sort();
+    p
+}
