@@ -64,6 +64,22 @@ fn describe_all() {
         "Messages between the stored position and the end of each partition."
     );
     describe_gauge!("audit_consumer_assigned_partitions", "Partitions of the events topic assigned to this instance.");
+    describe_counter!(
+        "audit_routed_records_total",
+        "Records produced to the routing topic (routed detection: one per event and routed key)."
+    );
+    describe_counter!(
+        "audit_routed_produce_errors_total",
+        "Failed routing-topic produce attempts (the batch is retried)."
+    );
+    describe_counter!(
+        "audit_routed_records_skipped_total",
+        "Routing-topic records not counted, by reason (resent: counted already; unknown; undecodable)."
+    );
+    describe_gauge!(
+        "audit_routed_consumer_lag_messages",
+        "Messages between the routed consumer's position and the end of each routing partition it owns."
+    );
     describe_gauge!("audit_ingest_paused", "1 while consumption is paused, by reason (backpressure, maintenance).");
     describe_gauge!(
         "audit_last_batch_stored_timestamp_seconds",

@@ -180,6 +180,14 @@ fn a_batch_waits_for_its_routed_records() {
         })
         .await;
         assert_eq!(db.count("SELECT count(*) FROM audit_logs").await, 12);
+        // The routed consumer reports its lag per routing partition: all read.
+        eventually(Duration::from_secs(30), "the routed consumer's lag reported, 0", || async {
+            let scrape = scrape(service.http_addr).await;
+            let lag =
+                |p: i32| metric_value(&scrape, &format!("audit_routed_consumer_lag_messages{{partition=\"{p}\"}}"));
+            (lag(0) == Some(0.0) && lag(1) == Some(0.0)).then_some(())
+        })
+        .await;
         let scrape = scrape(service.http_addr).await;
         assert!(
             metric_value(&scrape, "audit_routed_produce_errors_total").is_some_and(|n| n >= 1.0),

@@ -21,7 +21,7 @@ use futures::{StreamExt, pin_mut};
 use rdkafka::consumer::{BaseConsumer, Consumer, ConsumerContext};
 use rdkafka::message::{BorrowedMessage, Headers};
 use rdkafka::types::RDKafkaRespErr;
-use rdkafka::{ClientContext, Message, Offset, TopicPartitionList};
+use rdkafka::{ClientContext, Message, Offset, Statistics, TopicPartitionList};
 use tokio::runtime::Handle;
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn};
@@ -86,7 +86,20 @@ pub struct RoutedContext {
     cancel: CancellationToken,
 }
 
-impl ClientContext for RoutedContext {}
+impl ClientContext for RoutedContext {
+    /// The routed consumer's lag per routing partition it owns, from
+    /// librdkafka's statistics (`audit_routed_consumer_lag_messages`).
+    fn stats(&self, statistics: Statistics) {
+        let Some(topic) = statistics.topics.get(&self.settings.topic) else { return };
+        let state = self.state();
+        for (p, stats) in &topic.partitions {
+            if state.positions.contains_key(p) && stats.consumer_lag >= 0 {
+                metrics::gauge!("audit_routed_consumer_lag_messages", "partition" => p.to_string())
+                    .set(stats.consumer_lag as f64);
+            }
+        }
+    }
+}
 
 impl ConsumerContext for RoutedContext {
     fn rebalance(&self, consumer: &BaseConsumer<Self>, err: RDKafkaRespErr, tpl: &mut TopicPartitionList) {
@@ -155,6 +168,10 @@ impl RoutedContext {
         let detectors = self.fresh_detectors();
         let mut state = self.state();
         state.detectors = detectors;
+        // Another instance reports these partitions' lag now.
+        for p in state.positions.keys() {
+            metrics::gauge!("audit_routed_consumer_lag_messages", "partition" => p.to_string()).set(0.0);
+        }
         state.positions.clear();
         state.marks.clear();
         state.dirty_marks.clear();
