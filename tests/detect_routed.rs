@@ -6,6 +6,7 @@ mod common;
 
 use std::time::Duration;
 
+use audit_service::config::Config;
 use audit_service::detect::keys::KeySpec;
 use audit_service::detect::rules::AllowList;
 use audit_service::detect::{RecommendedAction, RuleConfig, RuleKind, routing};
@@ -49,6 +50,14 @@ fn ip_rule() -> RuleConfig {
     }
 }
 
+/// The test service's config with routed detection on and only [`ip_rule`].
+fn routed_config(db: &TestDb, kafka: &EmbeddedKafka, names: &Names, routing_topic: &str) -> Config {
+    let mut config = service_config(db, kafka, names);
+    config.detect.routing_topic = Some(routing_topic.to_owned());
+    config.detect.rules = vec![ip_rule()];
+    config
+}
+
 /// (state, severity, count) of the address's alert transitions, in order.
 async fn ip_alerts(db: &TestDb) -> Vec<(String, String, i64)> {
     db.client()
@@ -74,9 +83,7 @@ fn an_ip_rule_counts_every_instance_exactly_across_a_rebalance() {
     let rt = rt();
     rt.block_on(async {
         let db = TestDb::create().await;
-        let mut config = service_config(&db, &kafka, &names);
-        config.detect.routing_topic = Some(routing_topic.clone());
-        config.detect.rules = vec![ip_rule()];
+        let config = routed_config(&db, &kafka, &names, &routing_topic);
         let producer = producer(&kafka);
         let a = service::start(&config, CancellationToken::new()).await.unwrap();
         let b = service::start(&config, CancellationToken::new()).await.unwrap();
@@ -164,9 +171,7 @@ fn a_batch_waits_for_its_routed_records() {
     let rt = rt();
     rt.block_on(async {
         let db = TestDb::create().await;
-        let mut config = service_config(&db, &kafka, &names);
-        config.detect.routing_topic = Some(routing_topic.clone());
-        config.detect.rules = vec![ip_rule()];
+        let config = routed_config(&db, &kafka, &names, &routing_topic);
         // The events are in the topic before the service starts; the next
         // produce requests then fail for good (not retried by the client):
         // they are the service's first, its first batch's routed records.

@@ -285,8 +285,6 @@ pub struct Detector {
     max_keys: usize,
     /// Newest event time per partition (index = partition number).
     partition_max: Vec<EpochMicros>,
-    /// The partition of the event being observed.
-    observing: i32,
     max_event_time: EpochMicros,
     /// `max_event_time` as seen at the last tick, and when that was.
     max_at_last_tick: EpochMicros,
@@ -361,7 +359,6 @@ impl Detector {
             quiet: micros(cfg.quiet_period),
             max_keys: cfg.max_keys_per_rule,
             partition_max: Vec::new(),
-            observing: -1,
             max_event_time: EpochMicros::MIN,
             max_at_last_tick: EpochMicros::MIN,
             wall_at_max: Instant::now(),
@@ -492,7 +489,6 @@ impl Detector {
             return;
         }
         let t = e.occurred_at;
-        self.observing = partition;
         let slot = usize::try_from(partition).unwrap_or(0);
         if slot >= self.partition_max.len() {
             self.partition_max.resize(slot + 1, EpochMicros::MIN);
@@ -516,7 +512,7 @@ impl Detector {
             }
         }
         for j in judgments.drain(..) {
-            self.judge(j, e, out);
+            self.judge(j, e, partition, out);
         }
         self.judgments = judgments;
         if self.max_event_time >= self.next_resolution {
@@ -664,7 +660,7 @@ impl Detector {
     }
 
     /// Moves the (rule, key) lifecycle for a new count at event `e`.
-    fn judge(&mut self, j: Judgment, e: &AuthEvent, out: &mut Vec<Transition>) {
+    fn judge(&mut self, j: Judgment, e: &AuthEvent, partition: i32, out: &mut Vec<Transition>) {
         let Judgment { instance: i, key, count, calm_at, first } = j;
         let t = e.occurred_at;
         let rule_index = self.instances[i].rule;
@@ -694,7 +690,7 @@ impl Detector {
                     last_event_at: t,
                     count,
                     samples: vec![e.event_id],
-                    partition: self.observing,
+                    partition,
                 };
                 self.next_resolution = self.next_resolution.min(ep.calm_at.saturating_add(self.quiet));
                 let tr = self.transition(i, key, &ep, AlertState::Firing, threshold);

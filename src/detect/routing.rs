@@ -104,6 +104,12 @@ pub fn split(cfg: &DetectConfig) -> Result<Split, RuleError> {
             rule_cfg.group_by = kept;
         }
     }
+    // Both halves are what detectors get built from, here and after every
+    // rebalance: they compile now or the service does not start.
+    local.compile()?;
+    for key in &routed {
+        key.config.compile()?;
+    }
     Ok(Split { local, routed })
 }
 

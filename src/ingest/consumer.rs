@@ -125,22 +125,8 @@ impl IngestContext {
 
     /// Runs a database step from this thread, retried with backoff until it
     /// succeeds. `None` only when shutting down.
-    fn retry_db<T>(&self, what: &str, mut step: impl FnMut() -> Result<T, String>) -> Option<T> {
-        let mut backoff = self.retry_backoff.0;
-        loop {
-            match step() {
-                Ok(v) => return Some(v),
-                Err(e) => {
-                    warn!(error = %e, "{what} failed; retrying");
-                    self.status.db_error();
-                    if self.cancel.is_cancelled() {
-                        return None;
-                    }
-                    std::thread::sleep(backoff);
-                    backoff = (backoff * 2).min(self.retry_backoff.1);
-                }
-            }
-        }
+    fn retry_db<T>(&self, what: &str, step: impl FnMut() -> Result<T, String>) -> Option<T> {
+        super::retry_blocking(what, self.retry_backoff, &self.cancel, step, || self.status.db_error())
     }
 
     /// Stored positions of `partitions`, retried until PostgreSQL answers.

@@ -36,23 +36,27 @@ pub struct StoredSwitch {
 
 /// The stored switch, if any was ever made.
 pub async fn read(client: &impl GenericClient) -> Result<Option<StoredSwitch>, tokio_postgres::Error> {
-    Ok(client.query_opt(queries::MAINTENANCE_MODE, &[]).await?.map(|row| StoredSwitch {
-        paused: row.get(0),
-        reason: row.get(1),
-        changed_by: row.get(2),
-        changed_at: row.get(3),
-        version: row.get(4),
-    }))
+    Ok(client.query_opt(queries::MAINTENANCE_MODE, &[]).await?.as_ref().map(switch_of))
 }
 
-/// Stores a switch (in the caller's transaction); returns its version.
+/// Stores a switch (in the caller's transaction); returns it as stored.
 pub async fn store(
     client: &impl GenericClient,
     paused: bool,
     reason: Option<&str>,
     changed_by: &str,
-) -> Result<i64, tokio_postgres::Error> {
-    Ok(client.query_one(queries::SET_MAINTENANCE_MODE, &[&paused, &reason, &changed_by]).await?.get(0))
+) -> Result<StoredSwitch, tokio_postgres::Error> {
+    Ok(switch_of(&client.query_one(queries::SET_MAINTENANCE_MODE, &[&paused, &reason, &changed_by]).await?))
+}
+
+fn switch_of(row: &tokio_postgres::Row) -> StoredSwitch {
+    StoredSwitch {
+        paused: row.get(0),
+        reason: row.get(1),
+        changed_by: row.get(2),
+        changed_at: row.get(3),
+        version: row.get(4),
+    }
 }
 
 /// Applies `stored` unless its version was applied already; returns the

@@ -116,13 +116,12 @@ pub fn start(
             let split = routing::split(&config.detect)?;
             let producer: FutureProducer = kafka::producer_config(k).create()?;
             let partitions = topic_partitions(&producer, topic, k.produce_timeout)?;
-            let keys = Arc::new(split.routed);
-            let router = Router::new(producer, topic.clone(), partitions, keys.clone(), k.produce_timeout);
-            Some((split.local, router, keys, topic.clone(), partitions))
+            let router = Router::new(producer, topic.clone(), partitions, Arc::new(split.routed), k.produce_timeout);
+            Some((split.local, router))
         }
         _ => None,
     };
-    let local_rules = routing.as_ref().map_or_else(|| config.detect.clone(), |r| r.0.clone());
+    let local_rules = routing.as_ref().map_or_else(|| config.detect.clone(), |(local, _)| local.clone());
 
     // One writer per lane, each with its own connection and queue.
     let active_users = Arc::new(Mutex::new(ActiveUsers::default()));
@@ -133,7 +132,7 @@ pub fn start(
         let writer = BatchWriter::new(
             pool.clone(),
             dlq.clone(),
-            routing.as_ref().map(|r| r.1.clone()),
+            routing.as_ref().map(|(_, router)| router.clone()),
             WriterSettings {
                 activity: config.activity.enabled.then(|| config.activity.clone()),
                 group: k.group_id.clone(),
@@ -185,7 +184,7 @@ pub fn start(
         .spawn(move || consumer::run_loop(consumer, decoder, events_rx))?;
 
     let routed = match routing {
-        Some((_, _, keys, topic, partitions)) => {
+        Some((_, router)) => {
             let (publisher, sender) = alert_publisher(config)?;
             let group = format!("{}.routed", k.group_id);
             let mut client_config = kafka::consumer_config(k);
@@ -196,9 +195,9 @@ pub fn start(
                 pool_for_routed,
                 routed::RoutedSettings {
                     group,
-                    topic,
-                    partitions,
-                    keys,
+                    topic: router.topic().to_owned(),
+                    partitions: router.partitions(),
+                    keys: router.keys().clone(),
                     rebuild_window_max: config.detect.rebuild_window_max,
                     retry_backoff: (i.retry_initial_backoff, i.retry_max_backoff),
                 },
@@ -243,5 +242,33 @@ fn topic_partitions(producer: &FutureProducer, topic: &str, timeout: std::time::
     match i32::try_from(t.partitions().len()) {
         Ok(n) if n > 0 => Ok(n),
         _ => Err(error("has no partitions; create it first".into())),
+    }
+}
+
+/// Runs a database step from a consumer thread (inside librdkafka's
+/// callbacks, where blocking is right), retried with exponential backoff
+/// until it succeeds; `on_failure` runs after each failure. `None` only when
+/// `cancel` fires.
+pub(crate) fn retry_blocking<T>(
+    what: &str,
+    (initial, max): (std::time::Duration, std::time::Duration),
+    cancel: &CancellationToken,
+    mut step: impl FnMut() -> Result<T, String>,
+    mut on_failure: impl FnMut(),
+) -> Option<T> {
+    let mut backoff = initial;
+    loop {
+        match step() {
+            Ok(v) => return Some(v),
+            Err(e) => {
+                tracing::warn!(error = %e, "{what} failed; retrying");
+                on_failure();
+                if cancel.is_cancelled() {
+                    return None;
+                }
+                std::thread::sleep(backoff);
+                backoff = (backoff * 2).min(max);
+            }
+        }
     }
 }

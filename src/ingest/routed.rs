@@ -139,29 +139,12 @@ impl RoutedContext {
         self.state.lock().unwrap_or_else(|e| e.into_inner())
     }
 
-    fn retry<T>(&self, what: &str, mut step: impl FnMut() -> Result<T, String>) -> Option<T> {
-        let mut backoff = self.settings.retry_backoff.0;
-        loop {
-            match step() {
-                Ok(v) => return Some(v),
-                Err(e) => {
-                    warn!(error = %e, "{what} failed; retrying");
-                    if self.cancel.is_cancelled() {
-                        return None;
-                    }
-                    std::thread::sleep(backoff);
-                    backoff = (backoff * 2).min(self.settings.retry_backoff.1);
-                }
-            }
-        }
+    fn retry<T>(&self, what: &str, step: impl FnMut() -> Result<T, String>) -> Option<T> {
+        super::retry_blocking(what, self.settings.retry_backoff, &self.cancel, step, || {})
     }
 
     fn fresh_detectors(&self) -> Vec<Detector> {
-        self.settings
-            .keys
-            .iter()
-            .map(|k| Detector::new(&k.config).expect("the routed rules compiled at start"))
-            .collect()
+        detectors_for(&self.settings.keys)
     }
 
     fn forget(&self) {
@@ -386,6 +369,12 @@ impl RoutedContext {
     }
 }
 
+/// One fresh detector per routed key spec.
+fn detectors_for(keys: &[RoutedKey]) -> Vec<Detector> {
+    // routing::split compiled these configs when the service started.
+    keys.iter().map(|k| Detector::new(&k.config).expect("the routed rules compiled at start")).collect()
+}
+
 /// Creates the routed consumer (subscribed, not polling yet).
 pub fn consumer(
     client_config: rdkafka::ClientConfig,
@@ -395,8 +384,7 @@ pub fn consumer(
     publisher: AlertPublisher,
     cancel: CancellationToken,
 ) -> Result<BaseConsumer<RoutedContext>, rdkafka::error::KafkaError> {
-    let detectors =
-        settings.keys.iter().map(|k| Detector::new(&k.config).expect("the routed rules compiled at start")).collect();
+    let detectors = detectors_for(&settings.keys);
     let topic = settings.topic.clone();
     let schema = apache_avro::Schema::parse_str(AUTH_EVENT_SCHEMA).expect("built-in schema is valid");
     let plan = ReadPlan::compile(&schema).expect("the built-in schema reads itself");

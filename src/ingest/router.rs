@@ -38,6 +38,19 @@ impl Router {
         Router { producer, topic, partitions, keys, timeout }
     }
 
+    pub fn topic(&self) -> &str {
+        &self.topic
+    }
+
+    /// Partitions of the routing topic (read once at start).
+    pub fn partitions(&self) -> i32 {
+        self.partitions
+    }
+
+    pub fn keys(&self) -> &Arc<Vec<RoutedKey>> {
+        &self.keys
+    }
+
     /// Produces the routed records of `rows` and waits until all are
     /// acknowledged; returns how many there were.
     pub async fn send_all(&self, rows: &[BatchRow]) -> Result<usize, KafkaError> {

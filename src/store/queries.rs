@@ -161,13 +161,14 @@ pub const ACTIVE_SESSIONS: &str = "SELECT open_session_count()";
 /// The deployment's maintenance mode (migrations/0007); no row until the
 /// first switch.
 pub const MAINTENANCE_MODE: &str = "SELECT paused, reason, changed_by, changed_at, version FROM maintenance_mode";
-/// Stores a switch: $1 paused, $2 reason, $3 who; returns its version.
+/// Stores a switch: $1 paused, $2 reason, $3 who; returns it as stored
+/// (the columns of [`MAINTENANCE_MODE`]).
 pub const SET_MAINTENANCE_MODE: &str = "
 INSERT INTO maintenance_mode AS m (paused, reason, changed_by, version) VALUES ($1, $2, $3, 1)
 ON CONFLICT (singleton) DO UPDATE
    SET paused = EXCLUDED.paused, reason = EXCLUDED.reason, changed_by = EXCLUDED.changed_by, changed_at = now(),
        version = m.version + 1
-RETURNING version";
+RETURNING paused, reason, changed_by, changed_at, version";
 
 /// Creates the missing daily partitions between two dates (inclusive).
 pub const ENSURE_PARTITIONS: &str = "SELECT audit_ensure_partitions($1::date, $2::date)";

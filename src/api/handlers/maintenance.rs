@@ -99,24 +99,23 @@ pub async fn set(
     let recorded = async {
         let mut conn = db::connection(&ctx).await?;
         let tx = db::read_write(&mut conn, ctx.config.api.statement_timeout).await?;
-        maintenance::store(&*tx, body.paused, reason.as_deref(), &actor.id).await?;
+        let shared = maintenance::store(&*tx, body.paused, reason.as_deref(), &actor.id).await?;
         let id = audit_trail::record(&*tx, action, &actor, metadata).await?;
         tx.commit().await?;
-        Ok::<_, ApiError>(id)
+        Ok::<_, ApiError>((id, shared))
     }
     .await
     .inspect_err(|e| {
         tracing::warn!(error = ?e, "maintenance switch made on this instance only: not stored, not in the audit trail")
     })
     .ok();
-    let shared = if recorded.is_some() { stored_switch(&ctx).await } else { None };
     let s = ctx.status.snapshot();
     Ok(Json(MaintenanceState {
         paused: s.maintenance_paused,
         backpressure_paused: s.backpressure_paused,
         consumer_lag: s.total_lag,
-        shared,
         recorded: Some(recorded.is_some()),
-        audit_event_id: recorded,
+        audit_event_id: recorded.as_ref().map(|(id, _)| *id),
+        shared: recorded.map(|(_, shared)| shared),
     }))
 }
