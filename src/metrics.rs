@@ -80,6 +80,15 @@ fn describe_all() {
         "audit_routed_consumer_lag_messages",
         "Messages between the routed consumer's position and the end of each routing partition it owns."
     );
+    describe_gauge!(
+        "audit_routed_assigned_partitions",
+        "Partitions of the routing topic this instance's routed consumer owns."
+    );
+    describe_gauge!(
+        "audit_routed_last_stored_timestamp_seconds",
+        Unit::Seconds,
+        "Unix time the routed consumer last stored its progress (offsets, marks, alerts)."
+    );
     describe_gauge!("audit_ingest_paused", "1 while consumption is paused, by reason (backpressure, maintenance).");
     describe_gauge!(
         "audit_last_batch_stored_timestamp_seconds",

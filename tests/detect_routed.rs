@@ -6,7 +6,7 @@ mod common;
 
 use std::time::Duration;
 
-use audit_service::config::Config;
+use audit_service::config::{Config, StaticTokenConfig};
 use audit_service::detect::keys::KeySpec;
 use audit_service::detect::rules::AllowList;
 use audit_service::detect::{RecommendedAction, RuleConfig, RuleKind, routing};
@@ -15,12 +15,19 @@ use audit_service::kafka::embedded::EmbeddedKafka;
 use audit_service::loadgen::{self, WireFormat};
 use audit_service::service;
 use common::*;
+use rdkafka::TopicPartitionList;
+use rdkafka::consumer::{BaseConsumer, Consumer};
 use rdkafka::message::{Header, OwnedHeaders};
 use rdkafka::producer::{BaseRecord, Producer};
 use rdkafka::types::RDKafkaRespErr;
 use tokio_util::sync::CancellationToken;
 
 const IP: &str = "198.51.100.77";
+const TOKEN: &str = "routed-test-admin-token-0123456789";
+
+fn sha256_hex(token: &str) -> String {
+    audit_service::api::auth::sha256(token.as_bytes()).iter().map(|b| format!("{b:02x}")).collect()
+}
 
 /// Failed logins from one address, each by another user (no per-user rule
 /// would fire), a tenth of a second apart from `t0`.
@@ -171,7 +178,8 @@ fn a_batch_waits_for_its_routed_records() {
     let rt = rt();
     rt.block_on(async {
         let db = TestDb::create().await;
-        let config = routed_config(&db, &kafka, &names, &routing_topic);
+        let mut config = routed_config(&db, &kafka, &names, &routing_topic);
+        config.api.tokens.push(StaticTokenConfig { name: "ops".into(), sha256: sha256_hex(TOKEN) });
         // The events are in the topic before the service starts; the next
         // produce requests then fail for good (not retried by the client):
         // they are the service's first, its first batch's routed records.
@@ -198,6 +206,67 @@ fn a_batch_waits_for_its_routed_records() {
             metric_value(&scrape, "audit_routed_produce_errors_total").is_some_and(|n| n >= 1.0),
             "the refused routed records were retried"
         );
+        assert_eq!(metric_value(&scrape, "audit_routed_assigned_partitions"), Some(2.0));
+        assert!(metric_value(&scrape, "audit_routed_last_stored_timestamp_seconds").is_some_and(|t| t > 0.0));
+        // Health shows the routed consumer: both routing partitions, caught
+        // up, its progress stored; nothing wrong with it.
+        let health: serde_json::Value = reqwest::Client::new()
+            .get(format!("http://{}/api/v1/audit/health", service.http_addr))
+            .bearer_auth(TOKEN)
+            .send()
+            .await
+            .unwrap()
+            .json()
+            .await
+            .unwrap();
+        let routed = &health["kafka"]["routed_detection"];
+        assert_eq!(routed["topic"], routing_topic.as_str(), "{health}");
+        assert_eq!(routed["group"], format!("{}.routed", config.kafka.group_id));
+        assert_eq!(routed["assigned_partitions"], serde_json::json!([0, 1]));
+        assert_eq!(routed["consumer_lag"], 0);
+        assert!(routed["last_stored_at"].is_string(), "{health}");
+        let problems = health["problems"].as_array().unwrap();
+        assert!(!problems.iter().any(|p| p.as_str().unwrap().contains("routed")), "{health}");
+        // The routed offsets stored in PostgreSQL are committed to Kafka too,
+        // for the group's lag tooling.
+        let group = format!("{}.routed", config.kafka.group_id);
+        let stored: Vec<(i32, i64)> = db
+            .client()
+            .await
+            .query(
+                "SELECT kafka_partition, next_offset FROM consumer_offsets WHERE consumer_group = $1 ORDER BY 1",
+                &[&group],
+            )
+            .await
+            .unwrap()
+            .iter()
+            .map(|r| (r.get(0), r.get(1)))
+            .collect();
+        // (The address's records all went to one routing partition.)
+        assert_eq!(stored.len(), 1, "the routing partition that got records: {stored:?}");
+        let tooling: BaseConsumer = rdkafka::ClientConfig::new()
+            .set("bootstrap.servers", kafka.bootstrap_servers())
+            .set("group.id", &group)
+            .create()
+            .unwrap();
+        eventually(Duration::from_secs(30), "the routed offsets committed to Kafka", || async {
+            let mut tpl = TopicPartitionList::new();
+            for p in 0..2 {
+                tpl.add_partition(&routing_topic, p);
+            }
+            let committed: Vec<(i32, i64)> = tooling
+                .committed_offsets(tpl, Duration::from_secs(5))
+                .ok()?
+                .elements()
+                .iter()
+                .filter_map(|e| match e.offset() {
+                    rdkafka::Offset::Offset(o) => Some((e.partition(), o)),
+                    _ => None,
+                })
+                .collect();
+            (committed == stored).then_some(())
+        })
+        .await;
         service.stop();
         service.wait().await;
     });

@@ -172,7 +172,7 @@ pub fn start(
             max_backoff: i.retry_max_backoff,
         },
         senders,
-        status,
+        status.clone(),
         detection,
         cancel,
     );
@@ -202,6 +202,7 @@ pub fn start(
                     retry_backoff: (i.retry_initial_backoff, i.retry_max_backoff),
                 },
                 publisher,
+                status,
                 routed_cancel,
             )?;
             let thread =

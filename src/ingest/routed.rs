@@ -27,6 +27,7 @@ use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn};
 
 use super::detection::{open_episode, row_to_event};
+use super::status::IngestStatus;
 use crate::alerts::publisher::AlertPublisher;
 use crate::detect::routing::{self, HEADER_KEY_SPEC, HEADER_SOURCE, RoutedKey};
 use crate::detect::{Detector, OpenEpisode, Transition};
@@ -83,21 +84,33 @@ pub struct RoutedContext {
     pool: Pool,
     settings: RoutedSettings,
     state: Mutex<RoutedState>,
+    /// Where health reads the routed consumer's partitions, lag and progress.
+    status: Arc<IngestStatus>,
     cancel: CancellationToken,
 }
 
 impl ClientContext for RoutedContext {
-    /// The routed consumer's lag per routing partition it owns, from
-    /// librdkafka's statistics (`audit_routed_consumer_lag_messages`).
+    /// The routed consumer's lag per routing partition it owns
+    /// (`audit_routed_consumer_lag_messages`): the partition's end, from
+    /// librdkafka's statistics, less this consumer's own position (what it
+    /// has read, else where it resumed), so that a partition nobody has
+    /// written to yet reports 0 rather than nothing.
     fn stats(&self, statistics: Statistics) {
         let Some(topic) = statistics.topics.get(&self.settings.topic) else { return };
         let state = self.state();
+        let mut lag = std::collections::BTreeMap::new();
         for (p, stats) in &topic.partitions {
-            if state.positions.contains_key(p) && stats.consumer_lag >= 0 {
-                metrics::gauge!("audit_routed_consumer_lag_messages", "partition" => p.to_string())
-                    .set(stats.consumer_lag as f64);
+            let Some((read, stored)) = state.positions.get(p) else { continue };
+            if stats.hi_offset < 0 {
+                continue; // end not known yet
             }
+            let position = read.or(*stored).unwrap_or(stats.lo_offset.max(0));
+            let behind = (stats.hi_offset - position).max(0);
+            lag.insert(*p, behind);
+            metrics::gauge!("audit_routed_consumer_lag_messages", "partition" => p.to_string()).set(behind as f64);
         }
+        drop(state);
+        self.status.set_routed_lag(lag);
     }
 }
 
@@ -117,6 +130,7 @@ impl ConsumerContext for RoutedContext {
                     }
                 }
                 info!(?partitions, "routed partitions assigned");
+                self.status.set_routed_assigned(partitions);
                 if let Err(e) = consumer.assign(tpl) {
                     warn!(error = %e, "routed assign failed");
                 }
@@ -158,6 +172,8 @@ impl RoutedContext {
         state.positions.clear();
         state.marks.clear();
         state.dirty_marks.clear();
+        drop(state);
+        self.status.set_routed_assigned(Vec::new());
     }
 
     /// Rebuilds the state of `partitions` and returns where each resumes.
@@ -304,8 +320,9 @@ impl RoutedContext {
         state.publisher.flush_withheld(chrono::Utc::now().timestamp_micros());
     }
 
-    /// Stores the alerts made, the offsets and the marks in one transaction.
-    fn store(&self) -> Result<(), StoreError> {
+    /// Stores the alerts made, the offsets and the marks in one transaction;
+    /// returns the (partition, next offset) pairs it stored.
+    fn store(&self) -> Result<Vec<(i32, i64)>, StoreError> {
         let (alerts, moved, marks) = {
             let state = self.state();
             let moved: Vec<(i32, i64, Option<i64>)> = state
@@ -318,7 +335,7 @@ impl RoutedContext {
             (state.pending.clone(), moved, marks)
         };
         if alerts.is_empty() && moved.is_empty() && marks.is_empty() {
-            return Ok(());
+            return Ok(Vec::new());
         }
         let s = &self.settings;
         let stored_partitions: Vec<i32> = self.runtime.block_on(async {
@@ -350,6 +367,7 @@ impl RoutedContext {
             tx.commit().await?;
             Ok::<_, StoreError>(partitions)
         })?;
+        self.status.routed_stored();
         let mut state = self.state();
         let stored = alerts.len();
         let done = stored.min(state.pending.len());
@@ -365,7 +383,23 @@ impl RoutedContext {
             }
         }
         debug!(alerts = stored, partitions = ?stored_partitions, "routed progress stored");
-        Ok(())
+        Ok(moved.iter().map(|(p, next, _)| (*p, *next)).collect())
+    }
+}
+
+/// Commits the offsets just stored in PostgreSQL to Kafka as well, for the
+/// group's lag tooling only: the stored ones are where consumption resumes.
+fn commit_to_kafka(consumer: &BaseConsumer<RoutedContext>, stored: &[(i32, i64)]) {
+    if stored.is_empty() {
+        return;
+    }
+    let topic = &consumer.context().settings.topic;
+    let mut tpl = TopicPartitionList::new();
+    for (p, next) in stored {
+        let _ = tpl.add_partition_offset(topic, *p, Offset::Offset(*next));
+    }
+    if let Err(e) = consumer.commit(&tpl, rdkafka::consumer::CommitMode::Async) {
+        debug!(error = %e, "routed Kafka offset commit failed");
     }
 }
 
@@ -382,8 +416,10 @@ pub fn consumer(
     pool: Pool,
     settings: RoutedSettings,
     publisher: AlertPublisher,
+    status: Arc<IngestStatus>,
     cancel: CancellationToken,
 ) -> Result<BaseConsumer<RoutedContext>, rdkafka::error::KafkaError> {
+    status.routed_started(&settings.topic, &settings.group);
     let detectors = detectors_for(&settings.keys);
     let topic = settings.topic.clone();
     let schema = apache_avro::Schema::parse_str(AUTH_EVENT_SCHEMA).expect("built-in schema is valid");
@@ -401,6 +437,7 @@ pub fn consumer(
             dirty_marks: HashSet::new(),
             pending: Vec::new(),
         }),
+        status,
         cancel,
     };
     let consumer: BaseConsumer<RoutedContext> = client_config.create_with_context(context)?;
@@ -430,7 +467,10 @@ pub fn run_loop(consumer: BaseConsumer<RoutedContext>) {
         }
         if last_store.elapsed() >= STORE_EVERY {
             match ctx.store() {
-                Ok(()) => failing = false,
+                Ok(stored) => {
+                    failing = false;
+                    commit_to_kafka(&consumer, &stored);
+                }
                 Err(StoreError::Fenced(partitions)) => {
                     // This consumer was replaced (a rebalance it missed):
                     // drop what it counted and wait to be assigned again.

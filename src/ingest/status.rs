@@ -28,6 +28,21 @@ pub struct IngestStatus {
     lag: Mutex<BTreeMap<i32, i64>>,
     assigned: Mutex<Vec<i32>>,
     last_kafka_error: Mutex<Option<String>>,
+    /// The routed consumer, when routed detection is on.
+    routed: Mutex<Option<RoutedStatus>>,
+}
+
+/// What the routed consumer (routed detection) reports: its routing
+/// partitions, how far behind it is, when it last stored its progress.
+#[derive(Debug, Clone, Default, serde::Serialize)]
+pub struct RoutedStatus {
+    pub topic: String,
+    pub group: String,
+    pub assigned_partitions: Vec<i32>,
+    /// Routing partition → lag in messages, from librdkafka statistics.
+    pub lag: BTreeMap<i32, i64>,
+    /// Unix seconds of the last stored progress (offsets, marks, alerts).
+    pub last_stored_at: Option<i64>,
 }
 
 #[derive(Debug, Clone, serde::Serialize)]
@@ -41,6 +56,7 @@ pub struct StatusSnapshot {
     pub total_lag: i64,
     pub assigned_partitions: Vec<i32>,
     pub last_kafka_error: Option<String>,
+    pub routed: Option<RoutedStatus>,
 }
 
 fn unix_now() -> i64 {
@@ -126,6 +142,39 @@ impl IngestStatus {
         *self.last_kafka_error.lock().unwrap_or_else(|e| e.into_inner()) = message;
     }
 
+    /// Routed detection runs: its consumer reads `topic` in `group`.
+    pub fn routed_started(&self, topic: &str, group: &str) {
+        *self.routed.lock().unwrap_or_else(|e| e.into_inner()) =
+            Some(RoutedStatus { topic: topic.to_owned(), group: group.to_owned(), ..RoutedStatus::default() });
+    }
+
+    fn update_routed(&self, change: impl FnOnce(&mut RoutedStatus)) {
+        if let Some(routed) = self.routed.lock().unwrap_or_else(|e| e.into_inner()).as_mut() {
+            change(routed);
+        }
+    }
+
+    /// The routing partitions the routed consumer owns now (their lag goes
+    /// with those it gave up).
+    pub fn set_routed_assigned(&self, partitions: Vec<i32>) {
+        metrics::gauge!("audit_routed_assigned_partitions").set(partitions.len() as f64);
+        self.update_routed(|r| {
+            r.lag.retain(|p, _| partitions.contains(p));
+            r.assigned_partitions = partitions;
+        });
+    }
+
+    pub fn set_routed_lag(&self, lag: BTreeMap<i32, i64>) {
+        self.update_routed(|r| r.lag = lag);
+    }
+
+    /// The routed consumer committed its progress.
+    pub fn routed_stored(&self) {
+        let now = unix_now();
+        metrics::gauge!("audit_routed_last_stored_timestamp_seconds").set(now as f64);
+        self.update_routed(|r| r.last_stored_at = Some(now));
+    }
+
     pub fn snapshot(&self) -> StatusSnapshot {
         let lag = self.lag.lock().unwrap_or_else(|e| e.into_inner()).clone();
         let nonzero = |v: i64| (v != 0).then_some(v);
@@ -139,6 +188,7 @@ impl IngestStatus {
             lag,
             assigned_partitions: self.assigned.lock().unwrap_or_else(|e| e.into_inner()).clone(),
             last_kafka_error: self.last_kafka_error.lock().unwrap_or_else(|e| e.into_inner()).clone(),
+            routed: self.routed.lock().unwrap_or_else(|e| e.into_inner()).clone(),
         }
     }
 }

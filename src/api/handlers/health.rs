@@ -16,7 +16,7 @@ use serde::Serialize;
 
 use crate::api::error::ApiError;
 use crate::api::{Ctx, db, queries};
-use crate::ingest::status::StatusSnapshot;
+use crate::ingest::status::{RoutedStatus, StatusSnapshot};
 
 #[derive(Debug, Serialize)]
 pub struct Health {
@@ -40,6 +40,21 @@ pub struct KafkaHealth {
     pub consumer_lag_by_partition: std::collections::BTreeMap<i32, i64>,
     /// The last error the Kafka client reported (it may have recovered).
     pub last_error: Option<String>,
+    /// The routed consumer (IP and system-wide rules across instances);
+    /// null when routed detection is off.
+    pub routed_detection: Option<RoutedHealth>,
+}
+
+#[derive(Debug, Serialize)]
+pub struct RoutedHealth {
+    pub topic: String,
+    pub group: String,
+    /// Routing partitions this instance counts (others may own the rest).
+    pub assigned_partitions: Vec<i32>,
+    pub consumer_lag: i64,
+    pub consumer_lag_by_partition: std::collections::BTreeMap<i32, i64>,
+    pub last_stored_at: Option<DateTime<Utc>>,
+    pub last_stored_age_seconds: Option<i64>,
 }
 
 #[derive(Debug, Serialize)]
@@ -154,6 +169,35 @@ async fn storage(ctx: &Ctx, now: DateTime<Utc>) -> Result<StorageHealth, ApiErro
     })
 }
 
+/// The routed consumer's part: lagging behind the routing topic, or records
+/// waiting while no progress is stored, makes IP and system-wide alerts late.
+fn assess_routed(
+    r: &RoutedStatus,
+    now: DateTime<Utc>,
+    max_lag: i64,
+    stall_seconds: i64,
+    problems: &mut Vec<String>,
+) -> RoutedHealth {
+    let lag: i64 = r.lag.values().sum();
+    let age = r.last_stored_at.map(|t| now.timestamp() - t);
+    if lag > max_lag {
+        problems.push(format!("routed detection lag {lag} is above {max_lag}"));
+    }
+    if lag > 0 && age.is_none_or(|age| age > stall_seconds) {
+        problems
+            .push(format!("routed records are waiting but no routed progress was stored for over {stall_seconds} s"));
+    }
+    RoutedHealth {
+        topic: r.topic.clone(),
+        group: r.group.clone(),
+        assigned_partitions: r.assigned_partitions.clone(),
+        consumer_lag: lag,
+        consumer_lag_by_partition: r.lag.clone(),
+        last_stored_at: unix(r.last_stored_at),
+        last_stored_age_seconds: age,
+    }
+}
+
 fn assess(
     ctx: &Ctx,
     now: DateTime<Utc>,
@@ -189,6 +233,7 @@ fn assess(
     if s.total_lag > 0 && !s.maintenance_paused && last_batch_age.is_none_or(|age| age > stall) {
         problems.push(format!("events are waiting but no batch was stored for over {stall} s"));
     }
+    let routed_detection = s.routed.as_ref().map(|r| assess_routed(r, now, api.health_max_lag, stall, &mut problems));
     for (name, pool) in [("api", &database.pools.api), ("ingest", &database.pools.ingest)] {
         if pool.utilization > api.health_max_pool_utilization {
             problems.push(format!(
@@ -215,6 +260,7 @@ fn assess(
             consumer_lag: s.total_lag,
             consumer_lag_by_partition: s.lag.clone(),
             last_error: s.last_kafka_error.clone(),
+            routed_detection,
         },
         ingest: IngestHealth {
             maintenance_paused: s.maintenance_paused,
@@ -226,5 +272,45 @@ fn assess(
         },
         database,
         storage,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn routed(lag: &[(i32, i64)], stored_secs_ago: Option<i64>, now: DateTime<Utc>) -> RoutedStatus {
+        RoutedStatus {
+            topic: "auth-events.routed".into(),
+            group: "audit.routed".into(),
+            assigned_partitions: lag.iter().map(|(p, _)| *p).collect(),
+            lag: lag.iter().copied().collect(),
+            last_stored_at: stored_secs_ago.map(|s| now.timestamp() - s),
+        }
+    }
+
+    #[test]
+    fn routed_detection_is_a_problem_when_it_lags_or_stalls() {
+        let now = Utc::now();
+        let mut problems = Vec::new();
+        let h = assess_routed(&routed(&[(0, 0), (1, 0)], Some(400), now), now, 10_000, 300, &mut problems);
+        assert!(problems.is_empty(), "caught up, quiet for long: fine ({problems:?})");
+        assert_eq!((h.consumer_lag, h.last_stored_age_seconds), (0, Some(400)));
+
+        let h = assess_routed(&routed(&[(0, 6_000), (1, 5_000)], Some(1), now), now, 10_000, 300, &mut problems);
+        assert_eq!(h.consumer_lag, 11_000);
+        assert_eq!(problems, ["routed detection lag 11000 is above 10000"]);
+
+        problems.clear();
+        assess_routed(&routed(&[(0, 5)], Some(301), now), now, 10_000, 300, &mut problems);
+        assert_eq!(problems, ["routed records are waiting but no routed progress was stored for over 300 s"]);
+
+        problems.clear();
+        assess_routed(&routed(&[(0, 5)], None, now), now, 10_000, 300, &mut problems);
+        assert_eq!(problems.len(), 1, "waiting and never stored: {problems:?}");
+
+        problems.clear();
+        assess_routed(&routed(&[], None, now), now, 10_000, 300, &mut problems);
+        assert!(problems.is_empty(), "no routing partition here (another instance owns them)");
     }
 }
