@@ -106,7 +106,7 @@ fn describe_all() {
     describe_counter!("audit_partitions_created_total", "Daily audit_logs partitions created.");
     describe_counter!(
         "audit_failed_logins_total",
-        "Failed-login events seen by the detectors (the configured failure actions)."
+        "Failed-login events stored (the configured detect.failure_actions), counted when their batch commits."
     );
     describe_counter!("audit_alerts_total", "Alert transitions, by rule, severity and state (published or withheld).");
     describe_counter!("audit_alerts_published_total", "Alert messages sent to the alerts topic, by rule.");

@@ -1,6 +1,8 @@
 //! An attack that straddles a SIGKILL of the service: still detected after
 //! the restart, and an alert already sent is continued under its id, not
-//! sent again under a new one.
+//! sent again under a new one. The events are three hours old, as after an
+//! outage longer than any rule's window: the detector state is rebuilt up to
+//! where the stored events end, not up to the wall clock.
 
 mod common;
 
@@ -28,7 +30,8 @@ fn an_attack_straddling_a_sigkill_is_detected_with_one_alert_id() {
         let db = TestDb::create().await;
         let env = service_env(&db, &kafka, &names);
         let producer = producer(&kafka);
-        let t0 = chrono::Utc::now().timestamp_micros() - 30_000_000;
+        // Older than the longest default window (1 h) plus lateness.
+        let t0 = chrono::Utc::now().timestamp_micros() - 3 * 3_600_000_000;
         let at = |i: i64| t0 + i * 100_000;
         // Before the crash: "loud" crosses the warning level (6 failures),
         // "quiet" is at 4, below it.
@@ -64,6 +67,22 @@ fn an_attack_straddling_a_sigkill_is_detected_with_one_alert_id() {
             (n == 3).then_some(())
         })
         .await;
+        // The restarted process counts what it stored and raised, not the
+        // failures and alerts its rebuild replayed (those were counted by
+        // the process before; a replay that counted them would also set off
+        // the failed-login spike rule after every restart).
+        let addr = service.http_addr().expect("the restarted service serves HTTP");
+        let metrics = eventually(Duration::from_secs(20), "the stored failures counted", || async {
+            let scrape = scrape(addr).await;
+            (metric_value(&scrape, "audit_failed_logins_total") == Some(7.0)).then_some(scrape)
+        })
+        .await;
+        let alerts: f64 = metrics
+            .lines()
+            .filter(|l| l.starts_with("audit_alerts_total{"))
+            .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+            .sum();
+        assert_eq!(alerts, 2.0, "escalation of loud + quiet's first alert:\n{metrics}");
         assert!(service.sigterm(Duration::from_secs(30)).success(), "{}", service.tail());
 
         let topic = read_topic(&kafka, &names.alerts, 4, Duration::from_secs(10));

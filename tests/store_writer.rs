@@ -121,3 +121,36 @@ fn database_errors_are_described_with_postgresql_message() {
         assert!(text.contains("column \"no_such_column\" does not exist"), "{text}");
     });
 }
+
+/// The offsets row keeps the newest event time its batches stored (where a
+/// detector rebuild's window ends): a batch of older events does not move it
+/// back, a batch of only dead letters leaves it.
+#[test]
+fn offsets_keep_the_newest_stored_event_time() {
+    rt().block_on(async {
+        let (db, mut client) = migrated_db().await;
+        let mut evs = events(2, 12);
+        let t0 = 1_790_000_000_000_000;
+        for (i, e) in evs.iter_mut().enumerate() {
+            e.occurred_at = t0 + i as i64 * 1_000_000;
+        }
+        let newest = || async {
+            db.count("SELECT (extract(epoch FROM max_event_time) * 1000000)::bigint FROM consumer_offsets").await
+        };
+        // Stored out of order within the batch: the newest counts.
+        let mut first: Vec<AuthEvent> = evs[..6].to_vec();
+        first.reverse();
+        writer::write(&mut client, &set(rows(&first, 0), None, 6), InsertMethod::OptimisticCopy).await.unwrap();
+        assert_eq!(newest().await, t0 + 5_000_000);
+        writer::write(&mut client, &set(rows(&evs[6..], 6), Some(6), 12), InsertMethod::OptimisticCopy).await.unwrap();
+        assert_eq!(newest().await, t0 + 11_000_000);
+        // Late events (older) and then a batch with no rows.
+        let mut late = events(3, 2);
+        late[0].occurred_at = t0;
+        late[1].occurred_at = t0 + 1;
+        writer::write(&mut client, &set(rows(&late, 12), Some(12), 14), InsertMethod::OptimisticCopy).await.unwrap();
+        writer::write(&mut client, &set(Vec::new(), Some(14), 15), InsertMethod::OptimisticCopy).await.unwrap();
+        assert_eq!(newest().await, t0 + 11_000_000);
+        assert_eq!(db.count("SELECT next_offset FROM consumer_offsets").await, 15);
+    });
+}

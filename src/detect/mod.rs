@@ -259,14 +259,12 @@ struct ActionPlan {
     counted: u64,
     /// Instances (sequence rules) for which it is a B event.
     then: u64,
-    is_failure: bool,
 }
 
 /// Counters kept locally and flushed to the metrics recorder on `tick`, so
 /// that the per-event path does no atomic work.
 #[derive(Default)]
 struct PendingMetrics {
-    failed_logins: u64,
     late: u64,
     keys_dropped: Vec<u64>,
     evicted: Vec<u64>,
@@ -278,7 +276,6 @@ pub struct Detector {
     rules: Vec<Rule>,
     instances: Vec<Instance>,
     slots: Vec<Slot>,
-    failure_actions: Vec<String>,
     action_cache: FastMap<String, ActionPlan>,
     lateness: i64,
     quiet: i64,
@@ -353,7 +350,6 @@ impl Detector {
             rules,
             instances,
             slots,
-            failure_actions: cfg.failure_actions.clone(),
             action_cache: FastMap::default(),
             lateness: micros(cfg.lateness),
             quiet: micros(cfg.quiet_period),
@@ -452,8 +448,7 @@ impl Detector {
         if let Some(plan) = self.action_cache.get(action) {
             return *plan;
         }
-        let mut plan =
-            ActionPlan { is_failure: self.failure_actions.iter().any(|f| f == action), ..Default::default() };
+        let mut plan = ActionPlan::default();
         for (i, inst) in self.instances.iter().enumerate() {
             let rule = &self.rules[inst.rule];
             if rule.actions.iter().any(|m| m.matches(action)) {
@@ -482,9 +477,6 @@ impl Detector {
     /// Evaluates one event (from `partition`); transitions go to `out`.
     pub fn observe(&mut self, e: &AuthEvent, partition: i32, out: &mut Vec<Transition>) {
         let plan = self.plan_for(&e.action);
-        if plan.is_failure {
-            self.pending.failed_logins += 1;
-        }
         if plan.counted | plan.then == 0 {
             return;
         }
@@ -769,14 +761,16 @@ impl Detector {
     }
 
     fn push(&mut self, tr: Transition, out: &mut Vec<Transition>) {
-        metrics::counter!(
-            "audit_alerts_total",
-            "rule" => tr.rule.clone(),
-            "severity" => tr.severity.as_str(),
-            "state" => tr.state.as_str()
-        )
-        .increment(1);
+        // Not while rebuilding: those transitions were made and counted
+        // before (by this process or the one before it).
         if self.emitting {
+            metrics::counter!(
+                "audit_alerts_total",
+                "rule" => tr.rule.clone(),
+                "severity" => tr.severity.as_str(),
+                "state" => tr.state.as_str()
+            )
+            .increment(1);
             out.push(tr);
         }
     }
@@ -873,7 +867,6 @@ impl Detector {
 
     fn flush_metrics(&mut self) {
         let p = &mut self.pending;
-        metrics::counter!("audit_failed_logins_total").increment(std::mem::take(&mut p.failed_logins));
         metrics::counter!("audit_detector_late_events_total").increment(std::mem::take(&mut p.late));
         for (i, inst) in self.instances.iter().enumerate() {
             let rule = self.rules[inst.rule].id.clone();

@@ -10,6 +10,7 @@
 use std::collections::HashSet;
 use std::time::{Duration, Instant};
 
+use chrono::{DateTime, Utc};
 use deadpool_postgres::Pool;
 use futures::{StreamExt, pin_mut};
 use tracing::info;
@@ -26,6 +27,9 @@ const TICK: Duration = Duration::from_secs(1);
 pub struct Detection {
     detector: Detector,
     publisher: AlertPublisher,
+    /// Whose stored offsets say where each partition's events end.
+    group: String,
+    topic: String,
     rebuild_window_max: Duration,
     last_tick: Instant,
     scratch: Vec<Transition>,
@@ -37,10 +41,17 @@ pub struct Detection {
 }
 
 impl Detection {
-    pub fn new(detector: Detector, publisher: AlertPublisher, rebuild_window_max: Duration) -> Detection {
+    pub fn new(
+        detector: Detector,
+        publisher: AlertPublisher,
+        (group, topic): (&str, &str),
+        rebuild_window_max: Duration,
+    ) -> Detection {
         Detection {
             detector,
             publisher,
+            group: group.to_owned(),
+            topic: topic.to_owned(),
             rebuild_window_max,
             last_tick: Instant::now(),
             scratch: Vec::new(),
@@ -108,16 +119,13 @@ impl Detection {
             self.restored_unpartitioned = true;
         }
         let span = self.detector.rebuild_span().min(self.rebuild_window_max);
-        let since = chrono::Utc::now() - chrono::Duration::from_std(span).unwrap_or_default();
+        let windows =
+            RebuildWindows::read(&client, (&self.group, &self.topic), Some(&fresh), span, self.rebuild_window_max)
+                .await
+                .map_err(|e| with_causes(&e))?;
         let (exact, prefixes) = self.detector.relevant_actions();
         let started = Instant::now();
-        let rows = client
-            .query_raw(
-                queries::REBUILD_EVENTS,
-                [&since as &(dyn tokio_postgres::types::ToSql + Sync), &fresh, &exact, &prefixes],
-            )
-            .await
-            .map_err(|e| with_causes(&e))?;
+        let rows = windows.events(&client, &exact, &prefixes).await.map_err(|e| with_causes(&e))?;
         pin_mut!(rows);
         self.detector.set_emitting(false);
         let mut n = 0u64;
@@ -133,6 +141,93 @@ impl Detection {
         self.rebuilt.extend(fresh.iter().copied());
         info!(events = n, partitions = ?fresh, ms = started.elapsed().as_millis() as u64, "detector state rebuilt from stored events");
         Ok(())
+    }
+}
+
+/// The event-time windows detector state is rebuilt from, one per
+/// events-topic partition with stored events: the last `span` before the
+/// partition's newest stored event. The window ends there, not at the wall
+/// clock: after an outage or a lag longer than the window, consumption
+/// resumes at that event time, and an attack straddling the gap is only
+/// seen whole if the events just before it are replayed. (Offsets stored
+/// before migrations/0010 carry no event time: those windows end now.)
+pub(crate) struct RebuildWindows {
+    partitions: Vec<i32>,
+    since: Vec<DateTime<Utc>>,
+    until: Vec<DateTime<Utc>>,
+}
+
+impl RebuildWindows {
+    /// The windows of `partitions` (None: every partition with stored
+    /// offsets) of the consumer group and events topic `(group, topic)`.
+    pub(crate) async fn read(
+        client: &tokio_postgres::Client,
+        (group, topic): (&str, &str),
+        partitions: Option<&[i32]>,
+        span: Duration,
+        longest: Duration,
+    ) -> Result<RebuildWindows, tokio_postgres::Error> {
+        let ends: Vec<(i32, Option<DateTime<Utc>>)> = client
+            .query(queries::REBUILD_WINDOW_ENDS, &[&group, &topic, &partitions])
+            .await?
+            .iter()
+            .map(|r| (r.get(0), r.get(1)))
+            .collect();
+        Ok(Self::from_ends(&ends, Utc::now(), span, longest))
+    }
+
+    /// Each partition's window is the `span` before its newest stored event
+    /// (`now` when unknown); all of them lie within `longest` before the
+    /// newest of all, so that a partition idle for weeks does not make the
+    /// rebuild read weeks of events.
+    fn from_ends(
+        ends: &[(i32, Option<DateTime<Utc>>)],
+        now: DateTime<Utc>,
+        span: Duration,
+        longest: Duration,
+    ) -> RebuildWindows {
+        let span = chrono::Duration::from_std(span).unwrap_or_default();
+        let longest = chrono::Duration::from_std(longest).unwrap_or_default();
+        let newest = ends.iter().map(|(_, end)| end.unwrap_or(now)).max().unwrap_or(now);
+        let mut windows = RebuildWindows { partitions: Vec::new(), since: Vec::new(), until: Vec::new() };
+        for (partition, end) in ends {
+            let until = end.unwrap_or(now);
+            let since = (until - span).max(newest - longest);
+            if since <= until {
+                windows.partitions.push(*partition);
+                windows.since.push(since);
+                windows.until.push(until);
+            }
+        }
+        windows
+    }
+
+    /// The stored events in these windows whose action is one of `exact` or
+    /// starts with one of `prefixes`, in event-time order, with the columns
+    /// of [`queries::REBUILD_EVENTS`].
+    pub(crate) async fn events(
+        &self,
+        client: &tokio_postgres::Client,
+        exact: &[String],
+        prefixes: &[String],
+    ) -> Result<tokio_postgres::RowStream, tokio_postgres::Error> {
+        // Nothing to read: the bounds then select no day.
+        let lo = self.since.iter().min().copied().unwrap_or_else(Utc::now);
+        let hi = self.until.iter().max().copied().unwrap_or(lo - chrono::Duration::seconds(1));
+        client
+            .query_raw(
+                queries::REBUILD_EVENTS,
+                [
+                    &self.partitions as &(dyn tokio_postgres::types::ToSql + Sync),
+                    &self.since,
+                    &self.until,
+                    &lo,
+                    &hi,
+                    &exact,
+                    &prefixes,
+                ],
+            )
+            .await
     }
 }
 
@@ -171,5 +266,37 @@ pub(crate) fn row_to_event(row: &tokio_postgres::Row) -> AuthEvent {
             .and_then(|m| m.as_object().cloned())
             .map(|m| m.into_iter().map(|(k, v)| (k, v.as_str().unwrap_or_default().to_owned())).collect())
             .unwrap_or_default(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn at(h: i64) -> DateTime<Utc> {
+        DateTime::from_timestamp(1_800_000_000 + h * 3600, 0).unwrap()
+    }
+
+    #[test]
+    fn rebuild_windows_end_where_each_partition_stored_events_end() {
+        let hour = Duration::from_secs(3600);
+        let day = Duration::from_secs(24 * 3600);
+        let now = at(100);
+        // 0: stopped three hours ago (an outage); 1: current; 2: stored
+        // before migrations/0010 (no event time); 3: idle for weeks.
+        let w = RebuildWindows::from_ends(
+            &[(0, Some(at(97))), (1, Some(at(100))), (2, None), (3, Some(at(-500)))],
+            now,
+            hour,
+            day,
+        );
+        assert_eq!(w.partitions, [0, 1, 2], "the idle partition is beyond the longest rebuild");
+        assert_eq!(w.since, [at(96), at(99), at(99)]);
+        assert_eq!(w.until, [at(97), at(100), at(100)]);
+
+        // A partition's window is cut where the longest rebuild starts.
+        let w = RebuildWindows::from_ends(&[(0, Some(at(77))), (1, Some(at(100)))], now, 2 * hour, day);
+        assert_eq!(w.since, [at(76), at(98)]);
+        assert!(RebuildWindows::from_ends(&[], now, hour, day).partitions.is_empty());
     }
 }

@@ -137,6 +137,7 @@ pub fn start(
                 activity: config.activity.enabled.then(|| config.activity.clone()),
                 group: k.group_id.clone(),
                 topic: k.events_topic.clone(),
+                failure_actions: config.detect.failure_actions.clone(),
                 method: i.insert_method,
                 initial_backoff: i.retry_initial_backoff,
                 max_backoff: i.retry_max_backoff,
@@ -153,7 +154,8 @@ pub fn start(
     let (detection, alert_sender) = if config.detect.enabled {
         let detector = Detector::new(&local_rules)?;
         let (publisher, sender) = alert_publisher(config)?;
-        (Some(Detection::new(detector, publisher, config.detect.rebuild_window_max)), Some(sender))
+        let source = (k.group_id.as_str(), k.events_topic.as_str());
+        (Some(Detection::new(detector, publisher, source, config.detect.rebuild_window_max)), Some(sender))
     } else {
         (None, None)
     };
@@ -195,6 +197,8 @@ pub fn start(
                 pool_for_routed,
                 routed::RoutedSettings {
                     group,
+                    events_group: k.group_id.clone(),
+                    events_topic: k.events_topic.clone(),
                     topic: router.topic().to_owned(),
                     partitions: router.partitions(),
                     keys: router.keys().clone(),

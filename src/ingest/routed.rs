@@ -26,7 +26,7 @@ use tokio::runtime::Handle;
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn};
 
-use super::detection::{open_episode, row_to_event};
+use super::detection::{RebuildWindows, open_episode, row_to_event};
 use super::status::IngestStatus;
 use crate::alerts::publisher::AlertPublisher;
 use crate::detect::routing::{self, HEADER_KEY_SPEC, HEADER_SOURCE, RoutedKey};
@@ -56,6 +56,10 @@ impl From<tokio_postgres::Error> for StoreError {
 
 pub struct RoutedSettings {
     pub group: String,
+    /// The main pipeline's group and events topic: their stored offsets say
+    /// where each events partition's stored events end (rebuild windows).
+    pub events_group: String,
+    pub events_topic: String,
     pub topic: String,
     /// Partitions of the routing topic.
     pub partitions: i32,
@@ -213,21 +217,25 @@ impl RoutedContext {
             }
             // Replay what these partitions have counted so far.
             let span = detectors.iter().map(Detector::rebuild_span).max().unwrap_or_default();
-            let since =
-                chrono::Utc::now() - chrono::Duration::from_std(span.min(s.rebuild_window_max)).unwrap_or_default();
+            // Every events partition feeds every routing partition. (Their
+            // windows end at the newest event stored, which may be past what
+            // was counted here; the marks bound what is replayed.)
+            let windows = RebuildWindows::read(
+                &client,
+                (&s.events_group, &s.events_topic),
+                None,
+                span.min(s.rebuild_window_max),
+                s.rebuild_window_max,
+            )
+            .await
+            .map_err(|e| with_causes(&e))?;
             let (mut exact, mut prefixes) = (Vec::new(), Vec::new());
             for d in &detectors {
                 let (e, p) = d.relevant_actions();
                 exact.extend(e);
                 prefixes.extend(p);
             }
-            let rows = client
-                .query_raw(
-                    queries::REBUILD_ROUTED_EVENTS,
-                    [&since as &(dyn tokio_postgres::types::ToSql + Sync), &exact, &prefixes],
-                )
-                .await
-                .map_err(|e| with_causes(&e))?;
+            let rows = windows.events(&client, &exact, &prefixes).await.map_err(|e| with_causes(&e))?;
             pin_mut!(rows);
             let (mut replayed, mut discard) = (0u64, Vec::new());
             while let Some(row) = rows.next().await {
@@ -346,8 +354,10 @@ impl RoutedContext {
             let partitions: Vec<i32> = moved.iter().map(|m| m.0).collect();
             let next: Vec<i64> = moved.iter().map(|m| m.1).collect();
             let expected: Vec<Option<i64>> = moved.iter().map(|m| m.2).collect();
+            // No event time: the routing topic's offsets are not rebuilt from.
+            let no_event_times: Vec<Option<chrono::DateTime<chrono::Utc>>> = vec![None; partitions.len()];
             let advanced: Vec<i32> = tx
-                .query(queries::ADVANCE_OFFSETS, &[&s.group, &s.topic, &partitions, &next, &expected])
+                .query(queries::ADVANCE_OFFSETS, &[&s.group, &s.topic, &partitions, &next, &expected, &no_event_times])
                 .await?
                 .iter()
                 .map(|r| r.get(0))

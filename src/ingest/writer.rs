@@ -45,6 +45,8 @@ pub struct WriterSettings {
     pub activity: Option<ActivityConfig>,
     pub group: String,
     pub topic: String,
+    /// Actions counted as failed logins (`audit_failed_logins_total`).
+    pub failure_actions: Vec<String>,
     pub method: InsertMethod,
     pub initial_backoff: Duration,
     pub max_backoff: Duration,
@@ -240,6 +242,19 @@ impl BatchWriter {
         for letter in &batch.dead {
             metrics::counter!("audit_events_dead_lettered_total", "reason" => letter.reason_code.clone()).increment(1);
         }
+        if !batch.dead.is_empty() {
+            // One line per batch, not per message: a stream of bad messages
+            // must not flood the log. The dead-letter topic has each reason.
+            warn!(
+                count = batch.dead.len(),
+                reasons = %dead_letter_summary(&batch.dead),
+                "events sent to the dead-letter topic"
+            );
+        }
+        // Counted once stored, not by the detectors: a rebuild replays stored
+        // failures, and routed detection sees each one more than once.
+        let failures = batch.rows.iter().filter(|r| self.settings.failure_actions.contains(&r.event.action)).count();
+        metrics::counter!("audit_failed_logins_total").increment(failures as u64);
         self.status.batch_committed();
         self.status.note_commit(result.activity_deltas);
         if let Some(newest) = batch.rows.iter().map(|r| r.event.occurred_at).max() {
@@ -281,5 +296,43 @@ impl BatchWriter {
     async fn pause(&self, backoff: Duration) -> Duration {
         tokio::time::sleep(backoff).await;
         (backoff * 2).min(self.settings.max_backoff)
+    }
+}
+
+/// Per reason: how many, and where the first was (`partition:offset`),
+/// e.g. `invalid_json ×2 (first 0:17), timestamp_too_old ×1 (first 3:5)`.
+fn dead_letter_summary(dead: &[crate::ingest::batch::DeadLetter]) -> String {
+    let mut reasons: Vec<(&str, usize, (i32, i64))> = Vec::new();
+    for letter in dead {
+        match reasons.iter_mut().find(|(code, _, _)| *code == letter.reason_code) {
+            Some((_, n, _)) => *n += 1,
+            None => reasons.push((&letter.reason_code, 1, (letter.partition, letter.offset))),
+        }
+    }
+    reasons.iter().map(|(code, n, (p, o))| format!("{code} ×{n} (first {p}:{o})")).collect::<Vec<_>>().join(", ")
+}
+
+#[cfg(test)]
+mod dead_letter_tests {
+    use super::*;
+    use crate::ingest::batch::DeadLetter;
+
+    fn letter(partition: i32, offset: i64, code: &str) -> DeadLetter {
+        DeadLetter {
+            partition,
+            offset,
+            timestamp: None,
+            key: None,
+            payload: Vec::new(),
+            headers: Vec::new(),
+            reason_code: code.into(),
+            reason: format!("{code}: details"),
+        }
+    }
+
+    #[test]
+    fn dead_letters_are_summed_up_by_reason_in_order_of_appearance() {
+        let dead = [letter(0, 17, "invalid_json"), letter(3, 5, "timestamp_too_old"), letter(1, 2, "invalid_json")];
+        assert_eq!(dead_letter_summary(&dead), "invalid_json ×2 (first 0:17), timestamp_too_old ×1 (first 3:5)");
     }
 }

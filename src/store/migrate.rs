@@ -32,6 +32,11 @@ pub const MIGRATIONS: &[Migration] = &[
     Migration { version: 7, name: "maintenance_mode", sql: include_str!("../../migrations/0007_maintenance_mode.sql") },
     Migration { version: 8, name: "alert_partition", sql: include_str!("../../migrations/0008_alert_partition.sql") },
     Migration { version: 9, name: "routed_detection", sql: include_str!("../../migrations/0009_routed_detection.sql") },
+    Migration {
+        version: 10,
+        name: "offsets_event_time",
+        sql: include_str!("../../migrations/0010_offsets_event_time.sql"),
+    },
 ];
 
 /// Arbitrary constant naming the migration lock.

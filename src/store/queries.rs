@@ -39,27 +39,37 @@ RETURNING event_id";
 /// moves only from the offset this consumer last read or wrote for it
 /// (`expected`, NULL when there was no row). Returns the partitions that
 /// moved; a missing one means another consumer wrote it in between.
-/// $1 group, $2 topic, $3 partitions, $4 next offsets, $5 expected offsets.
+/// $1 group, $2 topic, $3 partitions, $4 next offsets, $5 expected offsets,
+/// $6 the newest event time stored per partition by this batch (NULL: none,
+/// or a routed consumer; migrations/0010).
 pub const ADVANCE_OFFSETS: &str = "
 WITH input AS (
-    SELECT * FROM unnest($3::int[], $4::bigint[], $5::bigint[]) AS t(kafka_partition, next_offset, expected)
+    SELECT * FROM unnest($3::int[], $4::bigint[], $5::bigint[], $6::timestamptz[])
+               AS t(kafka_partition, next_offset, expected, max_event_time)
 ), updated AS (
     UPDATE consumer_offsets o
-       SET next_offset = i.next_offset, updated_at = now()
+       SET next_offset = i.next_offset, updated_at = now(),
+           max_event_time = greatest(o.max_event_time, i.max_event_time)
       FROM input i
      WHERE o.consumer_group = $1 AND o.topic = $2
        AND o.kafka_partition = i.kafka_partition
        AND o.next_offset = i.expected
     RETURNING o.kafka_partition
 ), inserted AS (
-    INSERT INTO consumer_offsets (consumer_group, topic, kafka_partition, next_offset)
-    SELECT $1, $2, i.kafka_partition, i.next_offset FROM input i WHERE i.expected IS NULL
+    INSERT INTO consumer_offsets (consumer_group, topic, kafka_partition, next_offset, max_event_time)
+    SELECT $1, $2, i.kafka_partition, i.next_offset, i.max_event_time FROM input i WHERE i.expected IS NULL
     ON CONFLICT DO NOTHING
     RETURNING kafka_partition
 )
 SELECT kafka_partition FROM updated
 UNION ALL
 SELECT kafka_partition FROM inserted";
+
+/// The newest event time stored through each partition's offsets (NULL
+/// for rows that predate migrations/0010): where the detectors' rebuild
+/// windows end. $1 group, $2 topic, $3 partitions (NULL: all).
+pub const REBUILD_WINDOW_ENDS: &str = "SELECT kafka_partition, max_event_time FROM consumer_offsets \
+     WHERE consumer_group = $1 AND topic = $2 AND ($3::int[] IS NULL OR kafka_partition = ANY($3::int[]))";
 
 /// Stored positions for partitions being assigned.
 /// $1 group, $2 topic, $3 partitions.
@@ -102,16 +112,20 @@ SELECT DISTINCT ON (a.alert_id) a.alert_id, a.rule, a.key_spec, a.key_hash, a.su
    AND NOT EXISTS (SELECT 1 FROM alerts r WHERE r.alert_id = a.alert_id AND r.state = 'resolved')
  ORDER BY a.alert_id, a.detected_at DESC, a.id DESC";
 
-/// The stored events detector state is rebuilt from: since $1, of the
-/// partitions $2, whose action is one of $3 or starts with one of $4.
+/// The stored events detector state is rebuilt from: of each partition in
+/// $1, those from $2 to $3 of event time, whose action is one of $6 or
+/// starts with one of $7; in event-time order, with the partition and
+/// offset. $4..$5 spans every window: it bounds the daily partitions of
+/// audit_logs that are read.
 pub const REBUILD_EVENTS: &str = "
-SELECT event_id, created_at, action, user_id, username, ip_address, user_agent, session_id, request_id,
-       metadata, kafka_partition
-  FROM audit_logs
- WHERE created_at >= $1
-   AND kafka_partition = ANY($2::int[])
-   AND (action = ANY($3::text[]) OR EXISTS (SELECT 1 FROM unnest($4::text[]) p WHERE starts_with(action, p)))
- ORDER BY created_at, kafka_partition, kafka_offset";
+SELECT a.event_id, a.created_at, a.action, a.user_id, a.username, a.ip_address, a.user_agent, a.session_id,
+       a.request_id, a.metadata, a.kafka_partition, a.kafka_offset
+  FROM audit_logs a
+  JOIN unnest($1::int[], $2::timestamptz[], $3::timestamptz[]) AS w(kafka_partition, since, until)
+    ON a.kafka_partition = w.kafka_partition AND a.created_at >= w.since AND a.created_at <= w.until
+ WHERE a.created_at >= $4 AND a.created_at <= $5
+   AND (a.action = ANY($6::text[]) OR EXISTS (SELECT 1 FROM unnest($7::text[]) p WHERE starts_with(a.action, p)))
+ ORDER BY a.created_at, a.kafka_partition, a.kafka_offset";
 
 /// Routed detection (migrations/0009): how far each events-topic partition
 /// has been counted on the routing partitions $2 of group $1.
@@ -133,17 +147,6 @@ SELECT DISTINCT ON (a.alert_id) a.alert_id, a.rule, a.key_spec, a.key_hash, a.su
  WHERE a.key_spec = ANY($1::text[])
    AND NOT EXISTS (SELECT 1 FROM alerts r WHERE r.alert_id = a.alert_id AND r.state = 'resolved')
  ORDER BY a.alert_id, a.detected_at DESC, a.id DESC";
-/// Stored events of every partition since $1 whose action is one of $2 or
-/// starts with one of $3, with the columns of [`REBUILD_EVENTS`] and the
-/// offset, in event-time order: what routed detectors are rebuilt from.
-pub const REBUILD_ROUTED_EVENTS: &str = "
-SELECT event_id, created_at, action, user_id, username, ip_address, user_agent, session_id, request_id,
-       metadata, kafka_partition, kafka_offset
-  FROM audit_logs
- WHERE created_at >= $1
-   AND kafka_partition >= 0
-   AND (action = ANY($2::text[]) OR EXISTS (SELECT 1 FROM unnest($3::text[]) p WHERE starts_with(action, p)))
- ORDER BY created_at, kafka_partition, kafka_offset";
 
 /// A batch's activity deltas: one row of parallel arrays, its key filter and
 /// its counts per (hour, action) (migrations/0004, 0005, 0006).

@@ -390,6 +390,18 @@ pub async fn record_alerts(tx: &Transaction<'_>, alerts: &[(&Transition, bool)])
     Ok(())
 }
 
+/// The newest event time among `rows` of each of `partitions` (None where
+/// the batch stored none: only dead letters, say).
+fn newest_event_times(rows: &[RowRef<'_>], partitions: &[i32]) -> Vec<Option<chrono::DateTime<chrono::Utc>>> {
+    let mut newest: Vec<Option<i64>> = vec![None; partitions.len()];
+    for row in rows {
+        if let Some(i) = partitions.iter().position(|p| *p == row.partition) {
+            newest[i] = newest[i].max(Some(row.event.occurred_at));
+        }
+    }
+    newest.into_iter().map(|t| t.and_then(chrono::DateTime::from_timestamp_micros)).collect()
+}
+
 async fn advance_offsets(tx: &Transaction<'_>, set: &WriteSet<'_>) -> Result<(), WriteError> {
     if set.offsets.is_empty() {
         return Ok(());
@@ -397,8 +409,9 @@ async fn advance_offsets(tx: &Transaction<'_>, set: &WriteSet<'_>) -> Result<(),
     let partitions: Vec<i32> = set.offsets.iter().map(|o| o.partition).collect();
     let next: Vec<i64> = set.offsets.iter().map(|o| o.next_offset).collect();
     let expected: Vec<Option<i64>> = set.offsets.iter().map(|o| o.expected).collect();
+    let newest = newest_event_times(&set.rows, &partitions);
     let moved: Vec<i32> = tx
-        .query(queries::ADVANCE_OFFSETS, &[&set.group, &set.topic, &partitions, &next, &expected])
+        .query(queries::ADVANCE_OFFSETS, &[&set.group, &set.topic, &partitions, &next, &expected, &newest])
         .await?
         .iter()
         .map(|r| r.get(0))

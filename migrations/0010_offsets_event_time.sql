@@ -1,0 +1,12 @@
+-- The newest event time stored through each partition's offsets.
+--
+-- Detector state is rebuilt from the stored events of the last window. That
+-- window must end where the partition's stored events end, not at the wall
+-- clock: after an outage longer than the window, the backlog resumes at the
+-- event time where the service stopped, and an attack straddling the outage
+-- is only seen whole if the events just before it are replayed. The writer
+-- moves this forward in the same transaction as the offsets (greatest(), so
+-- a batch of older events never moves it back). NULL for routed consumers'
+-- rows and for rows written before this migration (the rebuild then falls
+-- back to the wall clock, as before).
+ALTER TABLE consumer_offsets ADD COLUMN max_event_time timestamptz;
