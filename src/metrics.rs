@@ -108,6 +108,10 @@ fn describe_all() {
         "audit_failed_logins_total",
         "Failed-login events stored (the configured detect.failure_actions), counted when their batch commits."
     );
+    describe_counter!(
+        "audit_alerts_resent_total",
+        "Stored alert transitions sent again because Kafka had not acknowledged them (same alert_id)."
+    );
     describe_counter!("audit_alerts_total", "Alert transitions, by rule, severity and state (published or withheld).");
     describe_counter!("audit_alerts_published_total", "Alert messages sent to the alerts topic, by rule.");
     describe_counter!(

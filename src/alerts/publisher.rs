@@ -13,14 +13,16 @@ use std::num::NonZeroU32;
 use std::sync::Arc;
 use std::time::Duration;
 
+use deadpool_postgres::Pool;
 use governor::{DefaultKeyedRateLimiter, Quota, RateLimiter};
 use rdkafka::producer::{FutureProducer, FutureRecord};
 use tokio::sync::mpsc;
-use tracing::warn;
+use tracing::{debug, warn};
 use uuid::Uuid;
 
 use super::{AlertEncoder, AlertMessage, Withheld};
 use crate::detect::{RecommendedAction, Severity, Transition};
+use crate::store::{queries, with_causes};
 
 /// Messages waiting for the producer task at most.
 const QUEUE: usize = 10_000;
@@ -31,6 +33,10 @@ pub struct Outgoing {
     pub key: String,
     pub payload: Vec<u8>,
     pub rule: String,
+    /// The stored transition it carries (alert_id, state), whose delivery
+    /// is recorded once Kafka acknowledges it; None for storm summaries,
+    /// which are not stored.
+    pub transition: Option<(Uuid, &'static str)>,
 }
 
 struct WithheldSummary {
@@ -66,7 +72,7 @@ impl AlertPublisher {
     pub fn offer(&mut self, t: &Transition) -> bool {
         if self.limiter.check_key(&t.rule).is_ok() {
             let msg = AlertMessage::from_transition(t);
-            if self.enqueue(msg) {
+            if self.enqueue(msg, Some((t.alert_id, t.state.as_str()))) {
                 metrics::counter!("audit_alerts_published_total", "rule" => t.rule.clone()).increment(1);
                 return true;
             }
@@ -85,8 +91,24 @@ impl AlertPublisher {
         false
     }
 
-    fn enqueue(&self, msg: AlertMessage) -> bool {
-        let out = Outgoing { key: msg.key().to_owned(), payload: self.encoder.encode(&msg), rule: msg.rule.clone() };
+    /// Sends again a stored transition Kafka never acknowledged (the
+    /// storm limiter let it out the first time); false when the queue is
+    /// full (it stays undelivered, for the next assignment).
+    pub fn resend(&mut self, t: &Transition) -> bool {
+        let sent = self.enqueue(AlertMessage::from_transition(t), Some((t.alert_id, t.state.as_str())));
+        if sent {
+            metrics::counter!("audit_alerts_resent_total", "rule" => t.rule.clone()).increment(1);
+        }
+        sent
+    }
+
+    fn enqueue(&self, msg: AlertMessage, transition: Option<(Uuid, &'static str)>) -> bool {
+        let out = Outgoing {
+            key: msg.key().to_owned(),
+            payload: self.encoder.encode(&msg),
+            rule: msg.rule.clone(),
+            transition,
+        };
         self.queue.try_send(out).is_ok()
     }
 
@@ -113,7 +135,7 @@ impl AlertPublisher {
                 recommended_action: RecommendedAction::Investigate.as_str(),
                 withheld: Some(Withheld { count: summary.count, subjects: summary.subjects.clone() }),
             };
-            if self.enqueue(msg) {
+            if self.enqueue(msg, None) {
                 metrics::counter!("audit_alert_summaries_total", "rule" => rule).increment(1);
             } else {
                 // The producer queue itself is full: keep counting for the
@@ -124,9 +146,18 @@ impl AlertPublisher {
     }
 }
 
-/// Produces queued alerts until the publisher is dropped.
-pub async fn run_sender(mut queue: mpsc::Receiver<Outgoing>, producer: FutureProducer, topic: String) {
+/// Produces queued alerts until the publisher is dropped, and records in
+/// `alerts.delivered_at` (through `pool`) which stored transitions Kafka
+/// acknowledged.
+pub async fn run_sender(
+    mut queue: mpsc::Receiver<Outgoing>,
+    producer: FutureProducer,
+    topic: String,
+    pool: Option<Pool>,
+) {
     let mut in_flight = futures::stream::FuturesUnordered::new();
+    let mut acks = DeliveryLog::default();
+    let mut record_every = tokio::time::interval(RECORD_DELIVERIES_EVERY);
     loop {
         let out = tokio::select! {
             next = queue.recv() => match next {
@@ -134,7 +165,16 @@ pub async fn run_sender(mut queue: mpsc::Receiver<Outgoing>, producer: FuturePro
                 None => break,
             },
             // Deliveries complete in the background of the same task.
-            Some(()) = futures::StreamExt::next(&mut in_flight), if !in_flight.is_empty() => continue,
+            Some(acked) = futures::StreamExt::next(&mut in_flight), if !in_flight.is_empty() => {
+                acks.acknowledged(acked);
+                continue;
+            }
+            _ = record_every.tick() => {
+                if let Some(pool) = &pool {
+                    acks.record(pool).await;
+                }
+                continue;
+            }
         };
         let mut record = FutureRecord::to(&topic).key(&out.key).payload(&out.payload);
         let delivery = loop {
@@ -148,19 +188,76 @@ pub async fn run_sender(mut queue: mpsc::Receiver<Outgoing>, producer: FuturePro
                 }
             }
         };
-        let rule = out.rule;
+        let (rule, transition) = (out.rule, out.transition);
         in_flight.push(async move {
             match delivery.await {
-                Ok(Ok(_)) => {}
+                Ok(Ok(_)) => transition,
                 Ok(Err((e, _))) => {
                     metrics::counter!("audit_alert_publish_errors_total", "rule" => rule).increment(1);
                     warn!(error = %e, "alert not delivered");
+                    None
                 }
-                Err(_) => metrics::counter!("audit_alert_publish_errors_total", "rule" => rule).increment(1),
+                Err(_) => {
+                    metrics::counter!("audit_alert_publish_errors_total", "rule" => rule).increment(1);
+                    None
+                }
             }
         });
     }
     // Shutting down: wait for what is in flight (the producer retries until
-    // its message timeout).
-    while futures::StreamExt::next(&mut in_flight).await.is_some() {}
+    // its message timeout), and record those deliveries too.
+    while let Some(acked) = futures::StreamExt::next(&mut in_flight).await {
+        acks.acknowledged(acked);
+    }
+    if let Some(pool) = &pool {
+        acks.record(pool).await;
+    }
+}
+
+/// How often acknowledged deliveries are written to `alerts`.
+const RECORD_DELIVERIES_EVERY: Duration = Duration::from_millis(250);
+/// How long an acknowledgement waits for its transition's batch to commit;
+/// a batch that never commits is consumed again, and its alert re-detected
+/// and sent again.
+const ACK_WAITS_AT_MOST: Duration = Duration::from_secs(120);
+
+/// Acknowledged transitions not yet recorded in `alerts`.
+#[derive(Default)]
+struct DeliveryLog {
+    pending: Vec<(Uuid, &'static str, std::time::Instant)>,
+}
+
+impl DeliveryLog {
+    fn acknowledged(&mut self, transition: Option<(Uuid, &'static str)>) {
+        if let Some((id, state)) = transition {
+            self.pending.push((id, state, std::time::Instant::now()));
+        }
+    }
+
+    /// Records what is pending; keeps what is not stored yet (Kafka often
+    /// acknowledges before the batch commits) or what failed, for the next
+    /// call.
+    async fn record(&mut self, pool: &Pool) {
+        if self.pending.is_empty() {
+            return;
+        }
+        let ids: Vec<Uuid> = self.pending.iter().map(|p| p.0).collect();
+        let states: Vec<&str> = self.pending.iter().map(|p| p.1).collect();
+        let found = match pool.get().await {
+            Ok(client) => client.query(queries::MARK_ALERTS_DELIVERED, &[&ids, &states]).await,
+            Err(e) => {
+                debug!(error = %with_causes(&e), "recording alert deliveries: no connection; will retry");
+                return;
+            }
+        };
+        match found {
+            Ok(rows) => {
+                let found: Vec<(Uuid, String)> = rows.iter().map(|r| (r.get(0), r.get(1))).collect();
+                self.pending.retain(|(id, state, since)| {
+                    !found.iter().any(|(f, s)| f == id && s == state) && since.elapsed() < ACK_WAITS_AT_MOST
+                });
+            }
+            Err(e) => debug!(error = %with_causes(&e), "recording alert deliveries failed; will retry"),
+        }
+    }
 }

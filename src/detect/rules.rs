@@ -57,6 +57,11 @@ impl RecommendedAction {
             RecommendedAction::Investigate => "investigate",
         }
     }
+    pub fn parse(s: &str) -> Option<RecommendedAction> {
+        [RecommendedAction::LockAccount, RecommendedAction::BlockIp, RecommendedAction::Investigate]
+            .into_iter()
+            .find(|a| a.as_str() == s)
+    }
 }
 
 /// One rule as written in the config file.

@@ -117,6 +117,14 @@ impl Detection {
             info!(open = episodes.len(), partitions = ?fresh, "restored open alerts");
             self.detector.restore(episodes);
             self.restored_unpartitioned = true;
+            // Transitions sent but never acknowledged (the process before
+            // died with them in flight): again, under the same alert_id.
+            let undelivered =
+                client.query(queries::UNDELIVERED_ALERTS, &[&fresh]).await.map_err(|e| with_causes(&e))?;
+            let resent = undelivered.iter().filter_map(stored_transition).filter(|t| self.publisher.resend(t)).count();
+            if resent > 0 {
+                info!(resent, partitions = ?fresh, "sent again the alerts Kafka had not acknowledged");
+            }
         }
         let span = self.detector.rebuild_span().min(self.rebuild_window_max);
         let windows =
@@ -245,6 +253,31 @@ pub(crate) fn open_episode(r: &tokio_postgres::Row) -> Option<OpenEpisode> {
         episode_start: r.get::<_, chrono::DateTime<chrono::Utc>>(7).timestamp_micros(),
         last_event_at: r.get::<_, chrono::DateTime<chrono::Utc>>(8).timestamp_micros(),
         partition: r.get(9),
+    })
+}
+
+/// A transition read back by [`queries::UNDELIVERED_ALERTS`]; None for a
+/// state or action this version does not know.
+fn stored_transition(r: &tokio_postgres::Row) -> Option<Transition> {
+    let micros = |t: chrono::DateTime<chrono::Utc>| t.timestamp_micros();
+    Some(Transition {
+        alert_id: r.get(0),
+        rule: r.get(1),
+        key_spec: r.get(2),
+        key_hash: r.get::<_, i64>(3) as u64,
+        subject: r.get(4),
+        state: AlertState::parse(r.get(5))?,
+        severity: if r.get::<_, &str>(6) == "critical" { Severity::Critical } else { Severity::Warning },
+        count: u32::try_from(r.get::<_, i64>(7)).unwrap_or(u32::MAX),
+        threshold: u32::try_from(r.get::<_, i64>(8)).unwrap_or(u32::MAX),
+        window_seconds: r.get::<_, i64>(9).max(0) as u64,
+        episode_start: micros(r.get(10)),
+        first_event_at: r.get::<_, Option<chrono::DateTime<chrono::Utc>>>(11).map(micros),
+        last_event_at: r.get::<_, Option<chrono::DateTime<chrono::Utc>>>(12).map(micros),
+        sample_event_ids: r.get(13),
+        recommended_action: crate::detect::RecommendedAction::parse(r.get(14))?,
+        detected_at: micros(r.get(15)),
+        partition: r.get(16),
     })
 }
 

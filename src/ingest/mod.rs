@@ -153,7 +153,7 @@ pub fn start(
 
     let (detection, alert_sender) = if config.detect.enabled {
         let detector = Detector::new(&local_rules)?;
-        let (publisher, sender) = alert_publisher(config)?;
+        let (publisher, sender) = alert_publisher(config, &pool)?;
         let source = (k.group_id.as_str(), k.events_topic.as_str());
         (Some(Detection::new(detector, publisher, source, config.detect.rebuild_window_max)), Some(sender))
     } else {
@@ -187,7 +187,7 @@ pub fn start(
 
     let routed = match routing {
         Some((_, router)) => {
-            let (publisher, sender) = alert_publisher(config)?;
+            let (publisher, sender) = alert_publisher(config, &pool_for_routed)?;
             let group = format!("{}.routed", k.group_id);
             let mut client_config = kafka::consumer_config(k);
             client_config.set("group.id", &group);
@@ -219,7 +219,7 @@ pub fn start(
 }
 
 /// An alert publisher and its sender task on the alerts topic.
-fn alert_publisher(config: &Config) -> Result<(AlertPublisher, tokio::task::JoinHandle<()>), IngestError> {
+fn alert_publisher(config: &Config, pool: &Pool) -> Result<(AlertPublisher, tokio::task::JoinHandle<()>), IngestError> {
     let k = &config.kafka;
     let (publisher, queue) = AlertPublisher::new(
         AlertEncoder::new(config.detect.alert_format),
@@ -232,7 +232,7 @@ fn alert_publisher(config: &Config) -> Result<(AlertPublisher, tokio::task::Join
         producer_config.set("linger.ms", "0");
     }
     let producer: FutureProducer = producer_config.create()?;
-    Ok((publisher, tokio::spawn(run_sender(queue, producer, k.alerts_topic.clone()))))
+    Ok((publisher, tokio::spawn(run_sender(queue, producer, k.alerts_topic.clone(), Some(pool.clone())))))
 }
 
 /// Partitions of the routing topic; it must exist (routing by key hash

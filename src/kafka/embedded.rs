@@ -85,6 +85,12 @@ impl EmbeddedKafka {
         unsafe { sys::rd_kafka_mock_push_request_errors_array(self.cluster, api_key, errors.len(), errors.as_ptr()) };
     }
 
+    /// Drops the errors still pushed for `api_key`.
+    pub fn clear_request_errors(&self, api_key: i16) {
+        // SAFETY: cluster is valid.
+        unsafe { sys::rd_kafka_mock_clear_request_errors(self.cluster, api_key) };
+    }
+
     /// Adds latency to every response of a broker.
     pub fn broker_round_trip_time(&self, broker_id: i32, rtt: Duration) -> Result<(), EmbeddedError> {
         let ms = i32::try_from(rtt.as_millis()).unwrap_or(i32::MAX);

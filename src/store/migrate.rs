@@ -37,6 +37,7 @@ pub const MIGRATIONS: &[Migration] = &[
         name: "offsets_event_time",
         sql: include_str!("../../migrations/0010_offsets_event_time.sql"),
     },
+    Migration { version: 11, name: "alert_delivery", sql: include_str!("../../migrations/0011_alert_delivery.sql") },
 ];
 
 /// Arbitrary constant naming the migration lock.

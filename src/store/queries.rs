@@ -112,6 +112,25 @@ SELECT DISTINCT ON (a.alert_id) a.alert_id, a.rule, a.key_spec, a.key_hash, a.su
    AND NOT EXISTS (SELECT 1 FROM alerts r WHERE r.alert_id = a.alert_id AND r.state = 'resolved')
  ORDER BY a.alert_id, a.detected_at DESC, a.id DESC";
 
+/// Published transitions of partitions $1 that Kafka has not acknowledged
+/// (migrations/0011), oldest first, with what a message needs.
+pub const UNDELIVERED_ALERTS: &str = "
+SELECT alert_id, rule, key_spec, key_hash, subject, state, severity, count, threshold, window_seconds,
+       episode_start, first_event_at, last_event_at, sample_event_ids, recommended_action, detected_at,
+       coalesce(kafka_partition, -1)
+  FROM alerts
+ WHERE published AND delivered_at IS NULL AND kafka_partition = ANY($1::int[])
+ ORDER BY id";
+
+/// Records Kafka's acknowledgement of the transitions ($1 alert ids, $2
+/// states); returns those found (a transition acknowledged before its batch
+/// committed is not there yet).
+pub const MARK_ALERTS_DELIVERED: &str = "
+UPDATE alerts a SET delivered_at = coalesce(a.delivered_at, now())
+  FROM unnest($1::uuid[], $2::text[]) AS d(alert_id, state)
+ WHERE a.alert_id = d.alert_id AND a.state = d.state
+RETURNING a.alert_id, a.state";
+
 /// The stored events detector state is rebuilt from: of each partition in
 /// $1, those from $2 to $3 of event time, whose action is one of $6 or
 /// starts with one of $7; in event-time order, with the partition and

@@ -1,0 +1,95 @@
+//! Alerts at least once across a crash: a transition stored with its batch
+//! but never acknowledged by Kafka (the process was killed with it in
+//! flight) is sent again, under the same alert_id, when its partition is
+//! next assigned; an acknowledged one is recorded as delivered and is not
+//! sent again.
+
+mod common;
+
+use std::time::Duration;
+
+use audit_service::event::AuthEvent;
+use audit_service::kafka::embedded::EmbeddedKafka;
+use audit_service::loadgen::WireFormat;
+use common::*;
+use rdkafka::types::RDKafkaRespErr;
+
+/// Kafka's API key of Produce requests.
+const PRODUCE: i16 = 0;
+
+fn failures(user: &str, n: u32, t0: i64) -> Vec<AuthEvent> {
+    (0..n)
+        .map(|i| {
+            auth_event(
+                "FAILED_AUTH_LOGIN",
+                user,
+                &format!("10.9.{}.{}", i / 250, i % 250 + 1),
+                t0 + i64::from(i) * 100_000,
+            )
+        })
+        .collect()
+}
+
+#[test]
+fn an_alert_in_flight_at_a_sigkill_is_sent_again_after_the_restart() {
+    let kafka = EmbeddedKafka::start(1).unwrap();
+    let names = Names::new();
+    names.create(&kafka, 1);
+    let logs = tempfile::tempdir().unwrap();
+    let rt = rt();
+    rt.block_on(async {
+        let db = TestDb::create().await;
+        let env = service_env(&db, &kafka, &names);
+        let t0 = chrono::Utc::now().timestamp_micros() - 30_000_000;
+        // Six failures: the per-user warning (> 5). They are in the topic
+        // before Kafka starts refusing produce requests (retriable errors:
+        // the alert producer keeps trying, nothing is acknowledged).
+        produce_events(&producer(&kafka), &names.events, &failures("victim", 6, t0), &[WireFormat::Json]);
+        kafka.push_request_errors(PRODUCE, RDKafkaRespErr::RD_KAFKA_RESP_ERR_NOT_ENOUGH_REPLICAS, 1_000_000);
+
+        let mut service = ServiceProcess::spawn(&env, logs.path(), 0);
+        let stored = "SELECT count(*) FROM alerts WHERE subject = 'user:victim' AND state = 'firing'";
+        eventually(Duration::from_secs(60), "the alert stored with its batch", || async {
+            (db.count(stored).await == 1).then_some(())
+        })
+        .await;
+        assert_eq!(
+            db.count("SELECT count(*) FROM alerts WHERE delivered_at IS NOT NULL").await,
+            0,
+            "Kafka acknowledged nothing"
+        );
+        service.sigkill();
+
+        kafka.clear_request_errors(PRODUCE);
+        let mut service = ServiceProcess::spawn(&env, logs.path(), 1);
+        let alert_id: uuid::Uuid = db
+            .client()
+            .await
+            .query_one("SELECT alert_id FROM alerts WHERE subject = 'user:victim'", &[])
+            .await
+            .unwrap()
+            .get(0);
+        eventually(Duration::from_secs(60), "the delivery recorded", || async {
+            (db.count("SELECT count(*) FROM alerts WHERE delivered_at IS NOT NULL").await == 1).then_some(())
+        })
+        .await;
+        let topic = read_topic(&kafka, &names.alerts, 1, Duration::from_secs(10));
+        assert_eq!(topic.len(), 1, "sent once the broker took it");
+        let sent: serde_json::Value = serde_json::from_slice(&topic[0].payload).unwrap();
+        assert_eq!(sent["alert_id"], alert_id.to_string(), "under the stored alert_id");
+        assert_eq!((sent["state"].as_str(), sent["count"].as_u64()), (Some("firing"), Some(6)));
+
+        // Delivered: a second restart sends nothing again.
+        assert!(service.sigterm(Duration::from_secs(30)).success(), "{}", service.tail());
+        let mut service = ServiceProcess::spawn(&env, logs.path(), 2);
+        eventually(Duration::from_secs(30), "the restarted service owns its partition", || async {
+            let addr = service.http_addr()?;
+            let scrape = scrape(addr).await;
+            (metric_value(&scrape, "audit_consumer_assigned_partitions") == Some(1.0)).then_some(())
+        })
+        .await;
+        assert!(service.sigterm(Duration::from_secs(30)).success(), "{}", service.tail());
+        let topic = read_topic(&kafka, &names.alerts, 1, Duration::from_secs(5));
+        assert_eq!(topic.len(), 1, "nothing sent twice");
+    });
+}
