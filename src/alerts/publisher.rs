@@ -156,8 +156,10 @@ pub async fn run_sender(
     pool: Option<Pool>,
 ) {
     let mut in_flight = futures::stream::FuturesUnordered::new();
-    let mut acks = DeliveryLog::default();
-    let mut record_every = tokio::time::interval(RECORD_DELIVERIES_EVERY);
+    // Recorded by a task of its own: a slow database must not hold up the
+    // next alert.
+    let (acks, acked_rx) = mpsc::unbounded_channel();
+    let recorder = pool.map(|pool| tokio::spawn(record_deliveries(acked_rx, pool)));
     loop {
         let out = tokio::select! {
             next = queue.recv() => match next {
@@ -166,12 +168,8 @@ pub async fn run_sender(
             },
             // Deliveries complete in the background of the same task.
             Some(acked) = futures::StreamExt::next(&mut in_flight), if !in_flight.is_empty() => {
-                acks.acknowledged(acked);
-                continue;
-            }
-            _ = record_every.tick() => {
-                if let Some(pool) = &pool {
-                    acks.record(pool).await;
+                if let Some(transition) = acked {
+                    let _ = acks.send(transition);
                 }
                 continue;
             }
@@ -207,11 +205,31 @@ pub async fn run_sender(
     // Shutting down: wait for what is in flight (the producer retries until
     // its message timeout), and record those deliveries too.
     while let Some(acked) = futures::StreamExt::next(&mut in_flight).await {
-        acks.acknowledged(acked);
+        if let Some(transition) = acked {
+            let _ = acks.send(transition);
+        }
     }
-    if let Some(pool) = &pool {
-        acks.record(pool).await;
+    drop(acks);
+    if let Some(recorder) = recorder {
+        let _ = recorder.await;
     }
+}
+
+/// Writes the acknowledged transitions to `alerts` every
+/// [`RECORD_DELIVERIES_EVERY`], until the sender is done (then once more).
+async fn record_deliveries(mut acked: mpsc::UnboundedReceiver<(Uuid, &'static str)>, pool: Pool) {
+    let mut log = DeliveryLog::default();
+    let mut every = tokio::time::interval(RECORD_DELIVERIES_EVERY);
+    loop {
+        tokio::select! {
+            next = acked.recv() => match next {
+                Some(transition) => log.acknowledged(transition),
+                None => break,
+            },
+            _ = every.tick() => log.record(&pool).await,
+        }
+    }
+    log.record(&pool).await;
 }
 
 /// How often acknowledged deliveries are written to `alerts`.
@@ -228,10 +246,8 @@ struct DeliveryLog {
 }
 
 impl DeliveryLog {
-    fn acknowledged(&mut self, transition: Option<(Uuid, &'static str)>) {
-        if let Some((id, state)) = transition {
-            self.pending.push((id, state, std::time::Instant::now()));
-        }
+    fn acknowledged(&mut self, (id, state): (Uuid, &'static str)) {
+        self.pending.push((id, state, std::time::Instant::now()));
     }
 
     /// Records what is pending; keeps what is not stored yet (Kafka often

@@ -60,12 +60,13 @@ impl TestDb {
         pg_connect(&self.url).await
     }
 
-    /// A single number; 0 while the queried table does not exist yet (the
-    /// service under test has not migrated).
+    /// A single number; 0 while the queried table or column does not exist
+    /// yet (the service under test has not finished migrating).
     pub async fn count(&self, sql: &str) -> i64 {
+        use tokio_postgres::error::SqlState;
         match self.client().await.query_one(sql, &[]).await {
             Ok(row) => row.get(0),
-            Err(e) if e.code() == Some(&tokio_postgres::error::SqlState::UNDEFINED_TABLE) => 0,
+            Err(e) if [Some(&SqlState::UNDEFINED_TABLE), Some(&SqlState::UNDEFINED_COLUMN)].contains(&e.code()) => 0,
             Err(e) => panic!("{sql}: {e}"),
         }
     }
