@@ -103,6 +103,10 @@ fn describe_all() {
         "audit_db_pool_utilization_ratio",
         "Share of each pool's connections in use (0..1), by pool (ingest, api)."
     );
+    describe_gauge!("audit_log_size_bytes", Unit::Bytes, "Size of audit_logs (all partitions, indexes included).");
+    describe_gauge!("audit_log_rows_estimate", "Rows of audit_logs as the planner estimates them (no scan).");
+    describe_gauge!("audit_log_partitions", "Partitions of audit_logs (daily ones and the default).");
+    describe_gauge!("audit_database_size_bytes", Unit::Bytes, "Size of the service's PostgreSQL database.");
     describe_counter!("audit_partitions_created_total", "Daily audit_logs partitions created.");
     describe_counter!(
         "audit_failed_logins_total",

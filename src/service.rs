@@ -76,6 +76,7 @@ pub async fn start(config: &Config, cancel: CancellationToken) -> Result<Running
         cancel.clone(),
     )));
     background.push(tokio::spawn(partitions::maintain(pool.clone(), config.storage.clone(), cancel.clone())));
+    background.push(tokio::spawn(crate::store::storage_metrics::sample(pool.clone(), cancel.clone())));
     background.push(tokio::spawn(metrics::sample_pool(pool.clone(), "ingest", cancel.clone())));
     if config.activity.enabled {
         background.push(tokio::spawn(activity::compactor::run(

@@ -154,3 +154,26 @@ fn offsets_keep_the_newest_stored_event_time() {
         assert_eq!(db.count("SELECT next_offset FROM consumer_offsets").await, 15);
     });
 }
+
+/// The storage gauges' figures: audit_logs' partitions and size grow with
+/// what is stored; the database is at least as big.
+#[test]
+fn storage_sizes_follow_what_is_stored() {
+    rt().block_on(async {
+        let (db, mut client) = migrated_db().await;
+        let config = Config::from_toml_with_env(&format!("[database]\nurl = \"{}\"\n", db.url), Vec::new()).unwrap();
+        let pool = audit_service::store::connect_pool(&config.database, 1).unwrap();
+        let empty = audit_service::store::storage_metrics::read(&pool).await.unwrap();
+        let partitions = db.count("SELECT count(*) FROM pg_partition_tree('audit_logs') WHERE isleaf").await;
+        assert!(partitions > 1, "daily partitions and the default");
+        assert_eq!(empty.audit_log_partitions, partitions);
+
+        let evs = events(4, 2_000);
+        writer::write(&mut client, &set(rows(&evs, 0), None, 2_000), InsertMethod::OptimisticCopy).await.unwrap();
+        client.batch_execute("ANALYZE audit_logs").await.unwrap();
+        let full = audit_service::store::storage_metrics::read(&pool).await.unwrap();
+        assert!(full.audit_log_bytes > empty.audit_log_bytes, "{empty:?} → {full:?}");
+        assert_eq!(full.audit_log_rows_estimate, 2_000, "exact after ANALYZE of so few rows");
+        assert!(full.database_bytes > full.audit_log_bytes, "{full:?}");
+    });
+}

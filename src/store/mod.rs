@@ -1,10 +1,11 @@
 //! PostgreSQL: connection pools (with TLS), migrations, partition upkeep, the
-//! batch writer and the named queries.
+//! batch writer, storage gauges and the named queries.
 
 pub mod copy_format;
 pub mod migrate;
 pub mod partitions;
 pub mod queries;
+pub mod storage_metrics;
 pub mod writer;
 
 use std::time::Duration;

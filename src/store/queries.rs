@@ -212,3 +212,14 @@ SELECT count(*)
   FROM audit_logs
  WHERE created_at >= $1 AND created_at < $2
    AND (action = ANY($3::text[]) OR EXISTS (SELECT 1 FROM unnest($4::text[]) p WHERE starts_with(action, p)))";
+
+/// Size of audit_logs (its partitions), the planner's estimate of its rows,
+/// its partitions, and the size of the whole database (catalog reads only).
+pub const STORAGE_SIZES: &str = "
+SELECT coalesce(sum(pg_total_relation_size(t.relid)), 0)::bigint,
+       coalesce(sum(greatest(c.reltuples, 0)), 0)::bigint,
+       count(*),
+       pg_database_size(current_database())
+  FROM pg_partition_tree('audit_logs') t
+  JOIN pg_class c ON c.oid = t.relid
+ WHERE t.isleaf";
