@@ -68,16 +68,12 @@ pub async fn start(config: &Config, cancel: CancellationToken) -> Result<Running
     let maintenance_version = maintenance::restore(&pool, &status).await?;
     let ingest = ingest::start(config, pool.clone(), decoder, status.clone(), cancel.clone())?;
 
-    let mut background = Vec::new();
-    background.push(tokio::spawn(maintenance::follow(
-        pool.clone(),
-        status.clone(),
-        maintenance_version,
-        cancel.clone(),
-    )));
-    background.push(tokio::spawn(partitions::maintain(pool.clone(), config.storage.clone(), cancel.clone())));
-    background.push(tokio::spawn(crate::store::storage_metrics::sample(pool.clone(), cancel.clone())));
-    background.push(tokio::spawn(metrics::sample_pool(pool.clone(), "ingest", cancel.clone())));
+    let mut background = vec![
+        tokio::spawn(maintenance::follow(pool.clone(), status.clone(), maintenance_version, cancel.clone())),
+        tokio::spawn(partitions::maintain(pool.clone(), config.storage.clone(), cancel.clone())),
+        tokio::spawn(store::storage_metrics::sample(pool.clone(), cancel.clone())),
+        tokio::spawn(metrics::sample_pool(pool.clone(), "ingest", cancel.clone())),
+    ];
     if config.activity.enabled {
         background.push(tokio::spawn(activity::compactor::run(
             pool.clone(),
