@@ -13,6 +13,7 @@
 //! partition.
 
 use std::collections::{HashMap, HashSet};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
@@ -90,6 +91,8 @@ pub struct RoutedContext {
     state: Mutex<RoutedState>,
     /// Where health reads the routed consumer's partitions, lag and progress.
     status: Arc<IngestStatus>,
+    /// Said once: the routing topic no longer has the partitions routed by.
+    partition_change_reported: AtomicBool,
     cancel: CancellationToken,
 }
 
@@ -115,6 +118,20 @@ impl ClientContext for RoutedContext {
         }
         drop(state);
         self.status.set_routed_lag(lag);
+        // Partitions added to the routing topic while instances run: those
+        // started since route keys elsewhere, and counts split (health says so).
+        let partitions = topic.partitions.keys().filter(|p| **p >= 0).count() as i32;
+        if partitions > 0 {
+            if partitions != self.settings.partitions && !self.partition_change_reported.swap(true, Ordering::Relaxed) {
+                warn!(
+                    topic = %self.settings.topic,
+                    now = partitions,
+                    routed_by = self.settings.partitions,
+                    "the routing topic's partition count changed: restart every instance"
+                );
+            }
+            self.status.set_routing_topic_partitions(partitions);
+        }
     }
 }
 
@@ -429,7 +446,7 @@ pub fn consumer(
     status: Arc<IngestStatus>,
     cancel: CancellationToken,
 ) -> Result<BaseConsumer<RoutedContext>, rdkafka::error::KafkaError> {
-    status.routed_started(&settings.topic, &settings.group);
+    status.routed_started(&settings.topic, &settings.group, settings.partitions);
     let detectors = detectors_for(&settings.keys);
     let topic = settings.topic.clone();
     let schema = apache_avro::Schema::parse_str(AUTH_EVENT_SCHEMA).expect("built-in schema is valid");
@@ -448,6 +465,7 @@ pub fn consumer(
             pending: Vec::new(),
         }),
         status,
+        partition_change_reported: AtomicBool::new(false),
         cancel,
     };
     let consumer: BaseConsumer<RoutedContext> = client_config.create_with_context(context)?;

@@ -38,6 +38,11 @@ pub struct IngestStatus {
 pub struct RoutedStatus {
     pub topic: String,
     pub group: String,
+    /// The routing topic's partitions as read at start: what every record
+    /// is routed by (a key's partition is its hash modulo this).
+    pub routes_by_partitions: i32,
+    /// The routing topic's partitions as the Kafka client sees them now.
+    pub topic_partitions: Option<i32>,
     pub assigned_partitions: Vec<i32>,
     /// Routing partition → lag in messages, from librdkafka statistics.
     pub lag: BTreeMap<i32, i64>,
@@ -143,9 +148,18 @@ impl IngestStatus {
     }
 
     /// Routed detection runs: its consumer reads `topic` in `group`.
-    pub fn routed_started(&self, topic: &str, group: &str) {
-        *self.routed.lock().unwrap_or_else(|e| e.into_inner()) =
-            Some(RoutedStatus { topic: topic.to_owned(), group: group.to_owned(), ..RoutedStatus::default() });
+    pub fn routed_started(&self, topic: &str, group: &str, partitions: i32) {
+        *self.routed.lock().unwrap_or_else(|e| e.into_inner()) = Some(RoutedStatus {
+            topic: topic.to_owned(),
+            group: group.to_owned(),
+            routes_by_partitions: partitions,
+            ..RoutedStatus::default()
+        });
+    }
+
+    /// The routing topic's partition count, from the client's metadata.
+    pub fn set_routing_topic_partitions(&self, partitions: i32) {
+        self.update_routed(|r| r.topic_partitions = Some(partitions));
     }
 
     fn update_routed(&self, change: impl FnOnce(&mut RoutedStatus)) {

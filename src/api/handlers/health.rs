@@ -53,6 +53,10 @@ pub struct RoutedHealth {
     pub assigned_partitions: Vec<i32>,
     pub consumer_lag: i64,
     pub consumer_lag_by_partition: std::collections::BTreeMap<i32, i64>,
+    /// Partitions records are routed by (read at start) and the topic's
+    /// partitions now: they must agree on every instance.
+    pub routes_by_partitions: i32,
+    pub topic_partitions: Option<i32>,
     pub last_stored_at: Option<DateTime<Utc>>,
     pub last_stored_age_seconds: Option<i64>,
 }
@@ -183,6 +187,12 @@ fn assess_routed(
     if lag > max_lag {
         problems.push(format!("routed detection lag {lag} is above {max_lag}"));
     }
+    if let Some(now) = r.topic_partitions.filter(|n| *n != r.routes_by_partitions) {
+        problems.push(format!(
+            "the routing topic has {now} partitions but this instance routes by {}: restart every instance",
+            r.routes_by_partitions
+        ));
+    }
     if lag > 0 && age.is_none_or(|age| age > stall_seconds) {
         problems
             .push(format!("routed records are waiting but no routed progress was stored for over {stall_seconds} s"));
@@ -193,6 +203,8 @@ fn assess_routed(
         assigned_partitions: r.assigned_partitions.clone(),
         consumer_lag: lag,
         consumer_lag_by_partition: r.lag.clone(),
+        routes_by_partitions: r.routes_by_partitions,
+        topic_partitions: r.topic_partitions,
         last_stored_at: unix(r.last_stored_at),
         last_stored_age_seconds: age,
     }
@@ -285,6 +297,8 @@ mod tests {
             group: "audit.routed".into(),
             assigned_partitions: lag.iter().map(|(p, _)| *p).collect(),
             lag: lag.iter().copied().collect(),
+            routes_by_partitions: 2,
+            topic_partitions: Some(2),
             last_stored_at: stored_secs_ago.map(|s| now.timestamp() - s),
         }
     }
@@ -312,5 +326,13 @@ mod tests {
         problems.clear();
         assess_routed(&routed(&[], None, now), now, 10_000, 300, &mut problems);
         assert!(problems.is_empty(), "no routing partition here (another instance owns them)");
+
+        let grown = RoutedStatus { topic_partitions: Some(4), ..routed(&[(0, 0)], Some(1), now) };
+        let h = assess_routed(&grown, now, 10_000, 300, &mut problems);
+        assert_eq!((h.routes_by_partitions, h.topic_partitions), (2, Some(4)));
+        assert_eq!(
+            problems,
+            ["the routing topic has 4 partitions but this instance routes by 2: restart every instance"]
+        );
     }
 }
