@@ -149,17 +149,12 @@ impl AlertPublisher {
 /// Produces queued alerts until the publisher is dropped, and records in
 /// `alerts.delivered_at` (through `pool`) which stored transitions Kafka
 /// acknowledged.
-pub async fn run_sender(
-    mut queue: mpsc::Receiver<Outgoing>,
-    producer: FutureProducer,
-    topic: String,
-    pool: Option<Pool>,
-) {
+pub async fn run_sender(mut queue: mpsc::Receiver<Outgoing>, producer: FutureProducer, topic: String, pool: Pool) {
     let mut in_flight = futures::stream::FuturesUnordered::new();
     // Recorded by a task of its own: a slow database must not hold up the
     // next alert.
     let (acks, acked_rx) = mpsc::unbounded_channel();
-    let recorder = pool.map(|pool| tokio::spawn(record_deliveries(acked_rx, pool)));
+    let recorder = tokio::spawn(record_deliveries(acked_rx, pool));
     loop {
         let out = tokio::select! {
             next = queue.recv() => match next {
@@ -210,9 +205,7 @@ pub async fn run_sender(
         }
     }
     drop(acks);
-    if let Some(recorder) = recorder {
-        let _ = recorder.await;
-    }
+    let _ = recorder.await;
 }
 
 /// Writes the acknowledged transitions to `alerts` every

@@ -207,16 +207,6 @@ SELECT count(*) FILTER (WHERE created_at >= $1), count(*)
 pub const DEAD_LETTER_COUNTS: &str =
     "SELECT count(*), count(*) FILTER (WHERE dead_lettered_at >= $1) FROM dead_letters";
 
-/// Size on disk (tables, indexes, TOAST) and planner row estimate summed
-/// over the leaf partitions: the partitioned parent itself has no storage.
-pub const AUDIT_LOG_STORAGE: &str = "
-SELECT coalesce(sum(pg_total_relation_size(t.relid)), 0)::bigint,
-       coalesce(sum(greatest(c.reltuples, 0)), 0)::bigint,
-       count(*)
-  FROM pg_partition_tree('audit_logs') t
-  JOIN pg_class c ON c.oid = t.relid
- WHERE t.isleaf";
-
 // ---------------------------------------------------------------------------
 // Security overview
 // ---------------------------------------------------------------------------

@@ -38,6 +38,11 @@ impl Severity {
             Severity::Critical => "critical",
         }
     }
+
+    /// As stored; anything but "critical" reads as a warning.
+    pub fn parse(s: &str) -> Severity {
+        if s == "critical" { Severity::Critical } else { Severity::Warning }
+    }
 }
 
 /// What an automated consumer of the alert should do.

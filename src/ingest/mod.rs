@@ -232,7 +232,7 @@ fn alert_publisher(config: &Config, pool: &Pool) -> Result<(AlertPublisher, toki
         producer_config.set("linger.ms", "0");
     }
     let producer: FutureProducer = producer_config.create()?;
-    Ok((publisher, tokio::spawn(run_sender(queue, producer, k.alerts_topic.clone(), Some(pool.clone())))))
+    Ok((publisher, tokio::spawn(run_sender(queue, producer, k.alerts_topic.clone(), pool.clone()))))
 }
 
 /// Partitions of the routing topic; it must exist (routing by key hash

@@ -213,8 +213,10 @@ SELECT count(*)
  WHERE created_at >= $1 AND created_at < $2
    AND (action = ANY($3::text[]) OR EXISTS (SELECT 1 FROM unnest($4::text[]) p WHERE starts_with(action, p)))";
 
-/// Size of audit_logs (its partitions), the planner's estimate of its rows,
+/// Size of audit_logs (tables, indexes and TOAST of its leaf partitions: the
+/// partitioned parent has no storage), the planner's estimate of its rows,
 /// its partitions, and the size of the whole database (catalog reads only).
+/// Read by the storage gauges and the health endpoint.
 pub const STORAGE_SIZES: &str = "
 SELECT coalesce(sum(pg_total_relation_size(t.relid)), 0)::bigint,
        coalesce(sum(greatest(c.reltuples, 0)), 0)::bigint,
