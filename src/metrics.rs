@@ -120,10 +120,20 @@ fn describe_all() {
     describe_counter!("audit_alerts_published_total", "Alert messages sent to the alerts topic, by rule.");
     describe_counter!(
         "audit_alerts_withheld_total",
-        "Alert messages held back by the storm limiter (summarised instead), by rule."
+        "Alert transitions held back by the storm limiter (carried by a storm summary instead), by rule."
     );
-    describe_counter!("audit_alert_summaries_total", "Aggregate alerts summarising withheld ones, by rule.");
-    describe_counter!("audit_alert_publish_errors_total", "Alert messages the producer could not deliver, by rule.");
+    describe_counter!(
+        "audit_alert_summaries_total",
+        "Storm summaries sent (aggregate alerts carrying withheld ones), by rule."
+    );
+    describe_counter!(
+        "audit_alert_publish_errors_total",
+        "Alert messages Kafka refused (sent again after a backoff), by rule."
+    );
+    describe_counter!(
+        "audit_alerts_unsent_total",
+        "Alert transitions left unsent while the process runs (the storm backlog or the retry buffer was full); they stay undelivered in the alerts table and are sent at their partition's next assignment."
+    );
     describe_counter!(
         "audit_detector_late_events_total",
         "Events later than the allowed lateness: counted, trigger nothing."

@@ -93,3 +93,105 @@ fn an_alert_in_flight_at_a_sigkill_is_sent_again_after_the_restart() {
         assert_eq!(topic.len(), 1, "nothing sent twice");
     });
 }
+
+/// A transition the storm limiter held back (carried by a storm summary)
+/// and never acknowledged is sent again after a restart too: through the
+/// limiter again, so in a summary when the burst is spent.
+#[test]
+fn a_held_back_alert_in_flight_at_a_sigkill_is_carried_again_after_the_restart() {
+    let kafka = EmbeddedKafka::start(1).unwrap();
+    let names = Names::new();
+    names.create(&kafka, 1);
+    let logs = tempfile::tempdir().unwrap();
+    let rt = rt();
+    rt.block_on(async {
+        let db = TestDb::create().await;
+        let mut env = service_env(&db, &kafka, &names);
+        env.push(("AUDIT__DETECT__STORM_LIMIT_PER_SECOND".into(), "1".into()));
+        env.push(("AUDIT__DETECT__STORM_BURST".into(), "1".into()));
+        let t0 = chrono::Utc::now().timestamp_micros() - 30_000_000;
+        let mut events = failures("first", 6, t0);
+        events.extend(failures("second", 6, t0 + 1_000_000));
+        produce_events(&producer(&kafka), &names.events, &events, &[WireFormat::Json]);
+        kafka.push_request_errors(PRODUCE, RDKafkaRespErr::RD_KAFKA_RESP_ERR_NOT_ENOUGH_REPLICAS, 1_000_000);
+
+        let mut service = ServiceProcess::spawn(&env, logs.path(), 0);
+        eventually(Duration::from_secs(60), "both alerts stored, one held back", || async {
+            let held = db.count("SELECT count(*) FROM alerts WHERE NOT published").await;
+            (db.count("SELECT count(*) FROM alerts").await == 2 && held == 1).then_some(())
+        })
+        .await;
+        service.sigkill();
+
+        kafka.clear_request_errors(PRODUCE);
+        let mut service = ServiceProcess::spawn(&env, logs.path(), 1);
+        eventually(Duration::from_secs(60), "both deliveries recorded", || async {
+            (db.count("SELECT count(*) FROM alerts WHERE delivered_at IS NOT NULL").await == 2).then_some(())
+        })
+        .await;
+        let mut stored: Vec<String> = db
+            .client()
+            .await
+            .query("SELECT alert_id::text FROM alerts ORDER BY alert_id", &[])
+            .await
+            .unwrap()
+            .iter()
+            .map(|r| r.get(0))
+            .collect();
+        let topic = read_topic(&kafka, &names.alerts, 2, Duration::from_secs(10));
+        let mut sent = Vec::new();
+        for m in &topic {
+            let a: serde_json::Value = serde_json::from_slice(&m.payload).unwrap();
+            match a.get("withheld") {
+                Some(w) => sent.extend(w["alerts"].as_array().unwrap().iter().map(|h| h["alert_id"].to_string())),
+                None => sent.push(a["alert_id"].to_string()),
+            }
+        }
+        let mut sent: Vec<String> = sent.iter().map(|s| s.trim_matches('"').to_owned()).collect();
+        sent.sort();
+        stored.sort();
+        assert_eq!(sent, stored, "each sent once, one on its own and one in a summary: {topic:?}");
+        assert!(service.sigterm(Duration::from_secs(30)).success(), "{}", service.tail());
+    });
+}
+
+/// Kafka refusing an alert for longer than the producer's message timeout
+/// does not lose it while the service runs: it is sent again after a
+/// backoff, until Kafka takes it, without a restart.
+#[test]
+fn a_refused_alert_is_sent_again_while_the_service_runs() {
+    let kafka = EmbeddedKafka::start(1).unwrap();
+    let names = Names::new();
+    names.create(&kafka, 1);
+    let logs = tempfile::tempdir().unwrap();
+    let rt = rt();
+    rt.block_on(async {
+        let db = TestDb::create().await;
+        let mut env = service_env(&db, &kafka, &names);
+        env.push(("AUDIT__KAFKA__PRODUCER_PROPERTIES__MESSAGE.TIMEOUT.MS".into(), "1500".into()));
+        let t0 = chrono::Utc::now().timestamp_micros() - 30_000_000;
+        produce_events(&producer(&kafka), &names.events, &failures("victim", 6, t0), &[WireFormat::Json]);
+        kafka.push_request_errors(PRODUCE, RDKafkaRespErr::RD_KAFKA_RESP_ERR_NOT_ENOUGH_REPLICAS, 1_000_000);
+
+        let mut service = ServiceProcess::spawn(&env, logs.path(), 0);
+        eventually(Duration::from_secs(60), "the alert refused twice (sent again once)", || async {
+            let addr = service.http_addr()?;
+            let errors =
+                metric_value(&scrape(addr).await, "audit_alert_publish_errors_total{rule=\"user_failed_logins\"}");
+            (errors >= Some(2.0)).then_some(())
+        })
+        .await;
+        assert_eq!(db.count("SELECT count(*) FROM alerts WHERE delivered_at IS NOT NULL").await, 0);
+
+        kafka.clear_request_errors(PRODUCE);
+        eventually(Duration::from_secs(90), "the delivery recorded", || async {
+            (db.count("SELECT count(*) FROM alerts WHERE delivered_at IS NOT NULL").await == 1).then_some(())
+        })
+        .await;
+        let topic = read_topic(&kafka, &names.alerts, 1, Duration::from_secs(10));
+        assert_eq!(topic.len(), 1, "on the topic once");
+        let sent: serde_json::Value = serde_json::from_slice(&topic[0].payload).unwrap();
+        assert_eq!(sent["subject"], "user:victim");
+        assert!(service.sigterm(Duration::from_secs(30)).success(), "{}", service.tail());
+    });
+}

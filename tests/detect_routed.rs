@@ -274,3 +274,50 @@ fn a_batch_waits_for_its_routed_records() {
         service.wait().await;
     });
 }
+
+/// A routed alert stored but never acknowledged by Kafka (the process that
+/// raised it died with it in flight) is sent again, under its alert_id, by
+/// the instance that loads its routing partition, and recorded as
+/// delivered.
+#[test]
+fn an_undelivered_routed_alert_is_sent_again_when_its_partition_is_loaded() {
+    let kafka = EmbeddedKafka::start(1).unwrap();
+    let names = Names::new();
+    names.create(&kafka, 1);
+    let routing_topic = format!("{}.routed", names.events);
+    kafka.create_topic(&routing_topic, 4).unwrap();
+    let rt = rt();
+    rt.block_on(async {
+        let db = TestDb::create().await;
+        let config = routed_config(&db, &kafka, &names, &routing_topic);
+        let key_spec = routing::split(&config.detect).unwrap().routed[0].text.clone();
+        // What a crash leaves: the transition stored with its routed batch
+        // (no events partition), no acknowledgement recorded.
+        let mut client = db.client().await;
+        audit_service::store::migrate::run(&mut client).await.unwrap();
+        let alert_id = uuid::Uuid::new_v4();
+        client
+            .execute(
+                "INSERT INTO alerts (alert_id, rule, subject, key_spec, key_hash, state, severity, count, threshold,
+                                     window_seconds, episode_start, recommended_action, published)
+                 VALUES ($1, 'ip_failures', $2, $3, 987654321, 'firing', 'warning', 12, 11, 3600, now(), 'block_ip', true)",
+                &[&alert_id, &format!("ip:{IP}"), &key_spec],
+            )
+            .await
+            .unwrap();
+
+        let running = service::start(&config, CancellationToken::new()).await.unwrap();
+        eventually(Duration::from_secs(60), "the delivery recorded", || async {
+            (db.count("SELECT count(*) FROM alerts WHERE delivered_at IS NOT NULL").await == 1).then_some(())
+        })
+        .await;
+        let topic = read_topic(&kafka, &names.alerts, 1, Duration::from_secs(10));
+        assert_eq!(topic.len(), 1);
+        let sent: serde_json::Value = serde_json::from_slice(&topic[0].payload).unwrap();
+        assert_eq!(sent["alert_id"], alert_id.to_string());
+        assert_eq!((sent["subject"].as_str(), sent["count"].as_u64()), (Some(format!("ip:{IP}").as_str()), Some(12)));
+        assert_eq!(sent["recommended_action"], "block_ip");
+        running.stop();
+        running.wait().await;
+    });
+}

@@ -17,8 +17,36 @@ pub const ALERT_SCHEMA: &str = include_str!("../../schemas/alert.avsc");
 /// The storm summary part of an aggregate alert.
 #[derive(Debug, Clone, PartialEq, Serialize)]
 pub struct Withheld {
+    /// How many transitions this summary carries.
     pub count: u64,
+    /// Up to 10 of their subjects.
     pub subjects: Vec<String>,
+    /// Every transition it carries.
+    pub alerts: Vec<HeldAlert>,
+}
+
+/// A transition carried by a storm summary instead of a message of its own:
+/// what a consumer needs to act on it (an account to lock, an address to
+/// block) and to de-duplicate it.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct HeldAlert {
+    pub alert_id: String,
+    pub subject: String,
+    pub state: &'static str,
+    pub severity: &'static str,
+    pub recommended_action: &'static str,
+}
+
+impl HeldAlert {
+    pub fn from_transition(t: &Transition) -> HeldAlert {
+        HeldAlert {
+            alert_id: t.alert_id.to_string(),
+            subject: t.subject.clone(),
+            state: t.state.as_str(),
+            severity: t.severity.as_str(),
+            recommended_action: t.recommended_action.as_str(),
+        }
+    }
 }
 
 /// The message on the alerts topic.
@@ -97,6 +125,9 @@ impl AlertMessage {
         let enum_value = |symbols: &[&str], s: &str| {
             Value::Enum(symbols.iter().position(|x| *x == s).unwrap_or(0) as u32, s.to_owned())
         };
+        let severity = |s: &str| enum_value(&["warning", "critical"], s);
+        let state = |s: &str| enum_value(&["firing", "escalated", "resolved"], s);
+        let action = |s: &str| enum_value(&["lock_account", "block_ip", "investigate"], s);
         let ts_opt = |v: Option<EpochMicros>| match v {
             Some(t) => Value::Union(1, Box::new(Value::TimestampMicros(t))),
             None => Value::Union(0, Box::new(Value::Null)),
@@ -108,6 +139,23 @@ impl AlertMessage {
                 Box::new(Value::Record(vec![
                     ("count".into(), Value::Long(w.count as i64)),
                     ("subjects".into(), strings(&w.subjects)),
+                    (
+                        "alerts".into(),
+                        Value::Array(
+                            w.alerts
+                                .iter()
+                                .map(|a| {
+                                    Value::Record(vec![
+                                        ("alert_id".into(), Value::String(a.alert_id.clone())),
+                                        ("subject".into(), Value::String(a.subject.clone())),
+                                        ("state".into(), state(a.state)),
+                                        ("severity".into(), severity(a.severity)),
+                                        ("recommended_action".into(), action(a.recommended_action)),
+                                    ])
+                                })
+                                .collect(),
+                        ),
+                    ),
                 ])),
             ),
             None => Value::Union(0, Box::new(Value::Null)),
@@ -115,8 +163,8 @@ impl AlertMessage {
         Value::Record(vec![
             ("alert_id".into(), Value::String(self.alert_id.clone())),
             ("rule".into(), Value::String(self.rule.clone())),
-            ("severity".into(), enum_value(&["warning", "critical"], self.severity)),
-            ("state".into(), enum_value(&["firing", "escalated", "resolved"], self.state)),
+            ("severity".into(), severity(self.severity)),
+            ("state".into(), state(self.state)),
             ("subject".into(), Value::String(self.subject.clone())),
             ("count".into(), Value::Long(self.count as i64)),
             ("threshold".into(), Value::Long(self.threshold as i64)),
@@ -126,10 +174,7 @@ impl AlertMessage {
             ("last_event_at".into(), ts_opt(self.last_event_at)),
             ("sample_event_ids".into(), strings(&self.sample_event_ids)),
             ("detected_at".into(), Value::TimestampMicros(self.detected_at)),
-            (
-                "recommended_action".into(),
-                enum_value(&["lock_account", "block_ip", "investigate"], self.recommended_action),
-            ),
+            ("recommended_action".into(), action(self.recommended_action)),
             ("withheld".into(), withheld),
         ])
     }
@@ -197,6 +242,7 @@ pub(crate) fn sample_transition() -> Transition {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use uuid::Uuid;
 
     #[test]
     fn json_has_the_contract_fields() {
@@ -218,7 +264,8 @@ mod tests {
     fn avro_decodes_with_the_published_schema() {
         let enc = AlertEncoder::new(AlertFormat::Avro);
         let mut msg = AlertMessage::from_transition(&sample_transition());
-        msg.withheld = Some(Withheld { count: 3, subjects: vec!["user:1".into()] });
+        let held = HeldAlert::from_transition(&sample_transition());
+        msg.withheld = Some(Withheld { count: 1, subjects: vec!["user:42".into()], alerts: vec![held] });
         let bytes = enc.encode(&msg);
         let (fp, body) = avro::split_single_object(&bytes).unwrap();
         assert_eq!(fp, enc.fingerprint());
@@ -234,6 +281,12 @@ mod tests {
         assert_eq!(get("subject"), Value::String("user:42".into()));
         assert_eq!(get("state"), Value::Enum(1, "escalated".into()));
         assert_eq!(get("count"), Value::Long(11));
-        assert!(matches!(get("withheld"), Value::Union(1, _)));
+        let Value::Union(1, withheld) = get("withheld") else { panic!("no withheld part") };
+        let Value::Record(withheld) = *withheld else { panic!("not a record") };
+        let (_, Value::Array(alerts)) = &withheld[2] else { panic!("no alerts array") };
+        let Value::Record(held) = &alerts[0] else { panic!("not a record") };
+        assert_eq!(held[0].1, Value::Uuid(Uuid::from_u128(7)));
+        assert_eq!(held[2].1, Value::Enum(1, "escalated".into()));
+        assert_eq!(held[4].1, Value::Enum(0, "lock_account".into()));
     }
 }

@@ -50,6 +50,20 @@ pub struct AlertView {
 pub struct WithheldView {
     pub count: u64,
     pub subjects: Vec<String>,
+    /// Every transition the summary carries (empty from versions before it
+    /// carried them).
+    #[serde(default)]
+    pub alerts: Vec<HeldAlertView>,
+}
+
+/// A transition carried by a storm summary.
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+pub struct HeldAlertView {
+    pub alert_id: String,
+    pub subject: String,
+    pub state: String,
+    pub severity: String,
+    pub recommended_action: String,
 }
 
 impl AlertView {
@@ -71,12 +85,8 @@ impl AlertView {
         let Value::Record(fields) = reader.read_value(&mut &body[..]).map_err(|e| err(&e))? else {
             return Err(AlertDecodeError::Avro("not a record".into()));
         };
-        let get = |name: &str| fields.iter().find(|(k, _)| k == name).map(|(_, v)| unwrap_union(v));
-        let text = |name: &str| match get(name) {
-            Some(Value::String(s) | Value::Enum(_, s)) => s.clone(),
-            Some(Value::Uuid(u)) => u.to_string(),
-            _ => String::new(),
-        };
+        let get = |name: &str| field(&fields, name);
+        let text = |name: &str| text_of(get(name));
         let long = |name: &str| match get(name) {
             Some(Value::Long(n) | Value::TimestampMicros(n)) => Some(*n),
             _ => None,
@@ -94,7 +104,23 @@ impl AlertView {
                     _ => None,
                 });
                 let subjects = strings(w.iter().find(|(k, _)| k == "subjects").map(|(_, v)| v));
-                Some(WithheldView { count: count.unwrap_or(0), subjects })
+                let alerts = match field(w, "alerts") {
+                    Some(Value::Array(items)) => items
+                        .iter()
+                        .filter_map(|item| match item {
+                            Value::Record(a) => Some(HeldAlertView {
+                                alert_id: text_of(field(a, "alert_id")),
+                                subject: text_of(field(a, "subject")),
+                                state: text_of(field(a, "state")),
+                                severity: text_of(field(a, "severity")),
+                                recommended_action: text_of(field(a, "recommended_action")),
+                            }),
+                            _ => None,
+                        })
+                        .collect(),
+                    _ => Vec::new(),
+                };
+                Some(WithheldView { count: count.unwrap_or(0), subjects, alerts })
             }
             _ => None,
         };
@@ -138,7 +164,7 @@ impl AlertView {
             .unwrap_or_default();
         if let Some(w) = &self.withheld {
             return format!(
-                "ALERT {time} WITHHELD  {:<8} {:<22} {} more alert(s) held back by the storm limiter (subjects: {})",
+                "ALERT {time} WITHHELD  {:<8} {:<22} {} alert(s) held back by the storm limiter, carried here (subjects: {})",
                 self.severity,
                 self.rule,
                 w.count,
@@ -177,8 +203,34 @@ impl From<&AlertMessage> for AlertView {
             sample_event_ids: m.sample_event_ids.clone(),
             detected_at: m.detected_at,
             recommended_action: m.recommended_action.to_owned(),
-            withheld: m.withheld.as_ref().map(|w| WithheldView { count: w.count, subjects: w.subjects.clone() }),
+            withheld: m.withheld.as_ref().map(|w| WithheldView {
+                count: w.count,
+                subjects: w.subjects.clone(),
+                alerts: w
+                    .alerts
+                    .iter()
+                    .map(|a| HeldAlertView {
+                        alert_id: a.alert_id.clone(),
+                        subject: a.subject.clone(),
+                        state: a.state.to_owned(),
+                        severity: a.severity.to_owned(),
+                        recommended_action: a.recommended_action.to_owned(),
+                    })
+                    .collect(),
+            }),
         }
+    }
+}
+
+fn field<'a>(fields: &'a [(String, Value)], name: &str) -> Option<&'a Value> {
+    fields.iter().find(|(k, _)| k == name).map(|(_, v)| unwrap_union(v))
+}
+
+fn text_of(v: Option<&Value>) -> String {
+    match v {
+        Some(Value::String(s) | Value::Enum(_, s)) => s.clone(),
+        Some(Value::Uuid(u)) => u.to_string(),
+        _ => String::new(),
     }
 }
 
@@ -241,8 +293,11 @@ mod tests {
         for format in [AlertFormat::Json, AlertFormat::Avro] {
             assert_eq!(AlertView::decode(&AlertEncoder::new(format).encode(&msg)).unwrap(), expected, "{format:?}");
         }
-        msg.withheld = Some(Withheld { count: 3, subjects: vec!["user:1".into()] });
+        let mut held = crate::alerts::HeldAlert::from_transition(&crate::alerts::sample_transition());
+        held.state = "resolved";
+        msg.withheld = Some(Withheld { count: 1, subjects: vec![held.subject.clone()], alerts: vec![held] });
         let expected = AlertView::from(&msg);
+        assert_eq!(expected.withheld.as_ref().unwrap().alerts[0].state, "resolved");
         for format in [AlertFormat::Json, AlertFormat::Avro] {
             let view = AlertView::decode(&AlertEncoder::new(format).encode(&msg)).unwrap();
             assert_eq!(view, expected, "{format:?}");

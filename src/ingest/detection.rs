@@ -117,11 +117,11 @@ impl Detection {
             info!(open = episodes.len(), partitions = ?fresh, "restored open alerts");
             self.detector.restore(episodes);
             self.restored_unpartitioned = true;
-            // Transitions sent but never acknowledged (the process before
-            // died with them in flight): again, under the same alert_id.
+            // Transitions never acknowledged (the process before died with
+            // them in flight or held back): again, under the same alert_id.
             let undelivered =
                 client.query(queries::UNDELIVERED_ALERTS, &[&fresh]).await.map_err(|e| with_causes(&e))?;
-            let resent = undelivered.iter().filter_map(stored_transition).filter(|t| self.publisher.resend(t)).count();
+            let resent = undelivered.iter().filter_map(stored_transition).map(|t| self.publisher.resend(&t)).count();
             if resent > 0 {
                 info!(resent, partitions = ?fresh, "sent again the alerts Kafka had not acknowledged");
             }
@@ -256,9 +256,10 @@ pub(crate) fn open_episode(r: &tokio_postgres::Row) -> Option<OpenEpisode> {
     })
 }
 
-/// A transition read back by [`queries::UNDELIVERED_ALERTS`]; None for a
-/// state or action this version does not know.
-fn stored_transition(r: &tokio_postgres::Row) -> Option<Transition> {
+/// A transition read back by [`queries::UNDELIVERED_ALERTS`] (or
+/// [`queries::UNDELIVERED_ROUTED_ALERTS`]); None for a state or action this
+/// version does not know.
+pub(crate) fn stored_transition(r: &tokio_postgres::Row) -> Option<Transition> {
     let micros = |t: chrono::DateTime<chrono::Utc>| t.timestamp_micros();
     Some(Transition {
         alert_id: r.get(0),

@@ -27,7 +27,7 @@ use tokio::runtime::Handle;
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn};
 
-use super::detection::{RebuildWindows, open_episode, row_to_event};
+use super::detection::{RebuildWindows, open_episode, row_to_event, stored_transition};
 use super::status::IngestStatus;
 use crate::alerts::publisher::AlertPublisher;
 use crate::detect::routing::{self, HEADER_KEY_SPEC, HEADER_SOURCE, RoutedKey};
@@ -274,7 +274,27 @@ impl RoutedContext {
                 d.set_emitting(true);
             }
             info!(?partitions, restored, replayed, "routed detector state rebuilt");
+            // Transitions of these partitions' keys never acknowledged: again,
+            // under the same alert_id.
+            let undelivered: Vec<Transition> = client
+                .query(queries::UNDELIVERED_ROUTED_ALERTS, &[&specs])
+                .await
+                .map_err(|e| with_causes(&e))?
+                .iter()
+                .filter(|r| partitions.contains(&routing::partition_of(r.get::<_, i64>(3) as u64, s.partitions)))
+                .filter_map(stored_transition)
+                .collect();
             let mut state = self.state();
+            if !undelivered.is_empty() {
+                info!(
+                    resent = undelivered.len(),
+                    ?partitions,
+                    "sent again the routed alerts Kafka had not acknowledged"
+                );
+            }
+            for t in &undelivered {
+                state.publisher.resend(t);
+            }
             state.detectors = detectors;
             state.positions =
                 partitions.iter().map(|p| (*p, (stored.get(p).copied(), stored.get(p).copied()))).collect();

@@ -38,6 +38,11 @@ pub const MIGRATIONS: &[Migration] = &[
         sql: include_str!("../../migrations/0010_offsets_event_time.sql"),
     },
     Migration { version: 11, name: "alert_delivery", sql: include_str!("../../migrations/0011_alert_delivery.sql") },
+    Migration {
+        version: 12,
+        name: "storm_summary_delivery",
+        sql: include_str!("../../migrations/0012_storm_summary_delivery.sql"),
+    },
 ];
 
 /// Arbitrary constant naming the migration lock.

@@ -112,14 +112,24 @@ SELECT DISTINCT ON (a.alert_id) a.alert_id, a.rule, a.key_spec, a.key_hash, a.su
    AND NOT EXISTS (SELECT 1 FROM alerts r WHERE r.alert_id = a.alert_id AND r.state = 'resolved')
  ORDER BY a.alert_id, a.detected_at DESC, a.id DESC";
 
-/// Published transitions of partitions $1 that Kafka has not acknowledged
-/// (migrations/0011), oldest first, with what a message needs.
+/// Transitions of partitions $1 that Kafka has not acknowledged, in a
+/// message of their own or in a storm summary (migrations/0011, 0012),
+/// oldest first, with what a message needs.
 pub const UNDELIVERED_ALERTS: &str = "
 SELECT alert_id, rule, key_spec, key_hash, subject, state, severity, count, threshold, window_seconds,
        episode_start, first_event_at, last_event_at, sample_event_ids, recommended_action, detected_at,
        coalesce(kafka_partition, -1)
   FROM alerts
- WHERE published AND delivered_at IS NULL AND kafka_partition = ANY($1::int[])
+ WHERE delivered_at IS NULL AND kafka_partition = ANY($1::int[])
+ ORDER BY id";
+
+/// The same for the routed rules' keys $1 (stored without a partition:
+/// the caller keeps those whose key hash lands on its routing partitions).
+pub const UNDELIVERED_ROUTED_ALERTS: &str = "
+SELECT alert_id, rule, key_spec, key_hash, subject, state, severity, count, threshold, window_seconds,
+       episode_start, first_event_at, last_event_at, sample_event_ids, recommended_action, detected_at, -1
+  FROM alerts
+ WHERE delivered_at IS NULL AND kafka_partition IS NULL AND key_spec = ANY($1::text[])
  ORDER BY id";
 
 /// Records Kafka's acknowledgement of the transitions ($1 alert ids, $2
