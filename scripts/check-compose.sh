@@ -62,7 +62,7 @@ def expand_defaults(text):
 
 
 # --- the stack is there ------------------------------------------------------
-for name in ["kafka", "kafka-init", "postgres", "audit-service", "prometheus"]:
+for name in ["kafka", "kafka-init", "postgres", "audit-service", "prometheus", "alertmanager", "mailpit", "grafana"]:
     if name not in services:
         err(f"service `{name}` is missing")
 
@@ -334,6 +334,43 @@ else:
             host = t.split(":")[0]
             if host not in services and host not in ("localhost", "127.0.0.1"):
                 err(f"prometheus.yml: scrape target {t} is not a compose service")
+        am_targets = [t for am in (pconf.get("alerting") or {}).get("alertmanagers") or []
+                      for st in am.get("static_configs") or [] for t in st.get("targets") or []]
+        if am_targets != ["alertmanager:9093"]:
+            err(f"prometheus.yml: alerts must go to alertmanager:9093 (has {am_targets})")
+
+# --- Alertmanager, its mail relay, Grafana ------------------------------------------
+def mounts(name):
+    out = {}
+    for vol in services.get(name, {}).get("volumes") or []:
+        parts = vol.split(":")
+        out[parts[1]] = parts[0]
+    return out
+
+
+am_mounts = mounts("alertmanager")
+if am_mounts.get("/etc/alertmanager") != "./config/alertmanager":
+    err("alertmanager: config/alertmanager is not mounted at /etc/alertmanager")
+am_conf = yaml.safe_load((root / "config/alertmanager/alertmanager.yml").read_text())
+if "--config.file=/etc/alertmanager/alertmanager.yml" not in (services.get("alertmanager", {}).get("command") or []):
+    err("alertmanager: does not load /etc/alertmanager/alertmanager.yml")
+smarthost = (am_conf.get("global") or {}).get("smtp_smarthost", "")
+if smarthost.split(":")[0] not in services:
+    err(f"alertmanager.yml: smtp_smarthost {smarthost} is not a compose service")
+gf_mounts = mounts("grafana")
+for dst, src in [("/etc/grafana/provisioning", "./config/grafana/provisioning"),
+                 ("/var/lib/grafana/dashboards", "./config/grafana/dashboards")]:
+    if gf_mounts.get(dst) != src:
+        err(f"grafana: {src} is not mounted at {dst}")
+gf_ds = yaml.safe_load((root / "config/grafana/provisioning/datasources/prometheus.yml").read_text())
+for ds in gf_ds.get("datasources") or []:
+    m = re.match(r"https?://([^:/]+):(\d+)", ds.get("url", ""))
+    if not m or m.group(1) != "prometheus" or m.group(2) != "9090":
+        err(f"grafana datasource {ds.get('name')}: url {ds.get('url')} is not http://prometheus:9090")
+gf_dash = yaml.safe_load((root / "config/grafana/provisioning/dashboards/audit-service.yml").read_text())
+for prov in gf_dash.get("providers") or []:
+    if prov.get("options", {}).get("path") not in gf_mounts:
+        err(f"grafana dashboards provider {prov.get('name')}: path is not a mount")
 
 # --- every ${VAR} has a default ---------------------------------------------------
 raw = (root / "docker-compose.yml").read_text()

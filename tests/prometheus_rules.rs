@@ -154,6 +154,19 @@ fn every_alert_is_tested_firing_and_silent_with_a_runbook_link() {
 }
 
 #[test]
+fn alertmanager_routes_every_rule_and_the_dashboard_queries_are_valid() {
+    let amtool = Command::new("amtool").arg("--version").output().is_ok_and(|o| o.status.success());
+    if !amtool {
+        println!("SKIPPED: amtool is not installed (Debian package `prometheus-alertmanager`)");
+        return;
+    }
+    if !promtool_available("alertmanager_routes_every_rule_and_the_dashboard_queries_are_valid") {
+        return;
+    }
+    run_ok("bash", &["scripts/check-alerting.sh"]);
+}
+
+#[test]
 fn docker_compose_is_consistent() {
     run_ok("bash", &["scripts/check-compose.sh"]);
 }
