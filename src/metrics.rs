@@ -138,6 +138,10 @@ fn describe_all() {
         "audit_detector_late_events_total",
         "Events later than the allowed lateness: counted, trigger nothing."
     );
+    describe_counter!(
+        "audit_detector_duplicate_events_total",
+        "Events the detectors skipped because their event_id was counted already within the lateness window (a producer retry)."
+    );
     describe_gauge!("audit_detector_keys", "Keys tracked by each rule instance.");
     describe_counter!("audit_detector_evictions_total", "Idle keys evicted, by rule instance.");
     describe_counter!(

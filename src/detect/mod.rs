@@ -9,6 +9,7 @@
 //! quiet stream also looks at the wall clock).
 
 pub mod keys;
+pub mod recent;
 pub mod routing;
 pub mod rules;
 pub mod window;
@@ -266,6 +267,7 @@ struct ActionPlan {
 #[derive(Default)]
 struct PendingMetrics {
     late: u64,
+    duplicates: u64,
     keys_dropped: Vec<u64>,
     evicted: Vec<u64>,
 }
@@ -296,6 +298,9 @@ pub struct Detector {
     judgments: Vec<Judgment>,
     pending: PendingMetrics,
     last_eviction: Instant,
+    /// Event ids counted within the lateness window: a retried event is
+    /// counted once.
+    recent: recent::RecentEvents,
 }
 
 fn micros(d: Duration) -> i64 {
@@ -365,6 +370,7 @@ impl Detector {
             judgments: Vec::new(),
             pending: PendingMetrics { keys_dropped: vec![0; n], evicted: vec![0; n], ..Default::default() },
             last_eviction: Instant::now(),
+            recent: recent::RecentEvents::default(),
         })
     }
 
@@ -494,6 +500,10 @@ impl Detector {
             return;
         }
         *newest = (*newest).max(t);
+        if !self.recent.first_sighting(e.event_id.as_u128(), t, slot, &self.partition_max, self.lateness) {
+            self.pending.duplicates += 1;
+            return;
+        }
         self.max_event_time = self.max_event_time.max(t);
         let active = plan.counted | plan.then;
         let mut judgments = std::mem::take(&mut self.judgments);
@@ -868,6 +878,7 @@ impl Detector {
     fn flush_metrics(&mut self) {
         let p = &mut self.pending;
         metrics::counter!("audit_detector_late_events_total").increment(std::mem::take(&mut p.late));
+        metrics::counter!("audit_detector_duplicate_events_total").increment(std::mem::take(&mut p.duplicates));
         for (i, inst) in self.instances.iter().enumerate() {
             let rule = self.rules[inst.rule].id.clone();
             let labels = [("rule", rule), ("key", inst.key_text.clone())];
@@ -886,7 +897,7 @@ impl Detector {
 
     /// Approximate memory held by per-key state.
     pub fn approx_state_bytes(&self) -> usize {
-        self.slots.iter().map(|s| s.map.approx_bytes()).sum()
+        self.slots.iter().map(|s| s.map.approx_bytes()).sum::<usize>() + self.recent.approx_bytes()
     }
 
     pub fn open_alerts(&self) -> usize {

@@ -305,6 +305,30 @@ fn out_of_order_within_lateness_counts_later_ones_do_not() {
 }
 
 #[test]
+fn a_retried_event_counts_once_as_in_the_stored_log() {
+    let mut g = Feed::default();
+    // Five failures, each sent twice (a producer retry: same event_id),
+    // the retries a little out of order: five stored events, no alert
+    // (the warning needs more than five).
+    let sent: Vec<AuthEvent> = (0..5).map(|i| g.event("FAILED_AUTH_LOGIN", "u1", "10.0.0.1", T0 + i * S)).collect();
+    for e in &sent {
+        g.send_event(e);
+    }
+    for e in sent.iter().rev() {
+        g.send_event(e);
+    }
+    assert!(g.of("user_failed_logins").is_empty(), "{:?}", g.out);
+    assert_eq!(g.detector.pending.duplicates, 5);
+    // The sixth distinct failure fires, with a count of six.
+    let fired = g.fail("u1", "10.0.0.1", T0 + 6 * S);
+    assert_eq!(fired.iter().find(|t| t.rule == "user_failed_logins").map(|t| t.count), Some(6));
+    // A retry older than the lateness is late, not a duplicate.
+    g.fail("u1", "10.0.0.1", T0 + 60 * S);
+    g.send_event(&sent[0]);
+    assert_eq!((g.detector.pending.duplicates, g.detector.pending.late), (5, 1));
+}
+
+#[test]
 fn replaying_the_same_input_gives_the_same_alert_ids() {
     let run = || {
         let mut f = Feed::default();
