@@ -1066,6 +1066,11 @@ async fn log_search_by_user_is_an_index_scan() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn bad_parameters_get_a_4xx_json_error_never_a_5xx() {
+    // A cursor in the API's own format, at year −250,000.
+    fn crafted_cursor(kind: &str, id: &str) -> String {
+        use base64::Engine;
+        base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(format!("v1|{kind}|-8000000000000000000|{id}"))
+    }
     let api = Api::start().await;
     let injection = urlencode("'; DROP TABLE audit_logs; --");
     let gets: Vec<(String, u16, &str)> = vec![
@@ -1096,6 +1101,15 @@ async fn bad_parameters_get_a_4xx_json_error_never_a_5xx() {
         ("/api/v1/audit/alerts?severity=high".into(), 400, "invalid_parameter"),
         ("/api/v1/audit/alerts?since=soon".into(), 400, "invalid_timestamp"),
         ("/api/v1/audit/alerts?cursor=abc".into(), 400, "invalid_cursor"),
+        // Well-formed cursors at times chrono holds but PostgreSQL does not.
+        (
+            format!("/api/v1/audit/logs?cursor={}", crafted_cursor("logs", "0b4e6f1c-0000-4000-8000-000000000001")),
+            400,
+            "invalid_cursor",
+        ),
+        (format!("/api/v1/audit/alerts?cursor={}", crafted_cursor("alerts", "7")), 400, "invalid_cursor"),
+        // Not valid UTF-8 once percent-decoded.
+        ("/api/v1/audit/users/%FF/activity".into(), 400, "invalid_path"),
         ("/api/v1/audit/security?top=0".into(), 400, "invalid_limit"),
         ("/api/v1/audit/security?top=1000000000".into(), 400, "invalid_limit"),
         ("/api/v1/audit/security?ip_threshold=10000000000".into(), 400, "invalid_parameter"),

@@ -6,7 +6,7 @@
 
 use base64::Engine;
 use base64::engine::general_purpose::URL_SAFE_NO_PAD;
-use chrono::{DateTime, Utc};
+use chrono::{DateTime, Datelike, Utc};
 
 use super::error::ApiError;
 
@@ -32,7 +32,14 @@ pub fn decode(kind: &str, cursor: &str) -> Result<(DateTime<Utc>, String), ApiEr
     if k != kind {
         return Err(invalid());
     }
-    let at = micros.parse::<i64>().ok().and_then(DateTime::from_timestamp_micros).ok_or_else(invalid)?;
+    // Only times this API hands out (and PostgreSQL takes): a crafted
+    // cursor far outside them is refused here, not by the database.
+    let at = micros
+        .parse::<i64>()
+        .ok()
+        .and_then(DateTime::from_timestamp_micros)
+        .filter(|t| (1970..=9999).contains(&t.date_naive().year_ce().1))
+        .ok_or_else(invalid)?;
     Ok((at, id.to_owned()))
 }
 
@@ -48,5 +55,10 @@ mod tests {
         assert!(decode("alerts", &c).is_err());
         assert!(decode("logs", "not-a-cursor!").is_err());
         assert!(decode("logs", &URL_SAFE_NO_PAD.encode("v1|logs|x|y")).is_err());
+        // Year −250,000 and 300,000: valid for chrono, not for PostgreSQL.
+        for micros in ["-8000000000000000000", "9400000000000000000"] {
+            let crafted = URL_SAFE_NO_PAD.encode(format!("v1|logs|{micros}|0b4e6f1c-0000-4000-8000-000000000001"));
+            assert_eq!(decode("logs", &crafted).unwrap_err().code(), "invalid_cursor", "{micros}");
+        }
     }
 }

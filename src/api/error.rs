@@ -146,6 +146,15 @@ impl From<tokio_postgres::Error> for ApiError {
                     retry_after: Some(Duration::from_secs(5)),
                 }
             }
+            // Class 22 (data exception): a value of the request PostgreSQL
+            // cannot take (out of range, malformed); the request's fault.
+            Some(state) if state.code().starts_with("22") => ApiError::BadRequest {
+                code: "invalid_value",
+                message: format!(
+                    "a value of the request is out of range for the database: {}",
+                    e.as_db_error().map_or_else(|| e.to_string(), |d| d.message().to_owned())
+                ),
+            },
             Some(_) => ApiError::Internal(e.as_db_error().map_or_else(|| e.to_string(), |d| d.to_string())),
             // No SQLSTATE and an I/O cause: the connection broke.
             None if e.is_closed() || std::error::Error::source(&e).is_some_and(|s| s.is::<std::io::Error>()) => {

@@ -1,4 +1,4 @@
-//! Query-string and JSON-body extractors whose rejections are [`ApiError`]s,
+//! Path, query-string and JSON-body extractors whose rejections are [`ApiError`]s,
 //! so that a malformed request gets the API's JSON error (never axum's
 //! plain-text one). The target types use `deny_unknown_fields`: a misspelt
 //! parameter is an error, not silently ignored.
@@ -21,6 +21,21 @@ impl<T: DeserializeOwned, S: Send + Sync> FromRequestParts<S> for ApiQuery<T> {
         axum::extract::Query::<T>::try_from_uri(&parts.uri)
             .map(|q| ApiQuery(q.0))
             .map_err(|rejection| ApiError::bad_request("invalid_query", rejection.body_text()))
+    }
+}
+
+/// `axum::extract::Path` with the API's errors (a segment that is not
+/// valid percent-encoded UTF-8, say).
+pub struct ApiPath<T>(pub T);
+
+impl<T: DeserializeOwned + Send, S: Send + Sync> FromRequestParts<S> for ApiPath<T> {
+    type Rejection = ApiError;
+
+    async fn from_request_parts(parts: &mut Parts, state: &S) -> Result<Self, ApiError> {
+        axum::extract::Path::<T>::from_request_parts(parts, state)
+            .await
+            .map(|p| ApiPath(p.0))
+            .map_err(|rejection| ApiError::bad_request("invalid_path", rejection.body_text()))
     }
 }
 

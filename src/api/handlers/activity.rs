@@ -7,12 +7,12 @@
 //!   admin actions per admin, busiest hours.
 
 use axum::Json;
-use axum::extract::{Path, State};
+use axum::extract::State;
 use chrono::{DateTime, DurationRound, NaiveDate, TimeDelta, Utc};
 use serde::{Deserialize, Serialize};
 
 use crate::api::error::ApiError;
-use crate::api::extract::ApiQuery;
+use crate::api::extract::{ApiPath, ApiQuery};
 use crate::api::{Ctx, db, params, queries};
 
 const MAX_DAYS: u64 = 366;
@@ -67,7 +67,7 @@ pub struct UserActivity {
 
 pub async fn user(
     State(ctx): State<Ctx>,
-    Path(user_id): Path<String>,
+    ApiPath(user_id): ApiPath<String>,
     ApiQuery(p): ApiQuery<UserParams>,
 ) -> Result<Json<UserActivity>, ApiError> {
     let user_id = params::text("user_id", &user_id, 256)?;
