@@ -249,6 +249,47 @@ fn sessions_survive_a_sigkill_restart() {
     });
 }
 
+/// Deltas a stopped process left unfolded are folded by the next one
+/// without waiting for new ingest: the compactor starts from what the
+/// database holds pending, not from zero.
+#[test]
+fn deltas_left_by_a_stopped_process_are_folded_by_the_next() {
+    let kafka = EmbeddedKafka::start(1).unwrap();
+    let names = Names::new();
+    names.create(&kafka, 1);
+    let logs = tempfile::tempdir().unwrap();
+    let rt = rt();
+    rt.block_on(async {
+        let db = TestDb::create().await;
+        let env = service_env(&db, &kafka, &names);
+        let mut deferred = env.clone();
+        deferred.push(("AUDIT__ACTIVITY__COMPACT_WHEN_IDLE_FOR".into(), "1h".into()));
+        deferred.push(("AUDIT__ACTIVITY__COMPACT_INTERVAL".into(), "1h".into()));
+        let t0 = chrono::Utc::now().timestamp_micros() - 10 * MIN;
+        let logins: Vec<AuthEvent> =
+            (0..100).map(|i| session_event("AUTH_LOGIN", &format!("left{i}"), &format!("user{i}"), t0 + i)).collect();
+        produce_events(&producer(&kafka), &names.events, &logins, &[WireFormat::Json]);
+        let mut service = ServiceProcess::spawn(&deferred, logs.path(), 0);
+        eventually(Duration::from_secs(60), "logins stored", || async {
+            (all_offsets(&db).await == 100).then_some(())
+        })
+        .await;
+        assert!(service.sigterm(Duration::from_secs(30)).success(), "{}", service.tail());
+        assert!(db.count("SELECT count(*) FROM activity_delta_batches").await > 0, "deltas left pending");
+        assert_eq!(db.count("SELECT count(*) FROM sessions").await, 0);
+
+        // Default folding, and nothing new to ingest.
+        let mut service = ServiceProcess::spawn(&env, logs.path(), 1);
+        eventually(Duration::from_secs(60), "the deltas folded", || async {
+            (db.count("SELECT count(*) FROM activity_delta_batches").await == 0).then_some(())
+        })
+        .await;
+        assert_eq!(db.count("SELECT count(*) FROM sessions").await, 100);
+        assert_eq!(difference(&db, USER_ROLLUP, USER_GROUP_BY).await, 0);
+        assert!(service.sigterm(Duration::from_secs(30)).success(), "{}", service.tail());
+    });
+}
+
 /// GET with a bearer token over a real TCP connection; the JSON body.
 async fn get_json(addr: std::net::SocketAddr, path: &str, token: &str) -> (u16, serde_json::Value) {
     let resp = reqwest::Client::new().get(format!("http://{addr}{path}")).bearer_auth(token).send().await.unwrap();

@@ -63,7 +63,29 @@ fn fold_due(cfg: &ActivityConfig, pending: u64, idle_for: Duration, since_fold: 
             || since_fold >= cfg.compact_interval)
 }
 
+/// Delta entries pending in the database (an earlier process may have
+/// left some).
+pub async fn pending_in_database(pool: &Pool) -> Result<i64, String> {
+    let client = pool.get().await.map_err(|e| with_causes(&e))?;
+    Ok(client.query_one(queries::PENDING_ACTIVITY_DELTAS, &[]).await.map_err(|e| with_causes(&e))?.get(0))
+}
+
 pub async fn run(pool: Pool, cfg: ActivityConfig, status: Arc<IngestStatus>, cancel: CancellationToken) {
+    // Start from what is pending in the database, not from zero: deltas
+    // left by the process before are folded without waiting for new ingest.
+    loop {
+        match pending_in_database(&pool).await {
+            Ok(n) => {
+                status.set_pending_deltas(n.max(0) as u64);
+                break;
+            }
+            Err(e) => warn!(error = %e, "reading pending activity deltas failed; will retry"),
+        }
+        tokio::select! {
+            _ = cancel.cancelled() => return,
+            _ = tokio::time::sleep(Duration::from_secs(1)) => {}
+        }
+    }
     let mut last_fold = Instant::now();
     let mut last_sweep = Instant::now();
     loop {

@@ -109,6 +109,12 @@ impl IngestStatus {
         self.pending_deltas.load(Ordering::SeqCst)
     }
 
+    /// What the database holds pending, read when the compactor starts:
+    /// deltas an earlier process wrote are folded (and gauged) too.
+    pub fn set_pending_deltas(&self, n: u64) {
+        self.pending_deltas.store(n, Ordering::SeqCst);
+    }
+
     /// The compactor folded `n` of them.
     pub fn deltas_folded(&self, n: u64) {
         let _ = self.pending_deltas.fetch_update(Ordering::SeqCst, Ordering::SeqCst, |p| Some(p.saturating_sub(n)));

@@ -185,6 +185,10 @@ pub const COPY_ACTIVITY_DELTAS: &str = "COPY activity_delta_batches (user_ids, h
 
 /// Folds pending activity deltas; returns delta rows moved.
 pub const ACTIVITY_COMPACT: &str = "SELECT activity_compact()";
+/// Delta entries written and not folded yet, counted as the writer counts
+/// them (rollup entries, anonymous ones included, plus session entries).
+pub const PENDING_ACTIVITY_DELTAS: &str =
+    "SELECT coalesce(sum(cardinality(user_ids) + cardinality(session_ids)), 0)::bigint FROM activity_delta_batches";
 /// Closes sessions idle since before $1 - $2 (event time); $2 is an interval as text.
 pub const ACTIVITY_CLOSE_IDLE: &str = "SELECT activity_close_idle($1, $2::text::interval)";
 /// Sessions open now, pending deltas included.
