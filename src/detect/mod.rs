@@ -500,7 +500,11 @@ impl Detector {
             return;
         }
         *newest = (*newest).max(t);
-        if !self.recent.first_sighting(e.event_id.as_u128(), t, slot, &self.partition_max, self.lateness) {
+        let (partition_max, lateness) = (&self.partition_max, self.lateness);
+        let horizon = || {
+            partition_max.iter().filter(|&&m| m != EpochMicros::MIN).min().map_or(EpochMicros::MIN, |m| m - lateness)
+        };
+        if !self.recent.first_sighting(e.event_id.as_u128(), t, horizon) {
             self.pending.duplicates += 1;
             return;
         }
@@ -898,6 +902,12 @@ impl Detector {
     /// Approximate memory held by per-key state.
     pub fn approx_state_bytes(&self) -> usize {
         self.slots.iter().map(|s| s.map.approx_bytes()).sum::<usize>() + self.recent.approx_bytes()
+    }
+
+    /// Approximate memory held by the ids of the lateness window's events
+    /// (part of [`Detector::approx_state_bytes`]), and how many there are.
+    pub fn recent_events(&self) -> (usize, usize) {
+        (self.recent.approx_bytes(), self.recent.len())
     }
 
     pub fn open_alerts(&self) -> usize {

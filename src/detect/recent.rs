@@ -10,7 +10,8 @@
 //! detector drops it as such. So the set holds the events of one lateness
 //! window (30 s of event time by default), bounded by a cap.
 
-use std::collections::{HashSet, VecDeque};
+use std::collections::HashMap;
+use std::collections::hash_map::Entry;
 use std::hash::{BuildHasherDefault, Hasher};
 
 use crate::event::EpochMicros;
@@ -18,10 +19,18 @@ use crate::event::EpochMicros;
 /// Ids kept at most, whatever the lateness window holds.
 pub const MAX_RECENT_EVENTS: usize = 1_000_000;
 
+/// Each id is kept as a 64-bit fingerprint with its event time (about 25 to
+/// 50 bytes per event, with the table's slack): two distinct events of one
+/// window share a fingerprint and a time with odds far below 1 in 10^15.
+///
+/// One table probe per event: an entry left from an older window is told
+/// apart by its time (a duplicate has the time of its original) and
+/// overwritten; entries beyond every partition's lateness are swept out in
+/// one sequential pass when the table has doubled since the last sweep.
 pub struct RecentEvents {
-    seen: HashSet<u128, BuildHasherDefault<IdHasher>>,
-    /// In arrival order: (event time, partition slot, id).
-    order: VecDeque<(EpochMicros, u32, u128)>,
+    seen: HashMap<u64, EpochMicros, BuildHasherDefault<IdHasher>>,
+    /// Size after the last sweep: the next sweep is due at twice it.
+    swept_at: usize,
     cap: usize,
 }
 
@@ -33,55 +42,63 @@ impl Default for RecentEvents {
 
 impl RecentEvents {
     pub fn with_cap(cap: usize) -> RecentEvents {
-        RecentEvents { seen: HashSet::default(), order: VecDeque::new(), cap: cap.max(1) }
+        RecentEvents { seen: HashMap::default(), swept_at: 0, cap: cap.max(1) }
     }
 
-    /// True the first time `id` is offered while it is remembered; false
-    /// for a duplicate. `partition_max` holds each partition slot's newest
-    /// event time, `lateness` what the detector accepts behind it.
-    pub fn first_sighting(
-        &mut self,
-        id: u128,
-        at: EpochMicros,
-        slot: usize,
-        partition_max: &[EpochMicros],
-        lateness: i64,
-    ) -> bool {
-        // Forget, oldest arrival first, what no partition can accept any
-        // more (and the oldest beyond the cap).
-        while let Some(&(t, p, old)) = self.order.front() {
-            let newest = partition_max.get(p as usize).copied().unwrap_or(EpochMicros::MAX);
-            if t >= newest.saturating_sub(lateness) && self.order.len() < self.cap {
-                break;
+    /// True the first time an event is offered (by `id` and event time
+    /// `at`) while it is remembered; false for a duplicate. `horizon` is
+    /// the oldest event time any partition still accepts (its newest minus
+    /// the lateness): what is older is forgotten at the next sweep.
+    pub fn first_sighting(&mut self, id: u128, at: EpochMicros, horizon: impl FnOnce() -> EpochMicros) -> bool {
+        match self.seen.entry(fingerprint(id)) {
+            Entry::Occupied(mut e) => {
+                if *e.get() == at {
+                    return false;
+                }
+                // A fingerprint left by an event of another time.
+                e.insert(at);
+                return true;
             }
-            self.order.pop_front();
-            self.seen.remove(&old);
+            Entry::Vacant(e) => {
+                e.insert(at);
+            }
         }
-        if !self.seen.insert(id) {
-            return false;
+        if self.seen.len() >= (2 * self.swept_at).max(1024) || self.seen.len() > self.cap {
+            let horizon = horizon();
+            self.seen.retain(|_, t| *t >= horizon);
+            if self.seen.len() > self.cap {
+                // Still too many within the window: keep the newest half.
+                let mut times: Vec<EpochMicros> = self.seen.values().copied().collect();
+                let median = *times.select_nth_unstable(self.seen.len() / 2).1;
+                self.seen.retain(|_, t| *t >= median);
+            }
+            self.swept_at = self.seen.len();
         }
-        self.order.push_back((at, u32::try_from(slot).unwrap_or(u32::MAX), id));
         true
     }
 
     pub fn len(&self) -> usize {
-        self.order.len()
+        self.seen.len()
     }
 
     pub fn is_empty(&self) -> bool {
-        self.order.is_empty()
+        self.seen.is_empty()
     }
 
     /// Heap bytes held, approximately.
     pub fn approx_bytes(&self) -> usize {
-        // hashbrown: the value and one control byte per bucket.
-        self.seen.capacity() * (std::mem::size_of::<u128>() + 1)
-            + self.order.capacity() * std::mem::size_of::<(EpochMicros, u32, u128)>()
+        // hashbrown: the entry and one control byte per bucket.
+        self.seen.capacity() * (std::mem::size_of::<(u64, EpochMicros)>() + 1)
     }
 }
 
 /// Event ids are mostly random (UUID v4) or random in their low half (v7):
-/// folding the halves with one multiply spreads any of them.
+/// folding the halves and one multiply spread any of them.
+fn fingerprint(id: u128) -> u64 {
+    ((id as u64) ^ ((id >> 64) as u64).rotate_left(29)).wrapping_mul(0x9e37_79b9_7f4a_7c15)
+}
+
+/// Fingerprints are spread already.
 #[derive(Default, Clone, Copy)]
 pub struct IdHasher(u64);
 
@@ -92,8 +109,8 @@ impl Hasher for IdHasher {
         }
     }
 
-    fn write_u128(&mut self, i: u128) {
-        self.0 = ((i as u64) ^ ((i >> 64) as u64)).wrapping_mul(0x9e37_79b9_7f4a_7c15);
+    fn write_u64(&mut self, i: u64) {
+        self.0 = i;
     }
 
     fn finish(&self) -> u64 {
@@ -104,36 +121,48 @@ impl Hasher for IdHasher {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::collections::HashSet;
 
     const S: i64 = 1_000_000;
 
     #[test]
-    fn a_duplicate_is_refused_while_its_time_can_still_be_accepted() {
+    fn a_duplicate_is_refused_while_remembered() {
         let mut recent = RecentEvents::default();
-        let lateness = 30 * S;
-        let mut newest = vec![100 * S, 100 * S];
-        assert!(recent.first_sighting(1, 100 * S, 0, &newest, lateness));
-        assert!(recent.first_sighting(2, 95 * S, 1, &newest, lateness));
-        assert!(!recent.first_sighting(1, 100 * S, 0, &newest, lateness), "a retry of 1");
-        assert!(!recent.first_sighting(2, 95 * S, 1, &newest, lateness), "a retry of 2, other partition");
-        // Partition 0 moves 31 s on: event 1 is beyond its lateness, and
-        // forgotten (a duplicate of it would be late). Partition 1 has not
-        // moved: event 2 stays, though it arrived after 1.
-        newest[0] = 131 * S;
-        assert!(recent.first_sighting(3, 131 * S, 0, &newest, lateness));
-        assert_eq!(recent.len(), 2, "1 forgotten, 2 and 3 kept");
-        assert!(!recent.first_sighting(2, 95 * S, 1, &newest, lateness));
-        assert!(recent.first_sighting(1, 100 * S, 0, &newest, lateness), "forgotten: up to the lateness check");
+        let horizon = || 70 * S;
+        assert!(recent.first_sighting(1, 100 * S, horizon));
+        assert!(recent.first_sighting(2, 95 * S, horizon));
+        assert!(!recent.first_sighting(1, 100 * S, horizon), "a retry of 1");
+        assert!(!recent.first_sighting(2, 95 * S, horizon), "a retry of 2");
+        // Another event whose id happens to match an old entry's, at
+        // another time: not a duplicate.
+        assert!(recent.first_sighting(2, 96 * S, horizon));
     }
 
     #[test]
-    fn the_cap_bounds_what_is_kept() {
-        let mut recent = RecentEvents::with_cap(100);
-        let newest = vec![0];
-        for id in 0..1_000u128 {
-            assert!(recent.first_sighting(id, 0, 0, &newest, 30 * S));
+    fn sweeps_forget_what_no_partition_accepts_and_the_cap_bounds_the_rest() {
+        let mut recent = RecentEvents::default();
+        for id in 0..10_000u128 {
+            // Event times 1 ms apart; every partition accepts the last 2 s.
+            let at = id as i64 * 1_000;
+            assert!(recent.first_sighting(id, at, || at - 2 * S));
         }
-        assert!(recent.len() <= 100);
-        assert!(!recent.first_sighting(999, 0, 0, &newest, 30 * S), "the newest are the ones kept");
+        assert!(recent.len() <= 2 * 2_000 + 1, "{}", recent.len());
+        assert!(!recent.first_sighting(9_999, 9_999_000, || 0), "the newest are kept");
+
+        let mut capped = RecentEvents::with_cap(1_000);
+        for id in 0..10_000u128 {
+            assert!(capped.first_sighting(id, id as i64, || 0));
+        }
+        assert!(capped.len() <= 1_000, "{}", capped.len());
+        assert!(!capped.first_sighting(9_999, 9_999, || 0), "the newest are kept");
+    }
+
+    #[test]
+    fn sequential_and_random_ids_get_distinct_fingerprints() {
+        let mut seen = HashSet::new();
+        for i in 0..100_000u128 {
+            assert!(seen.insert(fingerprint(i)));
+            assert!(seen.insert(fingerprint(uuid::Uuid::new_v4().as_u128())));
+        }
     }
 }
