@@ -510,6 +510,12 @@ impl Config {
         if self.database.pool_size < 2 {
             return Err(ConfigError::field("database.pool_size", "must be at least 2"));
         }
+        if self.database.api_pool_size == 0 {
+            return Err(ConfigError::field("database.api_pool_size", "must be at least 1"));
+        }
+        if self.storage.maintenance_interval.is_zero() {
+            return Err(ConfigError::field("storage.maintenance_interval", "must be greater than zero"));
+        }
         let i = &self.ingest;
         if i.batch_max_rows == 0 || i.batch_max_rows > 100_000 {
             return Err(ConfigError::field("ingest.batch_max_rows", "must be between 1 and 100000"));

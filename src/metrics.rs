@@ -58,6 +58,10 @@ fn describe_all() {
         "audit_offset_fence_conflicts_total",
         "Partitions whose stored offset another consumer had moved."
     );
+    describe_counter!(
+        "audit_schema_registry_errors_total",
+        "Decode attempts that found the schema registry unavailable (the message waits and is retried)."
+    );
     describe_counter!("audit_kafka_errors_total", "Errors reported by the Kafka client.");
     describe_gauge!(
         "audit_consumer_lag_messages",

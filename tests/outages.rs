@@ -129,3 +129,77 @@ fn broker_down_and_back_loses_nothing() {
         assert_eq!(db.count("SELECT count(DISTINCT event_id) FROM audit_logs").await, 60_000);
     });
 }
+
+/// The schema registry away: Avro messages whose schema id only it knows
+/// wait (nothing dead-lettered, nothing lost), health and a metric say why,
+/// and ingest resumes by itself when the registry answers.
+#[test]
+fn a_schema_registry_outage_holds_avro_messages_and_is_reported() {
+    use audit_service::loadgen::WireFormat;
+    use sha2::Digest;
+    const REGISTRY_ONLY_ID: u32 = 4242;
+    let kafka = EmbeddedKafka::start(1).unwrap();
+    let names = Names::new();
+    names.create(&kafka, 1);
+    let rt = rt();
+    rt.block_on(async {
+        let db = TestDb::create().await;
+        // A port nothing listens on yet: the registry is down.
+        let registry_addr = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap();
+        let mut config = service_config(&db, &kafka, &names);
+        config.schema_registry.url = Some(format!("http://{registry_addr}"));
+        config.schema_registry.timeout = Duration::from_millis(500);
+        let token = "registry-outage-token-0123456789";
+        config.api.tokens = vec![audit_service::config::StaticTokenConfig {
+            name: "test".into(),
+            sha256: format!("{:x}", sha2::Sha256::digest(token.as_bytes())),
+        }];
+        let running = service::start(&config, CancellationToken::new()).await.unwrap();
+        let all = events(31, 50);
+        produce_events(&producer(&kafka), &names.events, &all, &[WireFormat::AvroConfluent(REGISTRY_ONLY_ID)]);
+
+        let health = || async {
+            let resp = reqwest::Client::new()
+                .get(format!("http://{}/api/v1/audit/health", running.http_addr))
+                .bearer_auth(token)
+                .send()
+                .await
+                .unwrap();
+            resp.json::<serde_json::Value>().await.unwrap()
+        };
+        let h = eventually(Duration::from_secs(60), "health names the registry", || async {
+            let h = health().await;
+            h["ingest"]["schema_registry_error"].is_string().then_some(h)
+        })
+        .await;
+        assert_eq!(h["status"], "degraded", "{h}");
+        assert!(h["problems"].to_string().contains("schema registry"), "{h}");
+        let errors = metric_value(&scrape(running.http_addr).await, "audit_schema_registry_errors_total");
+        assert!(errors >= Some(1.0), "{errors:?}");
+        assert_eq!(offsets_total(&db).await, 0, "held, not dead-lettered");
+        assert_eq!(db.count("SELECT count(*) FROM dead_letters").await, 0);
+
+        // The registry comes back on its address.
+        let schema = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/schemas/auth_event.avsc")).unwrap();
+        let body = serde_json::json!({ "schema": schema }).to_string();
+        let app = axum::Router::new().route(
+            "/schemas/ids/{id}",
+            axum::routing::get(move || {
+                let body = body.clone();
+                async move { ([(axum::http::header::CONTENT_TYPE, "application/vnd.schemaregistry.v1+json")], body) }
+            }),
+        );
+        let listener = tokio::net::TcpListener::bind(registry_addr).await.unwrap();
+        tokio::spawn(async move { axum::serve(listener, app).await.unwrap() });
+
+        eventually(Duration::from_secs(60), "every event stored", || async {
+            (offsets_total(&db).await == all.len() as i64).then_some(())
+        })
+        .await;
+        assert_eq!(db.count("SELECT count(*) FROM audit_logs").await, all.len() as i64);
+        let h = health().await;
+        assert!(h["ingest"]["schema_registry_error"].is_null(), "{h}");
+        running.stop();
+        running.wait().await;
+    });
+}

@@ -302,14 +302,24 @@ struct HttpRegistry {
 
 impl HttpRegistry {
     fn new(url: &str, config: &RegistryConfig) -> Result<Self, RegistryError> {
-        let invalid = |reason: String| RegistryError::InvalidUrl { url: url.to_owned(), reason };
+        let invalid = |reason: String| RegistryError::InvalidUrl { url: without_userinfo(url), reason };
         let parsed = reqwest::Url::parse(url).map_err(|e| invalid(e.to_string()))?;
         if !matches!(parsed.scheme(), "http" | "https") {
             return Err(invalid(format!("unsupported scheme {:?}", parsed.scheme())));
         }
+        // Credentials in the URL (https://user:password@host) become basic
+        // auth, and leave the URL: it appears in log lines and errors.
+        let mut base = parsed.clone();
+        let url_auth = (!parsed.username().is_empty()).then(|| {
+            let decode = |s: &str| percent_decode(s);
+            (decode(parsed.username()), parsed.password().map(decode))
+        });
+        let _ = base.set_username("");
+        let _ = base.set_password(None);
+        let configured = config.basic_auth_user.clone().map(|user| (user, config.basic_auth_password.clone()));
         Ok(HttpRegistry {
-            base: url.trim_end_matches('/').to_owned(),
-            auth: config.basic_auth_user.clone().map(|user| (user, config.basic_auth_password.clone())),
+            base: base.as_str().trim_end_matches('/').to_owned(),
+            auth: configured.or(url_auth),
             timeout: config.timeout,
             client: OnceLock::new(),
         })
@@ -352,6 +362,38 @@ impl HttpRegistry {
             _ => Fetched::Avro(body.schema),
         })
     }
+}
+
+/// `url` with whatever precedes an `@` in its authority replaced, for
+/// messages about a URL that may not even parse.
+fn without_userinfo(url: &str) -> String {
+    let Some(start) = url.find("://").map(|i| i + 3) else { return url.to_owned() };
+    let authority_end = url[start..].find('/').map_or(url.len(), |i| start + i);
+    match url[start..authority_end].rfind('@') {
+        Some(at) => format!("{}<redacted>{}", &url[..start], &url[start + at..]),
+        None => url.to_owned(),
+    }
+}
+
+/// `%xx` escapes of a URL's user or password, decoded.
+fn percent_decode(s: &str) -> String {
+    let bytes = s.as_bytes();
+    let mut out = Vec::with_capacity(bytes.len());
+    let mut i = 0;
+    while i < bytes.len() {
+        let hex = |b: u8| (b as char).to_digit(16);
+        if bytes[i] == b'%'
+            && i + 2 < bytes.len()
+            && let (Some(h), Some(l)) = (hex(bytes[i + 1]), hex(bytes[i + 2]))
+        {
+            out.push((h * 16 + l) as u8);
+            i += 3;
+            continue;
+        }
+        out.push(bytes[i]);
+        i += 1;
+    }
+    String::from_utf8_lossy(&out).into_owned()
 }
 
 /// reqwest's top-level message ("error sending request") hides the cause
@@ -667,6 +709,24 @@ mod tests {
         })
         .unwrap();
         assert!(registry.plan_for_id(6).is_ok());
+
+        // Credentials in the URL are sent as basic auth and never shown.
+        let with_userinfo = server.url.replacen("http://", "http://audit:s3cret@", 1);
+        let registry = SchemaRegistry::from_config(&RegistryConfig { url: Some(with_userinfo), ..offline() }).unwrap();
+        assert!(registry.plan_for_id(6).is_ok());
+        let closed = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let url = format!("http://audit:s3cret@{}", closed.local_addr().unwrap());
+        drop(closed);
+        let registry = SchemaRegistry::from_config(&RegistryConfig { url: Some(url), ..offline() }).unwrap();
+        let err = registry.plan_for_id(1).unwrap_err();
+        assert!(err.is_transient(), "{err}");
+        assert!(!err.to_string().contains("s3cret") && !err.to_string().contains("audit:"), "{err}");
+        let err =
+            SchemaRegistry::from_config(&RegistryConfig { url: Some("ftp://audit:s3cret@host/".into()), ..offline() })
+                .err()
+                .unwrap();
+        assert!(!err.to_string().contains("s3cret"), "{err}");
+        assert_eq!(percent_decode("p%40ss%2Fw"), "p@ss/w");
     }
 
     #[test]

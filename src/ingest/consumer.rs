@@ -449,13 +449,17 @@ fn ingest_message(ctx: &IngestContext, decoder: &Decoder, message: &BorrowedMess
                 // Not the message's fault (the schema registry is away):
                 // hold the partition here rather than dead-letter it.
                 warn!(error = %e, partition = message.partition(), offset = message.offset(), "transient decode failure; retrying");
+                ctx.status.registry_unavailable(e.to_string());
                 if ctx.cancel.is_cancelled() {
                     return;
                 }
                 std::thread::sleep(backoff);
                 backoff = (backoff * 2).min(ctx.retry_backoff.1);
             }
-            other => break other,
+            other => {
+                ctx.status.registry_answered();
+                break other;
+            }
         }
     };
     let mut guard = ctx.state();

@@ -28,6 +28,10 @@ pub struct IngestStatus {
     lag: Mutex<BTreeMap<i32, i64>>,
     assigned: Mutex<Vec<i32>>,
     last_kafka_error: Mutex<Option<String>>,
+    /// Set while decoding waits for the schema registry (its last error),
+    /// cleared by the next message decoded.
+    registry_waiting: AtomicBool,
+    registry_error: Mutex<Option<String>>,
     /// The routed consumer, when routed detection is on.
     routed: Mutex<Option<RoutedStatus>>,
 }
@@ -61,6 +65,8 @@ pub struct StatusSnapshot {
     pub total_lag: i64,
     pub assigned_partitions: Vec<i32>,
     pub last_kafka_error: Option<String>,
+    /// Why decoding is waiting for the schema registry, while it is.
+    pub schema_registry_error: Option<String>,
     pub routed: Option<RoutedStatus>,
 }
 
@@ -86,6 +92,21 @@ impl IngestStatus {
     pub fn set_backpressure_paused(&self, paused: bool) {
         self.backpressure_paused.store(paused, Ordering::SeqCst);
         metrics::gauge!("audit_ingest_paused", "reason" => "backpressure").set(if paused { 1.0 } else { 0.0 });
+    }
+
+    /// Decoding waits for the schema registry (unreachable, or answering
+    /// neither the schema nor "not found").
+    pub fn registry_unavailable(&self, error: String) {
+        metrics::counter!("audit_schema_registry_errors_total").increment(1);
+        self.registry_waiting.store(true, Ordering::SeqCst);
+        *self.registry_error.lock().unwrap_or_else(|e| e.into_inner()) = Some(error);
+    }
+
+    /// A message was decoded: whatever the registry did before is over.
+    pub fn registry_answered(&self) {
+        if self.registry_waiting.swap(false, Ordering::SeqCst) {
+            *self.registry_error.lock().unwrap_or_else(|e| e.into_inner()) = None;
+        }
     }
 
     pub fn batch_committed(&self) {
@@ -208,6 +229,7 @@ impl IngestStatus {
             lag,
             assigned_partitions: self.assigned.lock().unwrap_or_else(|e| e.into_inner()).clone(),
             last_kafka_error: self.last_kafka_error.lock().unwrap_or_else(|e| e.into_inner()).clone(),
+            schema_registry_error: self.registry_error.lock().unwrap_or_else(|e| e.into_inner()).clone(),
             routed: self.routed.lock().unwrap_or_else(|e| e.into_inner()).clone(),
         }
     }

@@ -69,6 +69,8 @@ pub struct IngestHealth {
     pub last_batch_age_seconds: Option<i64>,
     pub batches_committed: u64,
     pub last_database_error_at: Option<DateTime<Utc>>,
+    /// While Avro decoding waits for the schema registry: its last error.
+    pub schema_registry_error: Option<String>,
 }
 
 #[derive(Debug, Serialize)]
@@ -236,6 +238,9 @@ fn assess(
     if s.backpressure_paused {
         problems.push("ingest is paused by backpressure: PostgreSQL is not keeping up".into());
     }
+    if let Some(error) = &s.schema_registry_error {
+        problems.push(format!("ingest waits for the schema registry to resolve an Avro schema id: {error}"));
+    }
     if s.assigned_partitions.is_empty() {
         problems.push("no partition of the events topic is assigned to this instance".into());
     }
@@ -283,6 +288,7 @@ fn assess(
             last_batch_age_seconds: last_batch_age,
             batches_committed: s.batches_committed,
             last_database_error_at: unix(s.last_db_error_at),
+            schema_registry_error: s.schema_registry_error.clone(),
         },
         database,
         storage,
