@@ -255,6 +255,62 @@ fn bad_messages_are_dead_lettered_and_good_ones_around_them_stored() {
     });
 }
 
+/// A bad message whose key and headers alone exceed what the dead-letter
+/// topic takes: its letter goes out with the key cut and the original
+/// headers left out (both marked), and the partition moves on.
+#[test]
+fn a_letter_too_large_for_its_key_is_cut_and_does_not_block_the_partition() {
+    use rdkafka::message::{Header, OwnedHeaders};
+    use rdkafka::producer::{BaseRecord, Producer};
+    let kafka = EmbeddedKafka::start(1).unwrap();
+    let names = Names::new();
+    names.create(&kafka, 1);
+    let rt = rt();
+    rt.block_on(async {
+        let db = TestDb::create().await;
+        let config = service_config(&db, &kafka, &names);
+        let good = events(4, 2);
+        let big_key = vec![b'k'; 1_500_000];
+        let producer: rdkafka::producer::BaseProducer = rdkafka::ClientConfig::new()
+            .set("bootstrap.servers", kafka.bootstrap_servers())
+            .set("message.max.bytes", "4000000")
+            .create()
+            .unwrap();
+        let first = loadgen::encode_json(&good[0]);
+        let second = loadgen::encode_json(&good[1]);
+        producer.send(BaseRecord::to(&names.events).key(&b"good"[..]).payload(&first[..])).unwrap();
+        producer
+            .send(
+                BaseRecord::to(&names.events)
+                    .key(&big_key[..])
+                    .payload(&b"{not json"[..])
+                    .headers(OwnedHeaders::new().insert(Header { key: "trace-id", value: Some("t-1") })),
+            )
+            .unwrap();
+        producer.send(BaseRecord::to(&names.events).key(&b"good"[..]).payload(&second[..])).unwrap();
+        producer.flush(Duration::from_secs(30)).unwrap();
+
+        let running = service::start(&config, CancellationToken::new()).await.unwrap();
+        eventually(Duration::from_secs(60), "all three consumed", || async {
+            let n = db.count("SELECT coalesce(sum(next_offset), 0)::bigint FROM consumer_offsets").await;
+            (n == 3).then_some(())
+        })
+        .await;
+        running.stop();
+        running.wait().await;
+        assert_eq!(db.count("SELECT count(*) FROM audit_logs").await, 2);
+        let dlq = read_topic(&kafka, &names.dlq, 1, Duration::from_secs(30));
+        assert_eq!(dlq.len(), 1);
+        let letter = &dlq[0];
+        assert_eq!(letter.headers["dlq.reason.code"], "malformed_json");
+        assert_eq!(letter.headers["dlq.key.truncated_from"], "1500000");
+        assert_eq!(letter.headers["dlq.headers.dropped"], "1");
+        assert!(!letter.headers.contains_key("trace-id"));
+        assert_eq!(letter.key.as_deref(), Some(&big_key[..1024]));
+        assert_eq!(&letter.payload[..], b"{not json");
+    });
+}
+
 /// A row that decodes fine but that PostgreSQL refuses (here: a CHECK
 /// constraint an operator added) goes to the DLQ; the rest of its batch is
 /// stored.

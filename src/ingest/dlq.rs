@@ -22,9 +22,30 @@ pub const HEADER_SOURCE_TIMESTAMP: &str = "dlq.source.timestamp";
 /// Present when the payload was cut to fit the dead-letter topic; holds the
 /// original size in bytes.
 pub const HEADER_TRUNCATED_FROM: &str = "dlq.payload.truncated_from";
+/// Present when the key was cut (a letter too large even with its payload
+/// cut); holds the original key size in bytes.
+pub const HEADER_KEY_TRUNCATED_FROM: &str = "dlq.key.truncated_from";
+/// Present when the original headers were left out (same case); holds how
+/// many there were.
+pub const HEADER_HEADERS_DROPPED: &str = "dlq.headers.dropped";
 
-/// The cap applied after the broker refused a letter as too large anyway.
-const FALLBACK_PAYLOAD_CAP: usize = 64 * 1024;
+/// How much of a letter goes out.
+#[derive(Clone, Copy)]
+struct Cut {
+    payload: usize,
+    /// None: the whole key.
+    key: Option<usize>,
+    original_headers: bool,
+}
+
+/// After the broker (or the client's own limit) refused a letter as too
+/// large: a smaller payload, a key of at most 1 KiB, no original headers;
+/// then, last, the dead-letter headers alone. So an oversized key or
+/// headers cannot block the partition either.
+const FALLBACKS: [Cut; 2] = [
+    Cut { payload: 64 * 1024, key: Some(1024), original_headers: false },
+    Cut { payload: 0, key: Some(0), original_headers: false },
+];
 
 #[derive(Clone)]
 pub struct DeadLetterProducer {
@@ -51,26 +72,37 @@ impl DeadLetterProducer {
     /// Produces every letter and waits until all are acknowledged. A letter
     /// the broker still finds too large is sent again with a smaller cut.
     pub async fn send_all(&self, letters: &[DeadLetter]) -> Result<(), KafkaError> {
-        let results = join_all(letters.iter().map(|letter| self.send(letter, self.max_payload))).await;
+        let whole = Cut { payload: self.max_payload, key: None, original_headers: true };
+        let results = join_all(letters.iter().map(|letter| self.send(letter, whole))).await;
         for (letter, result) in letters.iter().zip(results) {
-            match result {
-                Ok(()) => {}
-                Err(e) if e.rdkafka_error_code() == Some(RDKafkaErrorCode::MessageSizeTooLarge) => {
-                    self.send(letter, FALLBACK_PAYLOAD_CAP.min(self.max_payload)).await?
+            let mut result = result;
+            for fallback in FALLBACKS {
+                match &result {
+                    Err(e) if e.rdkafka_error_code() == Some(RDKafkaErrorCode::MessageSizeTooLarge) => {
+                        let cut = Cut { payload: fallback.payload.min(self.max_payload), ..fallback };
+                        result = self.send(letter, cut).await;
+                    }
+                    _ => break,
                 }
-                Err(e) => return Err(e),
             }
+            result?;
         }
         Ok(())
     }
 
-    async fn send(&self, letter: &DeadLetter, max_payload: usize) -> Result<(), KafkaError> {
+    async fn send(&self, letter: &DeadLetter, cut: Cut) -> Result<(), KafkaError> {
+        let max_payload = cut.payload;
         let partition = letter.partition.to_string();
         let offset = letter.offset.to_string();
         let timestamp = letter.timestamp.map(|t| t.to_string());
-        let mut headers = OwnedHeaders::new_with_capacity(letter.headers.len() + 6);
-        for h in &letter.headers {
-            headers = headers.insert(KafkaHeader { key: &h.key, value: h.value.as_deref() });
+        let mut headers = OwnedHeaders::new_with_capacity(letter.headers.len() + 9);
+        let dropped = letter.headers.len().to_string();
+        if cut.original_headers {
+            for h in &letter.headers {
+                headers = headers.insert(KafkaHeader { key: &h.key, value: h.value.as_deref() });
+            }
+        } else if !letter.headers.is_empty() {
+            headers = headers.insert(KafkaHeader { key: HEADER_HEADERS_DROPPED, value: Some(dropped.as_bytes()) });
         }
         headers = headers
             .insert(KafkaHeader { key: HEADER_REASON_CODE, value: Some(letter.reason_code.as_bytes()) })
@@ -88,9 +120,18 @@ impl DeadLetterProducer {
         } else {
             &letter.payload[..]
         };
+        let key_size = letter.key.as_ref().map_or(0, Vec::len).to_string();
+        let key = match (&letter.key, cut.key) {
+            (Some(key), Some(max)) if key.len() > max => {
+                headers =
+                    headers.insert(KafkaHeader { key: HEADER_KEY_TRUNCATED_FROM, value: Some(key_size.as_bytes()) });
+                Some(&key[..max])
+            }
+            (key, _) => key.as_deref(),
+        };
         let mut record: FutureRecord<'_, [u8], [u8]> = FutureRecord::to(&self.topic).payload(payload).headers(headers);
-        if let Some(key) = &letter.key {
-            record = record.key(key.as_slice());
+        if let Some(key) = key {
+            record = record.key(key);
         }
         self.producer.send(record, Timeout::After(self.timeout)).await.map(|_| ()).map_err(|(e, _)| e)
     }
