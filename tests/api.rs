@@ -1494,6 +1494,25 @@ async fn maintenance_mode_pauses_ingest_and_shows_in_health_metrics_and_audit_tr
     let (_, page) = api.get("/api/v1/audit/logs?action=ADMIN_*").await;
     assert_eq!(page["items"].as_array().unwrap().len(), 2);
     assert_eq!(page["items"][0]["action"], "ADMIN_MAINTENANCE_DISABLED");
+    // And they count in the rollups (per admin, per hour) like any event:
+    // exactly what a GROUP BY over audit_logs gives.
+    let difference = "SELECT count(*) FROM (
+        (SELECT user_id, date_trunc('hour', created_at) AS hour, action, count(*)::bigint AS events
+           FROM audit_logs WHERE action LIKE 'ADMIN_%' GROUP BY 1, 2, 3
+         EXCEPT ALL
+         SELECT user_id, hour, action, events FROM activity_user_hourly_v WHERE action LIKE 'ADMIN_%')
+        UNION ALL
+        (SELECT user_id, hour, action, events FROM activity_user_hourly_v WHERE action LIKE 'ADMIN_%'
+         EXCEPT ALL
+         SELECT user_id, date_trunc('hour', created_at), action, count(*)::bigint
+           FROM audit_logs WHERE action LIKE 'ADMIN_%' GROUP BY 1, 2, 3)) d";
+    assert_eq!(api.db.count(difference).await, 0);
+    assert_eq!(
+        api.db
+            .count("SELECT coalesce(sum(events), 0)::bigint FROM activity_user_hourly_v WHERE user_id = 'token:admin'")
+            .await,
+        2
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

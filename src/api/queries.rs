@@ -315,11 +315,11 @@ pub const TRY_CLEANUP_LOCK: &str = "SELECT pg_try_advisory_xact_lock($1)";
 
 /// An admin action as an audit_logs row (kafka_partition -1: it did not
 /// come from Kafka). $1 event_id, $2 action, $3 user_id (principal id),
-/// $4 client address, $5 user agent, $6 request id, $7 metadata.
+/// $4 client address, $5 user agent, $6 request id, $7 metadata, $8 time.
 pub const INSERT_ADMIN_EVENT: &str = "
 INSERT INTO audit_logs (event_id, created_at, action, user_id, ip_address, user_agent, request_id, metadata,
                         kafka_partition, kafka_offset)
-VALUES ($1, now(), $2, $3, $4, $5, $6, $7, -1, nextval('admin_event_offset_seq'))";
+VALUES ($1, $8, $2, $3, $4, $5, $6, $7, -1, nextval('admin_event_offset_seq'))";
 
 // --- Activity (sessions and rollups; migrations/0004). None of these scans
 // audit_logs: they read the rollups and sessions, pending deltas included.

@@ -178,7 +178,8 @@ pub async fn cleanup(
             "changes": outcome.changes,
             "activity": outcome.activity,
         });
-        outcome.audit_event_id = Some(audit_trail::record(&*tx, audit_trail::ACTION_CLEANUP, actor, metadata).await?);
+        outcome.audit_event_id =
+            Some(audit_trail::record(&tx, audit_trail::ACTION_CLEANUP, actor, metadata, Some(&config.activity)).await?);
     }
     tx.commit().await?;
     drop(conn);

@@ -100,7 +100,7 @@ pub async fn set(
         let mut conn = db::connection(&ctx).await?;
         let tx = db::read_write(&mut conn, ctx.config.api.statement_timeout).await?;
         let shared = maintenance::store(&*tx, body.paused, reason.as_deref(), &actor.id).await?;
-        let id = audit_trail::record(&*tx, action, &actor, metadata).await?;
+        let id = audit_trail::record(&tx, action, &actor, metadata, Some(&ctx.config.activity)).await?;
         tx.commit().await?;
         Ok::<_, ApiError>((id, shared))
     }
