@@ -521,6 +521,9 @@ fn indexes_serve_the_runbook_and_search_queries() {
         let (plan, text) = explain(&client, &sql).await;
         let partition = format!("audit_logs_p{}", day.format("%Y%m%d"));
         assert_eq!(relations_scanned(&plan), BTreeSet::from([partition]), "plan:\n{text}");
+        // ...and inside it the hour's blocks only, through the BRIN on
+        // created_at (rows arrive roughly in time order).
+        assert_uses_index(&client, &sql, "audit_logs_time_brin").await;
         // One row a second: the hour holds exactly 3600.
         assert_eq!(count(&client, &sql).await, 3600);
     });
