@@ -26,7 +26,7 @@ use crate::config::{Config, StaticTokenConfig};
 use crate::kafka::embedded::{EmbeddedError, EmbeddedKafka};
 use crate::loadgen::{Attack, DeliveryCounter, Traffic, WireFormat, send_event};
 use crate::service::{self, ServiceError};
-use crate::store::{self, StoreError};
+use crate::store::{self, StoreError, queries};
 
 /// The demo's database unless `DATABASE_URL` says otherwise: never the
 /// service's own `audit` database.
@@ -171,7 +171,7 @@ pub async fn run(mut config: Config, opts: DemoOptions, stop: CancellationToken)
         tokio::select! {
             done = &mut traffic => break done,
             _ = ticker.tick() => {
-                let stored = count_since(&pool, STORED_SINCE, started_at).await;
+                let stored = count_since(&pool, queries::DEMO_STORED_SINCE, started_at).await;
                 println!(
                     "[{}] events: {} produced, {} stored | alerts: {}",
                     elapsed(clock),
@@ -207,7 +207,7 @@ pub async fn run(mut config: Config, opts: DemoOptions, stop: CancellationToken)
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
     while Instant::now() < deadline {
-        let published = count_since(&pool, PUBLISHED_ALERTS_SINCE, started_at).await.unwrap_or(0);
+        let published = count_since(&pool, queries::DEMO_PUBLISHED_ALERTS_SINCE, started_at).await.unwrap_or(0);
         if alerts.individual() >= published as u64 {
             break;
         }
@@ -218,9 +218,9 @@ pub async fn run(mut config: Config, opts: DemoOptions, stop: CancellationToken)
         seconds: clock.elapsed().as_secs(),
         produced: produced.load(Ordering::Relaxed),
         acknowledged,
-        stored: count_since(&pool, STORED_SINCE, started_at).await,
-        stored_total: count_since(&pool, STORED_TOTAL, started_at).await,
-        dead_lettered: count_since(&pool, DEAD_LETTERED_SINCE, started_at).await,
+        stored: count_since(&pool, queries::DEMO_STORED_SINCE, started_at).await,
+        stored_total: count_since(&pool, queries::DEMO_STORED_TOTAL, started_at).await,
+        dead_lettered: count_since(&pool, queries::DEMO_DEAD_LETTERED_SINCE, started_at).await,
         rules: config.detect.rules.iter().filter(|r| r.enabled).map(|r| r.id.clone()).collect(),
         alerts: alerts.by_rule(),
     };
@@ -433,18 +433,6 @@ impl AlertReader {
 // Counting in PostgreSQL
 // ---------------------------------------------------------------------------
 
-/// Events consumed during this run ($1: when it started).
-const STORED_SINCE: &str = "SELECT count(*) FROM audit_logs WHERE received_at >= $1";
-/// Everything in the demo database ($1 unused, for a uniform call).
-const STORED_TOTAL: &str = "SELECT count(*) FROM audit_logs WHERE $1::timestamptz IS NOT NULL";
-const DEAD_LETTERED_SINCE: &str = "SELECT count(*) FROM dead_letters WHERE dead_lettered_at >= $1";
-/// Alert transitions the publisher let out (the rest are summarised).
-const PUBLISHED_ALERTS_SINCE: &str = "SELECT count(*) FROM alerts WHERE detected_at >= $1 AND published";
-/// Messages of the events topic consumed by this run's group: stored,
-/// dead-lettered or skipped as duplicates.
-const CONSUMED_BY_GROUP: &str =
-    "SELECT coalesce(sum(next_offset), 0)::bigint FROM consumer_offsets WHERE consumer_group = $1 AND topic = $2";
-
 async fn count_since(pool: &Pool, sql: &str, since: DateTime<Utc>) -> Option<i64> {
     let client = pool.get().await.ok()?;
     client.query_one(sql, &[&since]).await.ok().map(|row| row.get(0))
@@ -452,7 +440,7 @@ async fn count_since(pool: &Pool, sql: &str, since: DateTime<Utc>) -> Option<i64
 
 async fn count_group(pool: &Pool, group: &str, topic: &str) -> Option<i64> {
     let client = pool.get().await.ok()?;
-    client.query_one(CONSUMED_BY_GROUP, &[&group, &topic]).await.ok().map(|row| row.get(0))
+    client.query_one(queries::CONSUMED_BY_GROUP, &[&group, &topic]).await.ok().map(|row| row.get(0))
 }
 
 struct Summary {

@@ -141,7 +141,7 @@ pub async fn run(
 
     let pool = store::connect_pool(&config.database, 1)?;
     let client = pool.get().await.map_err(StoreError::from)?;
-    let migrated: bool = client.query_one("SELECT to_regclass('audit_logs') IS NOT NULL", &[]).await?.get(0);
+    let migrated: bool = client.query_one(queries::AUDIT_LOG_EXISTS, &[]).await?.get(0);
     if !migrated {
         return Err(ReplayError::NotMigrated);
     }

@@ -5,7 +5,7 @@
 use tokio_postgres::Client;
 use tracing::info;
 
-use super::StoreError;
+use super::{StoreError, queries};
 
 /// A migration compiled into the binary, so that `migrate` needs no files.
 pub struct Migration {
@@ -48,29 +48,19 @@ pub const MIGRATIONS: &[Migration] = &[
 /// Arbitrary constant naming the migration lock.
 const MIGRATION_LOCK_KEY: i64 = 0x6175_6469_745f_6d67;
 
-const CREATE_VERSION_TABLE: &str = "CREATE TABLE IF NOT EXISTS schema_migrations (
-    version    integer PRIMARY KEY,
-    name       text NOT NULL,
-    checksum   text NOT NULL,
-    applied_at timestamptz NOT NULL DEFAULT now())";
-
 /// Applies what is missing; returns the versions it applied.
 pub async fn run(client: &mut Client) -> Result<Vec<i32>, StoreError> {
-    client.batch_execute(CREATE_VERSION_TABLE).await?;
-    client.query("SELECT pg_advisory_lock($1)", &[&MIGRATION_LOCK_KEY]).await?;
+    client.batch_execute(queries::CREATE_MIGRATIONS_TABLE).await?;
+    client.query(queries::ADVISORY_LOCK, &[&MIGRATION_LOCK_KEY]).await?;
     let result = apply_missing(client).await;
     // Unlock even when a migration failed; the session may be gone already.
-    let _ = client.query("SELECT pg_advisory_unlock($1)", &[&MIGRATION_LOCK_KEY]).await;
+    let _ = client.query(queries::ADVISORY_UNLOCK, &[&MIGRATION_LOCK_KEY]).await;
     result
 }
 
 async fn apply_missing(client: &mut Client) -> Result<Vec<i32>, StoreError> {
-    let applied: Vec<(i32, String)> = client
-        .query("SELECT version, checksum FROM schema_migrations ORDER BY version", &[])
-        .await?
-        .iter()
-        .map(|r| (r.get(0), r.get(1)))
-        .collect();
+    let applied: Vec<(i32, String)> =
+        client.query(queries::APPLIED_MIGRATIONS, &[]).await?.iter().map(|r| (r.get(0), r.get(1))).collect();
     let mut done = Vec::new();
     for m in MIGRATIONS {
         let checksum = checksum(m.sql);
@@ -90,11 +80,7 @@ async fn apply_missing(client: &mut Client) -> Result<Vec<i32>, StoreError> {
             name: m.name.into(),
             message: e.as_db_error().map(|d| d.to_string()).unwrap_or_else(|| e.to_string()),
         })?;
-        tx.execute(
-            "INSERT INTO schema_migrations (version, name, checksum) VALUES ($1, $2, $3)",
-            &[&m.version, &m.name, &checksum],
-        )
-        .await?;
+        tx.execute(queries::RECORD_MIGRATION, &[&m.version, &m.name, &checksum]).await?;
         tx.commit().await?;
         info!(version = m.version, name = m.name, "applied migration");
         done.push(m.version);

@@ -239,3 +239,34 @@ SELECT coalesce(sum(pg_total_relation_size(t.relid)), 0)::bigint,
   FROM pg_partition_tree('audit_logs') t
   JOIN pg_class c ON c.oid = t.relid
  WHERE t.isleaf";
+
+// ---------------------------------------------------------------------------
+// Migrations (src/store/migrate.rs), the replay's and the demo's checks
+// ---------------------------------------------------------------------------
+
+/// The table of applied migrations, created before anything else.
+pub const CREATE_MIGRATIONS_TABLE: &str = "CREATE TABLE IF NOT EXISTS schema_migrations (
+    version    integer PRIMARY KEY,
+    name       text NOT NULL,
+    checksum   text NOT NULL,
+    applied_at timestamptz NOT NULL DEFAULT now())";
+/// Session-level advisory lock and unlock on key $1 (one migrator at a time).
+pub const ADVISORY_LOCK: &str = "SELECT pg_advisory_lock($1)";
+pub const ADVISORY_UNLOCK: &str = "SELECT pg_advisory_unlock($1)";
+pub const APPLIED_MIGRATIONS: &str = "SELECT version, checksum FROM schema_migrations ORDER BY version";
+/// $1 version, $2 name, $3 checksum of the file applied.
+pub const RECORD_MIGRATION: &str = "INSERT INTO schema_migrations (version, name, checksum) VALUES ($1, $2, $3)";
+/// Whether the audit log exists (the database is migrated).
+pub const AUDIT_LOG_EXISTS: &str = "SELECT to_regclass('audit_logs') IS NOT NULL";
+
+/// Demo counts. Events consumed during this run ($1: when it started).
+pub const DEMO_STORED_SINCE: &str = "SELECT count(*) FROM audit_logs WHERE received_at >= $1";
+/// Everything in the demo database ($1 unused, for a uniform call).
+pub const DEMO_STORED_TOTAL: &str = "SELECT count(*) FROM audit_logs WHERE $1::timestamptz IS NOT NULL";
+pub const DEMO_DEAD_LETTERED_SINCE: &str = "SELECT count(*) FROM dead_letters WHERE dead_lettered_at >= $1";
+/// Alert transitions sent on their own (the rest went in storm summaries).
+pub const DEMO_PUBLISHED_ALERTS_SINCE: &str = "SELECT count(*) FROM alerts WHERE detected_at >= $1 AND published";
+/// Messages of the events topic consumed by a group ($1) of topic $2:
+/// stored, dead-lettered or skipped as duplicates.
+pub const CONSUMED_BY_GROUP: &str =
+    "SELECT coalesce(sum(next_offset), 0)::bigint FROM consumer_offsets WHERE consumer_group = $1 AND topic = $2";
