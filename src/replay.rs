@@ -153,7 +153,9 @@ pub async fn run(
     let total = total.max(0) as u64;
     progress(0, total);
 
-    let params: [&(dyn ToSql + Sync); 4] = [&warm_from, &opts.to, &exact, &prefixes];
+    // The live detectors' lateness, judged in each partition's offset order.
+    let lateness = format!("{} microseconds", detect.lateness.as_micros());
+    let params: [&(dyn ToSql + Sync); 5] = [&warm_from, &opts.to, &exact, &prefixes, &lateness];
     let rows = client.query_raw(queries::REPLAY_EVENTS, params).await?;
     pin_mut!(rows);
     let from = opts.from.timestamp_micros();

@@ -292,3 +292,41 @@ fn replay_says_so_when_the_database_holds_no_audit_log() {
         assert!(stderr.contains("no audit_logs table"), "{stderr}");
     });
 }
+
+/// Events the live service drops as late (older, in their partition's
+/// offset order, than its newest event minus the lateness) are dropped by
+/// the replay too, although in time order nothing is late: the replay gives
+/// the alerts the live service gave.
+#[test]
+fn events_late_in_their_partition_are_late_in_the_replay_too() {
+    rt().block_on(async {
+        let db = TestDb::create().await;
+        let config = Config::from_toml_with_env(&format!("[database]\nurl = \"{}\"\n", db.url), Vec::new()).unwrap();
+        prepare_database(&config).await.unwrap();
+        let t0 = DateTime::from_timestamp(Utc::now().timestamp() - 3600, 0).unwrap();
+        // Partition 0, in offset order: a failure at +100 s; six failures of
+        // `late` at +0..5 s (100 s behind: late, lateness 30 s); six of
+        // `ontime` at +101..106 s.
+        let mut rows: Vec<(&str, i64)> = vec![("ahead", 100)];
+        rows.extend((0..6).map(|i| ("late", i)));
+        rows.extend((0..6).map(|i| ("ontime", 101 + i)));
+        let client = db.client().await;
+        for (offset, (user, secs)) in rows.iter().enumerate() {
+            let at = t0 + chrono::Duration::seconds(*secs);
+            client
+                .execute(
+                    "INSERT INTO audit_logs (event_id, created_at, action, user_id, ip_address, kafka_partition, kafka_offset)
+                     VALUES (gen_random_uuid(), $1, 'FAILED_AUTH_LOGIN', $2, '198.51.100.1', 0, $3)",
+                    &[&at, user, &(offset as i64)],
+                )
+                .await
+                .unwrap();
+        }
+        let dir = tempfile::tempdir().unwrap();
+        let from = rfc3339(t0 - chrono::Duration::minutes(1));
+        let to = rfc3339(t0 + chrono::Duration::minutes(10));
+        let output = stdout_of(&replay(dir.path(), &db.url, &["--from", &from, "--to", &to]));
+        assert_eq!(alerts(&output, "FIRING", "user_failed_logins", "user:ontime").len(), 1, "{output}");
+        assert!(alerts(&output, "FIRING", "user_failed_logins", "user:late").is_empty(), "{output}");
+    });
+}

@@ -401,6 +401,12 @@ impl Detector {
         (exact, prefixes)
     }
 
+    /// How far behind its partition's newest event an event may be and
+    /// still count.
+    pub fn lateness(&self) -> Duration {
+        Duration::from_micros(self.lateness.max(0) as u64)
+    }
+
     /// How far back a rebuild must read: the longest window plus lateness.
     pub fn rebuild_span(&self) -> Duration {
         let longest = self.rules.iter().map(|r| r.window_micros).max().unwrap_or(0);

@@ -133,7 +133,10 @@ impl Detection {
                 .map_err(|e| with_causes(&e))?;
         let (exact, prefixes) = self.detector.relevant_actions();
         let started = Instant::now();
-        let rows = windows.events(&client, &exact, &prefixes).await.map_err(|e| with_causes(&e))?;
+        // The events of each partition reach its detector in offset order
+        // live: what was late then is left out again.
+        let lateness = Some(self.detector.lateness());
+        let rows = windows.events(&client, &exact, &prefixes, lateness).await.map_err(|e| with_causes(&e))?;
         pin_mut!(rows);
         self.detector.set_emitting(false);
         let mut n = 0u64;
@@ -212,13 +215,16 @@ impl RebuildWindows {
 
     /// The stored events in these windows whose action is one of `exact` or
     /// starts with one of `prefixes`, in event-time order, with the columns
-    /// of [`queries::REBUILD_EVENTS`].
+    /// of [`queries::REBUILD_EVENTS`]; with a `lateness`, without those a
+    /// detector fed each partition in offset order dropped as late.
     pub(crate) async fn events(
         &self,
         client: &tokio_postgres::Client,
         exact: &[String],
         prefixes: &[String],
+        lateness: Option<Duration>,
     ) -> Result<tokio_postgres::RowStream, tokio_postgres::Error> {
+        let lateness = lateness.map(|l| format!("{} microseconds", l.as_micros()));
         // Nothing to read: the bounds then select no day.
         let lo = self.since.iter().min().copied().unwrap_or_else(Utc::now);
         let hi = self.until.iter().max().copied().unwrap_or(lo - chrono::Duration::seconds(1));
@@ -233,6 +239,7 @@ impl RebuildWindows {
                     &hi,
                     &exact,
                     &prefixes,
+                    &lateness,
                 ],
             )
             .await

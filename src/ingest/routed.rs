@@ -252,7 +252,10 @@ impl RoutedContext {
                 exact.extend(e);
                 prefixes.extend(p);
             }
-            let rows = windows.events(&client, &exact, &prefixes).await.map_err(|e| with_causes(&e))?;
+            // A routed detector sees each source partition's events in order,
+            // but only those routed to its partition: which of them were late
+            // is not what a filter over all of them would say. All are kept.
+            let rows = windows.events(&client, &exact, &prefixes, None).await.map_err(|e| with_causes(&e))?;
             pin_mut!(rows);
             let (mut replayed, mut discard) = (0u64, Vec::new());
             while let Some(row) = rows.next().await {

@@ -145,16 +145,23 @@ RETURNING a.alert_id, a.state";
 /// $1, those from $2 to $3 of event time, whose action is one of $6 or
 /// starts with one of $7; in event-time order, with the partition and
 /// offset. $4..$5 spans every window: it bounds the daily partitions of
-/// audit_logs that are read.
+/// audit_logs that are read. With a lateness $8 (an interval as text), the
+/// events the live detectors dropped as late are left out, as in
+/// [`REPLAY_EVENTS`]; NULL keeps them all.
 pub const REBUILD_EVENTS: &str = "
-SELECT a.event_id, a.created_at, a.action, a.user_id, a.username, a.ip_address, a.user_agent, a.session_id,
-       a.request_id, a.metadata, a.kafka_partition, a.kafka_offset
-  FROM audit_logs a
-  JOIN unnest($1::int[], $2::timestamptz[], $3::timestamptz[]) AS w(kafka_partition, since, until)
-    ON a.kafka_partition = w.kafka_partition AND a.created_at >= w.since AND a.created_at <= w.until
- WHERE a.created_at >= $4 AND a.created_at <= $5
-   AND (a.action = ANY($6::text[]) OR EXISTS (SELECT 1 FROM unnest($7::text[]) p WHERE starts_with(a.action, p)))
- ORDER BY a.created_at, a.kafka_partition, a.kafka_offset";
+SELECT event_id, created_at, action, user_id, username, ip_address, user_agent, session_id,
+       request_id, metadata, kafka_partition, kafka_offset
+  FROM (SELECT a.*,
+               max(a.created_at) OVER (PARTITION BY a.kafka_partition ORDER BY a.kafka_offset
+                                       ROWS BETWEEN UNBOUNDED PRECEDING AND 1 PRECEDING) AS newest_before
+          FROM audit_logs a
+          JOIN unnest($1::int[], $2::timestamptz[], $3::timestamptz[]) AS w(kafka_partition, since, until)
+            ON a.kafka_partition = w.kafka_partition AND a.created_at >= w.since AND a.created_at <= w.until
+         WHERE a.created_at >= $4 AND a.created_at <= $5
+           AND (a.action = ANY($6::text[]) OR EXISTS (SELECT 1 FROM unnest($7::text[]) p WHERE starts_with(a.action, p)))
+       ) r
+ WHERE $8::text IS NULL OR newest_before IS NULL OR created_at >= newest_before - $8::text::interval
+ ORDER BY created_at, kafka_partition, kafka_offset";
 
 /// Routed detection (migrations/0009): how far each events-topic partition
 /// has been counted on the routing partitions $2 of group $1.
@@ -212,19 +219,31 @@ pub const ENSURE_PARTITIONS: &str = "SELECT audit_ensure_partitions($1::date, $2
 /// `audit-service replay`: the stored events the rules look at with event
 /// time in [$1, $2), in event-time order, with the columns of
 /// [`REBUILD_EVENTS`]; $3 exact actions, $4 action prefixes.
+///
+/// Without the events the live detectors dropped as late: an event older
+/// than the newest before it in its partition's offset order (the order
+/// they were consumed in) minus the lateness $5 (an interval as text).
+/// Admin actions recorded by the API (partition -1) never went through the
+/// detectors and are left out too.
 pub const REPLAY_EVENTS: &str = "
 SELECT event_id, created_at, action, user_id, username, ip_address, user_agent, session_id, request_id,
        metadata, kafka_partition
-  FROM audit_logs
- WHERE created_at >= $1 AND created_at < $2
-   AND (action = ANY($3::text[]) OR EXISTS (SELECT 1 FROM unnest($4::text[]) p WHERE starts_with(action, p)))
+  FROM (SELECT *,
+               max(created_at) OVER (PARTITION BY kafka_partition ORDER BY kafka_offset
+                                     ROWS BETWEEN UNBOUNDED PRECEDING AND 1 PRECEDING) AS newest_before
+          FROM audit_logs
+         WHERE created_at >= $1 AND created_at < $2 AND kafka_partition >= 0
+           AND (action = ANY($3::text[]) OR EXISTS (SELECT 1 FROM unnest($4::text[]) p WHERE starts_with(action, p)))
+       ) r
+ WHERE newest_before IS NULL OR created_at >= newest_before - $5::text::interval
  ORDER BY created_at, kafka_partition, kafka_offset";
 
-/// How many rows [`REPLAY_EVENTS`] returns (for the progress bar).
+/// How many rows [`REPLAY_EVENTS`] returns at most (for the progress bar;
+/// late events are not told apart here).
 pub const REPLAY_COUNT: &str = "
 SELECT count(*)
   FROM audit_logs
- WHERE created_at >= $1 AND created_at < $2
+ WHERE created_at >= $1 AND created_at < $2 AND kafka_partition >= 0
    AND (action = ANY($3::text[]) OR EXISTS (SELECT 1 FROM unnest($4::text[]) p WHERE starts_with(action, p)))";
 
 /// Size of audit_logs (tables, indexes and TOAST of its leaf partitions: the
