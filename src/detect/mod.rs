@@ -506,11 +506,7 @@ impl Detector {
             return;
         }
         *newest = (*newest).max(t);
-        let (partition_max, lateness) = (&self.partition_max, self.lateness);
-        let horizon = || {
-            partition_max.iter().filter(|&&m| m != EpochMicros::MIN).min().map_or(EpochMicros::MIN, |m| m - lateness)
-        };
-        if !self.recent.first_sighting(e.event_id.as_u128(), t, horizon) {
+        if !self.recent.first_sighting(e.event_id.as_u128(), t, slot, self.lateness) {
             self.pending.duplicates += 1;
             return;
         }

@@ -7,30 +7,69 @@
 //! An id is kept while an event of its time can still be accepted on its
 //! partition: until the partition's newest event time is more than the
 //! lateness ahead of it. Past that, a duplicate is late anyway and the
-//! detector drops it as such. So the set holds the events of one lateness
-//! window (30 s of event time by default), bounded by a cap.
+//! detector drops it as such. So what is kept is one lateness window of
+//! each partition (30 s of event time by default), bounded by a cap.
+//!
+//! Kept per partition, as a 64-bit fingerprint with the event time. A
+//! duplicate has its original's time, so an event newer than everything its
+//! partition has seen cannot be one: the common case (a partition's events
+//! arrive nearly in time order) costs an append to a time-ordered queue, no
+//! hash probe. Only an event at or behind its partition's newest time is
+//! looked up: by binary search among the ordered ones, and in a small table
+//! of those that arrived behind. Two distinct events of one window share a
+//! fingerprint and a time with odds far below 1 in 10^15.
 
-use std::collections::HashMap;
-use std::collections::hash_map::Entry;
+use std::collections::{HashMap, VecDeque};
 use std::hash::{BuildHasherDefault, Hasher};
 
 use crate::event::EpochMicros;
 
-/// Ids kept at most, whatever the lateness window holds.
+/// Ids kept at most, whatever the lateness windows hold.
 pub const MAX_RECENT_EVENTS: usize = 1_000_000;
 
-/// Each id is kept as a 64-bit fingerprint with its event time (about 25 to
-/// 50 bytes per event, with the table's slack): two distinct events of one
-/// window share a fingerprint and a time with odds far below 1 in 10^15.
-///
-/// One table probe per event: an entry left from an older window is told
-/// apart by its time (a duplicate has the time of its original) and
-/// overwritten; entries beyond every partition's lateness are swept out in
-/// one sequential pass when the table has doubled since the last sweep.
+/// One partition's window.
+#[derive(Default)]
+struct PartitionWindow {
+    /// Events in non-decreasing event time (arrived at or after the newest).
+    ordered: VecDeque<(EpochMicros, u64)>,
+    /// Events that arrived behind the newest: fingerprint → time.
+    behind: HashMap<u64, EpochMicros, BuildHasherDefault<IdHasher>>,
+    /// Size of `behind` after its last sweep: the next is due at twice it.
+    behind_swept_at: usize,
+}
+
+impl PartitionWindow {
+    fn newest(&self) -> Option<EpochMicros> {
+        self.ordered.back().map(|e| e.0)
+    }
+
+    fn len(&self) -> usize {
+        self.ordered.len() + self.behind.len()
+    }
+
+    /// Forgets what is older than `horizon`; returns how many went.
+    fn forget_before(&mut self, horizon: EpochMicros) -> usize {
+        let before = self.len();
+        while self.ordered.front().is_some_and(|e| e.0 < horizon) {
+            self.ordered.pop_front();
+        }
+        if self.behind.len() >= (2 * self.behind_swept_at).max(64) {
+            self.behind.retain(|_, t| *t >= horizon);
+            self.behind_swept_at = self.behind.len();
+        }
+        before - self.len()
+    }
+
+    fn contains(&self, fingerprint: u64, at: EpochMicros) -> bool {
+        let start = self.ordered.partition_point(|e| e.0 < at);
+        self.ordered.range(start..).take_while(|e| e.0 == at).any(|e| e.1 == fingerprint)
+            || self.behind.get(&fingerprint) == Some(&at)
+    }
+}
+
 pub struct RecentEvents {
-    seen: HashMap<u64, EpochMicros, BuildHasherDefault<IdHasher>>,
-    /// Size after the last sweep: the next sweep is due at twice it.
-    swept_at: usize,
+    partitions: Vec<PartitionWindow>,
+    len: usize,
     cap: usize,
 }
 
@@ -42,53 +81,56 @@ impl Default for RecentEvents {
 
 impl RecentEvents {
     pub fn with_cap(cap: usize) -> RecentEvents {
-        RecentEvents { seen: HashMap::default(), swept_at: 0, cap: cap.max(1) }
+        RecentEvents { partitions: Vec::new(), len: 0, cap: cap.max(1) }
     }
 
-    /// True the first time an event is offered (by `id` and event time
-    /// `at`) while it is remembered; false for a duplicate. `horizon` is
-    /// the oldest event time any partition still accepts (its newest minus
-    /// the lateness): what is older is forgotten at the next sweep.
-    pub fn first_sighting(&mut self, id: u128, at: EpochMicros, horizon: impl FnOnce() -> EpochMicros) -> bool {
-        match self.seen.entry(fingerprint(id)) {
-            Entry::Occupied(mut e) => {
-                if *e.get() == at {
-                    return false;
-                }
-                // A fingerprint left by an event of another time.
-                e.insert(at);
+    /// True the first time an event (`id`, event time `at`) is offered on
+    /// partition slot `slot` while it is remembered; false for a duplicate.
+    /// `lateness` is how far behind its partition's newest an event still
+    /// counts.
+    pub fn first_sighting(&mut self, id: u128, at: EpochMicros, slot: usize, lateness: i64) -> bool {
+        if slot >= self.partitions.len() {
+            self.partitions.resize_with(slot + 1, PartitionWindow::default);
+        }
+        let window = &mut self.partitions[slot];
+        let fingerprint = fingerprint(id);
+        match window.newest() {
+            // Newer than all this partition has seen: new.
+            None => {}
+            Some(newest) if at > newest => {}
+            Some(_) if window.contains(fingerprint, at) => return false,
+            Some(newest) if at == newest => {}
+            Some(_) => {
+                window.behind.insert(fingerprint, at);
+                self.len += 1;
                 return true;
             }
-            Entry::Vacant(e) => {
-                e.insert(at);
-            }
         }
-        if self.seen.len() >= (2 * self.swept_at).max(1024) || self.seen.len() > self.cap {
-            let horizon = horizon();
-            self.seen.retain(|_, t| *t >= horizon);
-            if self.seen.len() > self.cap {
-                // Still too many within the window: keep the newest half.
-                let mut times: Vec<EpochMicros> = self.seen.values().copied().collect();
-                let median = *times.select_nth_unstable(self.seen.len() / 2).1;
-                self.seen.retain(|_, t| *t >= median);
-            }
-            self.swept_at = self.seen.len();
+        window.ordered.push_back((at, fingerprint));
+        self.len += 1;
+        let newest = window.newest().unwrap_or(at);
+        self.len -= window.forget_before(newest.saturating_sub(lateness));
+        if self.len > self.cap {
+            // More within the windows than the cap: this partition's oldest go.
+            let excess = (self.len - self.cap).min(window.ordered.len());
+            window.ordered.drain(..excess);
+            self.len -= excess;
         }
         true
     }
 
     pub fn len(&self) -> usize {
-        self.seen.len()
+        self.len
     }
 
     pub fn is_empty(&self) -> bool {
-        self.seen.is_empty()
+        self.len == 0
     }
 
     /// Heap bytes held, approximately.
     pub fn approx_bytes(&self) -> usize {
-        // hashbrown: the entry and one control byte per bucket.
-        self.seen.capacity() * (std::mem::size_of::<(u64, EpochMicros)>() + 1)
+        let entry = std::mem::size_of::<(EpochMicros, u64)>();
+        self.partitions.iter().map(|p| p.ordered.capacity() * entry + p.behind.capacity() * (entry + 1)).sum()
     }
 }
 
@@ -124,37 +166,41 @@ mod tests {
     use std::collections::HashSet;
 
     const S: i64 = 1_000_000;
+    const LATENESS: i64 = 30 * S;
 
     #[test]
-    fn a_duplicate_is_refused_while_remembered() {
+    fn a_duplicate_is_refused_in_order_out_of_order_and_at_equal_times() {
         let mut recent = RecentEvents::default();
-        let horizon = || 70 * S;
-        assert!(recent.first_sighting(1, 100 * S, horizon));
-        assert!(recent.first_sighting(2, 95 * S, horizon));
-        assert!(!recent.first_sighting(1, 100 * S, horizon), "a retry of 1");
-        assert!(!recent.first_sighting(2, 95 * S, horizon), "a retry of 2");
-        // Another event whose id happens to match an old entry's, at
-        // another time: not a duplicate.
-        assert!(recent.first_sighting(2, 96 * S, horizon));
+        assert!(recent.first_sighting(1, 100 * S, 0, LATENESS));
+        assert!(recent.first_sighting(2, 100 * S, 0, LATENESS), "same time, another event");
+        assert!(recent.first_sighting(3, 95 * S, 0, LATENESS), "behind the newest");
+        assert!(recent.first_sighting(4, 101 * S, 0, LATENESS));
+        for (id, at) in [(1, 100), (2, 100), (3, 95), (4, 101)] {
+            assert!(!recent.first_sighting(id, at * S, 0, LATENESS), "a retry of {id}");
+        }
+        // Another partition keeps its own window.
+        assert!(recent.first_sighting(1, 100 * S, 1, LATENESS));
+        assert!(!recent.first_sighting(1, 100 * S, 1, LATENESS));
+        // The same id at another time is another event.
+        assert!(recent.first_sighting(3, 96 * S, 0, LATENESS));
     }
 
     #[test]
-    fn sweeps_forget_what_no_partition_accepts_and_the_cap_bounds_the_rest() {
+    fn what_no_partition_accepts_is_forgotten_and_the_cap_bounds_the_rest() {
         let mut recent = RecentEvents::default();
         for id in 0..10_000u128 {
-            // Event times 1 ms apart; every partition accepts the last 2 s.
-            let at = id as i64 * 1_000;
-            assert!(recent.first_sighting(id, at, || at - 2 * S));
+            // 1 ms apart, a window of 2 s.
+            assert!(recent.first_sighting(id, id as i64 * 1_000, 0, 2 * S));
         }
-        assert!(recent.len() <= 2 * 2_000 + 1, "{}", recent.len());
-        assert!(!recent.first_sighting(9_999, 9_999_000, || 0), "the newest are kept");
+        assert!(recent.len() <= 2_001, "{}", recent.len());
+        assert!(!recent.first_sighting(9_999, 9_999_000, 0, 2 * S), "the newest are kept");
 
         let mut capped = RecentEvents::with_cap(1_000);
         for id in 0..10_000u128 {
-            assert!(capped.first_sighting(id, id as i64, || 0));
+            assert!(capped.first_sighting(id, id as i64, 0, LATENESS));
         }
         assert!(capped.len() <= 1_000, "{}", capped.len());
-        assert!(!capped.first_sighting(9_999, 9_999, || 0), "the newest are kept");
+        assert!(!capped.first_sighting(9_999, 9_999, 0, LATENESS), "the newest are kept");
     }
 
     #[test]
