@@ -349,3 +349,49 @@ fn a_storm_is_limited_and_every_transition_carried() {
         running.wait().await;
     });
 }
+
+/// A producer that retries (the same event_id at another offset) does not
+/// double the count: five failures each sent twice raise nothing, as the
+/// five stored events would not; the sixth distinct one fires with a count
+/// of six.
+#[test]
+fn retried_events_are_counted_once() {
+    let kafka = EmbeddedKafka::start(1).unwrap();
+    let names = Names::new();
+    names.create(&kafka, 1);
+    let rt = rt();
+    rt.block_on(async {
+        let db = TestDb::create().await;
+        let config = service_config(&db, &kafka, &names);
+        let t0 = chrono::Utc::now().timestamp_micros() - 60_000_000;
+        let failures: Vec<AuthEvent> =
+            (0..5).map(|i| attempt("retried", "203.0.113.9", "FAILED_AUTH_LOGIN", t0 + i * 1_000_000)).collect();
+        let mut sent = failures.clone();
+        sent.extend(failures.iter().cloned());
+        let producer = producer(&kafka);
+        produce_events(&producer, &names.events, &sent, &[WireFormat::Json]);
+        let running = service::start(&config, CancellationToken::new()).await.unwrap();
+        eventually(Duration::from_secs(60), "all ten consumed", || async {
+            let n = db.count("SELECT coalesce(sum(next_offset), 0)::bigint FROM consumer_offsets").await;
+            (n == 10).then_some(())
+        })
+        .await;
+        assert_eq!(db.count("SELECT count(*) FROM audit_logs").await, 5, "stored once");
+        assert_eq!(db.count("SELECT count(*) FROM alerts WHERE subject = 'user:retried'").await, 0);
+
+        let sixth = attempt("retried", "203.0.113.9", "FAILED_AUTH_LOGIN", t0 + 6_000_000);
+        produce_events(&producer, &names.events, &[sixth], &[WireFormat::Json]);
+        let count = eventually(Duration::from_secs(60), "the warning on the sixth", || async {
+            let client = db.client().await;
+            let row = client
+                .query_opt("SELECT count FROM alerts WHERE subject = 'user:retried' AND state = 'firing'", &[])
+                .await
+                .unwrap();
+            row.map(|r| r.get::<_, i64>(0))
+        })
+        .await;
+        assert_eq!(count, 6);
+        running.stop();
+        running.wait().await;
+    });
+}
