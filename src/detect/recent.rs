@@ -20,8 +20,9 @@
 //! fingerprint and a time with odds far below 1 in 10^15.
 
 use std::collections::{HashMap, VecDeque};
-use std::hash::{BuildHasherDefault, Hasher};
+use std::hash::BuildHasherDefault;
 
+use super::keys::PassThroughHasher;
 use crate::event::EpochMicros;
 
 /// Ids kept at most, whatever the lateness windows hold.
@@ -33,7 +34,7 @@ struct PartitionWindow {
     /// Events in non-decreasing event time (arrived at or after the newest).
     ordered: VecDeque<(EpochMicros, u64)>,
     /// Events that arrived behind the newest: fingerprint → time.
-    behind: HashMap<u64, EpochMicros, BuildHasherDefault<IdHasher>>,
+    behind: HashMap<u64, EpochMicros, BuildHasherDefault<PassThroughHasher>>,
     /// Size of `behind` after its last sweep: the next is due at twice it.
     behind_swept_at: usize,
 }
@@ -135,29 +136,10 @@ impl RecentEvents {
 }
 
 /// Event ids are mostly random (UUID v4) or random in their low half (v7):
-/// folding the halves and one multiply spread any of them.
+/// folding the halves and one multiply spread any of them (so the tables
+/// keyed by it hash no further).
 fn fingerprint(id: u128) -> u64 {
     ((id as u64) ^ ((id >> 64) as u64).rotate_left(29)).wrapping_mul(0x9e37_79b9_7f4a_7c15)
-}
-
-/// Fingerprints are spread already.
-#[derive(Default, Clone, Copy)]
-pub struct IdHasher(u64);
-
-impl Hasher for IdHasher {
-    fn write(&mut self, bytes: &[u8]) {
-        for b in bytes {
-            self.0 = self.0.rotate_left(8) ^ u64::from(*b);
-        }
-    }
-
-    fn write_u64(&mut self, i: u64) {
-        self.0 = i;
-    }
-
-    fn finish(&self) -> u64 {
-        self.0
-    }
 }
 
 #[cfg(test)]
