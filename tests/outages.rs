@@ -131,8 +131,9 @@ fn broker_down_and_back_loses_nothing() {
 }
 
 /// The schema registry away: Avro messages whose schema id only it knows
-/// wait (nothing dead-lettered, nothing lost), health and a metric say why,
-/// and ingest resumes by itself when the registry answers.
+/// wait with their partition (nothing dead-lettered, nothing lost), the
+/// other partitions go on, health and a metric say why, and the waiting
+/// partition resumes by itself when the registry answers.
 #[test]
 fn a_schema_registry_outage_holds_avro_messages_and_is_reported() {
     use audit_service::loadgen::WireFormat;
@@ -140,7 +141,7 @@ fn a_schema_registry_outage_holds_avro_messages_and_is_reported() {
     const REGISTRY_ONLY_ID: u32 = 4242;
     let kafka = EmbeddedKafka::start(1).unwrap();
     let names = Names::new();
-    names.create(&kafka, 1);
+    names.create(&kafka, 2);
     let rt = rt();
     rt.block_on(async {
         let db = TestDb::create().await;
@@ -155,8 +156,18 @@ fn a_schema_registry_outage_holds_avro_messages_and_is_reported() {
             sha256: format!("{:x}", sha2::Sha256::digest(token.as_bytes())),
         }];
         let running = service::start(&config, CancellationToken::new()).await.unwrap();
+        // Partition 0: Avro that needs the registry; partition 1: JSON.
         let all = events(31, 50);
-        produce_events(&producer(&kafka), &names.events, &all, &[WireFormat::AvroConfluent(REGISTRY_ONLY_ID)]);
+        let (avro, json) = all.split_at(25);
+        let producer = producer(&kafka);
+        for e in avro {
+            let payload = audit_service::loadgen::encode(e, WireFormat::AvroConfluent(REGISTRY_ONLY_ID));
+            producer
+                .send(rdkafka::producer::BaseRecord::<[u8], [u8]>::to(&names.events).partition(0).payload(&payload[..]))
+                .unwrap();
+        }
+        producer.flush(Duration::from_secs(30)).unwrap();
+        produce_to(&producer, &names.events, 1, json);
 
         let health = || async {
             let resp = reqwest::Client::new()
@@ -176,8 +187,23 @@ fn a_schema_registry_outage_holds_avro_messages_and_is_reported() {
         assert!(h["problems"].to_string().contains("schema registry"), "{h}");
         let errors = metric_value(&scrape(running.http_addr).await, "audit_schema_registry_errors_total");
         assert!(errors >= Some(1.0), "{errors:?}");
-        assert_eq!(offsets_total(&db).await, 0, "held, not dead-lettered");
-        assert_eq!(db.count("SELECT count(*) FROM dead_letters").await, 0);
+        // The JSON partition is not held up by the Avro one.
+        eventually(Duration::from_secs(60), "the JSON partition stored", || async {
+            (db.count("SELECT coalesce(sum(next_offset), 0)::bigint FROM consumer_offsets WHERE kafka_partition = 1")
+                .await
+                == json.len() as i64)
+                .then_some(())
+        })
+        .await;
+        assert_eq!(
+            db.count("SELECT coalesce(sum(next_offset), 0)::bigint FROM consumer_offsets WHERE kafka_partition = 0")
+                .await,
+            0,
+            "the Avro partition waits"
+        );
+        assert_eq!(db.count("SELECT count(*) FROM dead_letters").await, 0, "held, not dead-lettered");
+        let h = health().await;
+        assert!(h["ingest"]["schema_registry_error"].is_string(), "still waiting: {h}");
 
         // The registry comes back on its address.
         let schema = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/schemas/auth_event.avsc")).unwrap();

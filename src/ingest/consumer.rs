@@ -301,9 +301,15 @@ pub fn run_loop(
     let ctx = consumer.context().clone();
     let mut paused_generation: Option<u64> = None;
     let mut last_lag_probe = Instant::now();
+    let mut registry_waits: HashMap<i32, RegistryWait> = HashMap::new();
     loop {
         if ctx.cancel.is_cancelled() {
             break;
+        }
+        if paused_generation.is_none() {
+            // (While everything is paused, for maintenance or backpressure,
+            // a wait over resumes nothing: the general resume does.)
+            retry_registry_waits(&consumer, &mut registry_waits);
         }
         handle_writer_events(&consumer, &writer_events, CommitMode::Async);
         {
@@ -360,7 +366,24 @@ pub fn run_loop(
                     warn!(error = %e, "consume error");
                     break;
                 }
-                Some(Ok(message)) => ingest_message(&ctx, &decoder, &message),
+                Some(Ok(message)) => {
+                    let (partition, offset) = (message.partition(), message.offset());
+                    if registry_waits.get(&partition).is_some_and(|w| offset > w.offset) {
+                        // Behind a message that waits for the registry: read
+                        // again after it (the seek back brings them again).
+                        continue;
+                    }
+                    match ingest_message(&ctx, &decoder, &message) {
+                        Ingested::Taken => {
+                            if registry_waits.remove(&partition).is_some() && registry_waits.is_empty() {
+                                ctx.status.registry_answered();
+                            }
+                        }
+                        Ingested::WaitsForRegistry => {
+                            wait_for_registry(&consumer, &mut registry_waits, partition, offset)
+                        }
+                    }
+                }
             }
             // A maintenance pause takes effect within one message, not one
             // burst: the operator's switch is the point where intake stops.
@@ -426,7 +449,76 @@ fn offer_waiting(ctx: &IngestContext, lane: &mut Lane) -> bool {
     true
 }
 
-fn ingest_message(ctx: &IngestContext, decoder: &Decoder, message: &BorrowedMessage<'_>) {
+/// A message whose schema the registry could not give: its partition waits
+/// (paused) and reads it again after `retry_at`, from `offset`.
+struct RegistryWait {
+    offset: i64,
+    retry_at: Instant,
+    backoff: Duration,
+    /// The assignment it belongs to; a new assignment starts afresh.
+    generation: u64,
+}
+
+/// Pauses `partition` until the schema registry may answer: the message at
+/// `offset` is read again then (by seeking back to it). The other
+/// partitions, the rebalances and the maintenance switch go on meanwhile.
+fn wait_for_registry(
+    consumer: &BaseConsumer<IngestContext>,
+    waits: &mut HashMap<i32, RegistryWait>,
+    partition: i32,
+    offset: i64,
+) {
+    let ctx = consumer.context();
+    let generation = ctx.state().assignment_generation;
+    let backoff = waits
+        .get(&partition)
+        .filter(|w| w.generation == generation)
+        .map_or(ctx.retry_backoff.0, |w| (w.backoff * 2).min(ctx.retry_backoff.1));
+    let mut tpl = TopicPartitionList::new();
+    tpl.add_partition(&ctx.topic, partition);
+    if let Err(e) = consumer.pause(&tpl) {
+        warn!(partition, error = %e, "cannot pause the partition waiting for the schema registry");
+    }
+    waits.insert(partition, RegistryWait { offset, retry_at: Instant::now() + backoff, backoff, generation });
+}
+
+/// Seeks each partition whose wait is over back to its message and resumes
+/// it; forgets the waits of an earlier assignment.
+fn retry_registry_waits(consumer: &BaseConsumer<IngestContext>, waits: &mut HashMap<i32, RegistryWait>) {
+    if waits.is_empty() {
+        return;
+    }
+    let ctx = consumer.context();
+    let generation = ctx.state().assignment_generation;
+    waits.retain(|_, w| w.generation == generation);
+    let now = Instant::now();
+    for (&partition, wait) in waits.iter_mut().filter(|(_, w)| w.retry_at <= now) {
+        let mut tpl = TopicPartitionList::new();
+        tpl.add_partition(&ctx.topic, partition);
+        match consumer.seek(&ctx.topic, partition, Offset::Offset(wait.offset), Duration::from_secs(10)) {
+            Ok(()) => {
+                if let Err(e) = consumer.resume(&tpl) {
+                    warn!(partition, error = %e, "cannot resume the partition after waiting for the schema registry");
+                }
+                // Not asked again before the message comes back (or fails).
+                wait.retry_at = now + ctx.retry_backoff.1.max(Duration::from_secs(60));
+            }
+            Err(e) => {
+                warn!(partition, error = %e, "cannot seek back to the message waiting for the schema registry; will retry");
+                wait.retry_at = now + wait.backoff;
+            }
+        }
+    }
+}
+
+/// Whether a message was taken (stored, dead-lettered or skipped), or must
+/// wait for the schema registry.
+enum Ingested {
+    Taken,
+    WaitsForRegistry,
+}
+
+fn ingest_message(ctx: &IngestContext, decoder: &Decoder, message: &BorrowedMessage<'_>) -> Ingested {
     let source = || SourceMessage {
         partition: message.partition(),
         offset: message.offset(),
@@ -439,35 +531,24 @@ fn ingest_message(ctx: &IngestContext, decoder: &Decoder, message: &BorrowedMess
             .unwrap_or_default(),
     };
     let payload = message.payload().unwrap_or_default();
-    let mut backoff = ctx.retry_backoff.0;
     // One clock read per message: the decoder's "now" and received_at.
     let now = now_micros();
-    let decoded = loop {
-        let result = decoder.decode(payload, now);
-        match result {
-            Err(e) if e.is_transient() => {
-                // Not the message's fault (the schema registry is away):
-                // hold the partition here rather than dead-letter it.
-                warn!(error = %e, partition = message.partition(), offset = message.offset(), "transient decode failure; retrying");
-                ctx.status.registry_unavailable(e.to_string());
-                if ctx.cancel.is_cancelled() {
-                    return;
-                }
-                std::thread::sleep(backoff);
-                backoff = (backoff * 2).min(ctx.retry_backoff.1);
-            }
-            other => {
-                ctx.status.registry_answered();
-                break other;
-            }
-        }
-    };
+    let decoded = decoder.decode(payload, now);
+    if let Err(e) = &decoded
+        && e.is_transient()
+    {
+        // Not the message's fault (the schema registry is away): its
+        // partition waits for it rather than dead-letter it.
+        warn!(error = %e, partition = message.partition(), offset = message.offset(), "transient decode failure; the partition waits");
+        ctx.status.registry_unavailable(e.to_string());
+        return Ingested::WaitsForRegistry;
+    }
     let mut guard = ctx.state();
     let state = &mut *guard;
     if !state.positions.contains_key(&message.partition()) {
         // Consumed just before its partition was revoked; the next owner
         // reads it again.
-        return;
+        return Ingested::Taken;
     }
     let lane = lane_of(message.partition(), state.lanes.len());
     let builder = &mut state.lanes[lane].builder;
@@ -486,6 +567,7 @@ fn ingest_message(ctx: &IngestContext, decoder: &Decoder, message: &BorrowedMess
             builder.push_dead(source(), &e);
         }
     }
+    Ingested::Taken
 }
 
 /// Commits stored positions to Kafka (for lag tooling) and re-seeks fenced
