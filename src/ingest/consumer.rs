@@ -368,14 +368,15 @@ pub fn run_loop(
                 }
                 Some(Ok(message)) => {
                     let (partition, offset) = (message.partition(), message.offset());
-                    if registry_waits.get(&partition).is_some_and(|w| offset > w.offset) {
+                    let waiting = !registry_waits.is_empty();
+                    if waiting && registry_waits.get(&partition).is_some_and(|w| offset > w.offset) {
                         // Behind a message that waits for the registry: read
                         // again after it (the seek back brings them again).
                         continue;
                     }
                     match ingest_message(&ctx, &decoder, &message) {
                         Ingested::Taken => {
-                            if registry_waits.remove(&partition).is_some() && registry_waits.is_empty() {
+                            if waiting && registry_waits.remove(&partition).is_some() && registry_waits.is_empty() {
                                 ctx.status.registry_answered();
                             }
                         }
