@@ -213,7 +213,10 @@ impl<'a> ActivityDeltas<'a> {
             *hourly.entry((hour, action)).or_default() += n;
         }
         let hourly: Vec<((EpochMicros, &str), i64)> = hourly.into_iter().collect();
-        let b = s.row(16);
+        // ADMIN_* counts apart: the per-admin reads take these few.
+        let admin: Vec<&(Option<&str>, EpochMicros, &str, i64)> =
+            rollup.iter().filter(|r| r.0.is_some() && r.2.starts_with("ADMIN_")).collect();
+        let b = s.row(20);
         put_array(b, OID_TEXT, &rollup, |b, r| put_text(b, r.0));
         put_array(b, OID_TIMESTAMPTZ, &rollup, |b, r| put_timestamptz(b, r.1));
         put_array(b, OID_TEXT, &rollup, |b, r| put_text(b, Some(r.2)));
@@ -232,6 +235,10 @@ impl<'a> ActivityDeltas<'a> {
         put_array(b, OID_TIMESTAMPTZ, &hourly, |b, ((h, _), _)| put_timestamptz(b, *h));
         put_array(b, OID_TEXT, &hourly, |b, ((_, a), _)| put_text(b, Some(a)));
         put_array(b, OID_INT8, &hourly, |b, (_, n)| put_i64(b, *n));
+        put_array(b, OID_TEXT, &admin, |b, r| put_text(b, r.0));
+        put_array(b, OID_TIMESTAMPTZ, &admin, |b, r| put_timestamptz(b, r.1));
+        put_array(b, OID_TEXT, &admin, |b, r| put_text(b, Some(r.2)));
+        put_array(b, OID_INT8, &admin, |b, r| put_i64(b, r.3));
         s
     }
 

@@ -371,10 +371,11 @@ pub const TOP_ACTIONS: &str = "
 SELECT action, sum(events)::bigint AS n FROM activity_hourly_v
  WHERE hour >= $1 AND hour < $2 GROUP BY action ORDER BY n DESC, action LIMIT $3";
 
-/// ADMIN_* actions per admin in [$1, $2), most active first, at most $3.
+/// ADMIN_* actions per admin in [$1, $2), most active first, at most $3
+/// (migrations/0013: pending batches read by their few admin entries).
 pub const ADMIN_ACTIONS_PER_ADMIN: &str = "
-SELECT user_id, sum(events)::bigint AS n FROM activity_user_hourly_v
- WHERE hour >= $1 AND hour < $2 AND action >= 'ADMIN_' AND action < 'ADMIN`'
+SELECT user_id, sum(events)::bigint AS n FROM activity_admin_hourly_v
+ WHERE hour >= $1 AND hour < $2
  GROUP BY user_id ORDER BY n DESC, user_id LIMIT $3";
 
 /// The busiest hours in [$1, $2), at most $3.

@@ -43,6 +43,11 @@ pub const MIGRATIONS: &[Migration] = &[
         name: "storm_summary_delivery",
         sql: include_str!("../../migrations/0012_storm_summary_delivery.sql"),
     },
+    Migration {
+        version: 13,
+        name: "activity_admin_deltas",
+        sql: include_str!("../../migrations/0013_activity_admin_deltas.sql"),
+    },
 ];
 
 /// Arbitrary constant naming the migration lock.

@@ -184,10 +184,12 @@ SELECT DISTINCT ON (a.alert_id) a.alert_id, a.rule, a.key_spec, a.key_hash, a.su
    AND NOT EXISTS (SELECT 1 FROM alerts r WHERE r.alert_id = a.alert_id AND r.state = 'resolved')
  ORDER BY a.alert_id, a.detected_at DESC, a.id DESC";
 
-/// A batch's activity deltas: one row of parallel arrays, its key filter and
-/// its counts per (hour, action) (migrations/0004, 0005, 0006).
+/// A batch's activity deltas: one row of parallel arrays, its key filter,
+/// its counts per (hour, action) and its ADMIN_* counts (migrations/0004,
+/// 0005, 0006, 0013).
 pub const COPY_ACTIVITY_DELTAS: &str = "COPY activity_delta_batches (user_ids, hours, actions, events, session_ids, \
-     s_user_ids, s_ips, s_agents, s_started, s_last_seen, s_ended, s_reasons, key_filter, h_hours, h_actions, h_events) \
+     s_user_ids, s_ips, s_agents, s_started, s_last_seen, s_ended, s_reasons, key_filter, h_hours, h_actions, h_events, \
+     a_users, a_hours, a_actions, a_events) \
      FROM STDIN BINARY";
 
 /// Folds pending activity deltas; returns delta rows moved.
