@@ -299,7 +299,6 @@ async fn get_json(addr: std::net::SocketAddr, path: &str, token: &str) -> (u16, 
 
 #[test]
 fn the_activity_endpoints_answer_from_sessions_and_rollups() {
-    use sha2::Digest;
     let kafka = EmbeddedKafka::start(1).unwrap();
     let names = Names::new();
     names.create(&kafka, 2);
@@ -308,10 +307,7 @@ fn the_activity_endpoints_answer_from_sessions_and_rollups() {
         let db = TestDb::create().await;
         let mut config = service_config(&db, &kafka, &names);
         let token = "activity-test-token-0123456789";
-        config.api.tokens = vec![audit_service::config::StaticTokenConfig {
-            name: "test".into(),
-            sha256: format!("{:x}", sha2::Sha256::digest(token.as_bytes())),
-        }];
+        with_admin_token(&mut config, token);
         let now = chrono::Utc::now().timestamp_micros();
         let mut evs = vec![
             session_event("AUTH_LOGIN", "a1", "alice", now - 3 * MIN),

@@ -137,7 +137,6 @@ fn broker_down_and_back_loses_nothing() {
 #[test]
 fn a_schema_registry_outage_holds_avro_messages_and_is_reported() {
     use audit_service::loadgen::WireFormat;
-    use sha2::Digest;
     const REGISTRY_ONLY_ID: u32 = 4242;
     let kafka = EmbeddedKafka::start(1).unwrap();
     let names = Names::new();
@@ -151,10 +150,7 @@ fn a_schema_registry_outage_holds_avro_messages_and_is_reported() {
         config.schema_registry.url = Some(format!("http://{registry_addr}"));
         config.schema_registry.timeout = Duration::from_millis(500);
         let token = "registry-outage-token-0123456789";
-        config.api.tokens = vec![audit_service::config::StaticTokenConfig {
-            name: "test".into(),
-            sha256: format!("{:x}", sha2::Sha256::digest(token.as_bytes())),
-        }];
+        with_admin_token(&mut config, token);
         let running = service::start(&config, CancellationToken::new()).await.unwrap();
         // Partition 0: Avro that needs the registry; partition 1: JSON.
         let all = events(31, 50);

@@ -252,14 +252,7 @@ pub async fn run_sender(mut queue: mpsc::Receiver<Outgoing>, producer: FuturePro
             },
             // Deliveries complete in the background of the same task.
             Some(done) = futures::StreamExt::next(&mut in_flight), if !in_flight.is_empty() => {
-                match done {
-                    Delivery::Acknowledged(transitions) => {
-                        for t in transitions {
-                            let _ = acks.send(t);
-                        }
-                    }
-                    Delivery::Refused(out, attempts) => schedule_retry(&mut retries, out, attempts),
-                }
+                settle(done, &acks, &mut retries);
                 continue;
             }
             _ = tokio::time::sleep_until(next_retry.unwrap_or_else(Instant::now)), if next_retry.is_some() => {
@@ -269,38 +262,41 @@ pub async fn run_sender(mut queue: mpsc::Receiver<Outgoing>, producer: FuturePro
         };
         let delivery = produce(&producer, &topic, &out).await;
         in_flight.push(async move {
-            match delivery.await {
-                Ok(Ok(_)) => Delivery::Acknowledged(out.transitions),
-                Ok(Err((e, _))) => {
-                    metrics::counter!("audit_alert_publish_errors_total", "rule" => out.rule.clone()).increment(1);
-                    warn!(error = %e, rule = %out.rule, attempts = attempts + 1, "alert not delivered; will send it again");
-                    Delivery::Refused(out, attempts + 1)
-                }
-                Err(_) => {
-                    metrics::counter!("audit_alert_publish_errors_total", "rule" => out.rule.clone()).increment(1);
-                    Delivery::Refused(out, attempts + 1)
-                }
+            let result = delivery.await;
+            if let Ok(Ok(_)) = result {
+                return Delivery::Acknowledged(out.transitions);
             }
+            metrics::counter!("audit_alert_publish_errors_total", "rule" => out.rule.clone()).increment(1);
+            if let Ok(Err((e, _))) = result {
+                warn!(error = %e, rule = %out.rule, attempts = attempts + 1, "alert not delivered; will send it again");
+            }
+            Delivery::Refused(out, attempts + 1)
         });
     }
     // Shutting down: wait for what is in flight (the producer retries until
     // its message timeout), and record those deliveries too. What is still
     // refused stays undelivered in `alerts`, for the next assignment.
     while let Some(done) = futures::StreamExt::next(&mut in_flight).await {
-        match done {
-            Delivery::Acknowledged(transitions) => {
-                for t in transitions {
-                    let _ = acks.send(t);
-                }
-            }
-            Delivery::Refused(out, attempts) => schedule_retry(&mut retries, out, attempts),
-        }
+        settle(done, &acks, &mut retries);
     }
     if !retries.is_empty() {
         warn!(messages = retries.len(), "stopping with refused alert messages; they are sent at the next start");
     }
     drop(acks);
     let _ = recorder.await;
+}
+
+/// Passes acknowledged transitions on to be recorded; queues a refused
+/// message for another attempt.
+fn settle(done: Delivery, acks: &mpsc::UnboundedSender<(Uuid, &'static str)>, retries: &mut VecDeque<Retry>) {
+    match done {
+        Delivery::Acknowledged(transitions) => {
+            for t in transitions {
+                let _ = acks.send(t);
+            }
+        }
+        Delivery::Refused(out, attempts) => schedule_retry(retries, out, attempts),
+    }
 }
 
 /// Hands one message to the producer, waiting while its local queue is

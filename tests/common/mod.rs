@@ -431,3 +431,12 @@ pub fn assigned(s: &audit_service::service::RunningService) -> Vec<i32> {
     p.sort();
     p
 }
+
+/// Configures `token` as a static admin token of `config` (name `test`).
+pub fn with_admin_token(config: &mut Config, token: &str) {
+    use sha2::Digest;
+    config.api.tokens = vec![audit_service::config::StaticTokenConfig {
+        name: "test".into(),
+        sha256: format!("{:x}", sha2::Sha256::digest(token.as_bytes())),
+    }];
+}
