@@ -45,6 +45,22 @@ async fn assert_session_reads_agree(db: &TestDb) {
     let open = db.count("SELECT count(*) FROM sessions_v WHERE ended_at IS NULL").await;
     assert!(open > 0);
     assert_eq!(db.count("SELECT open_session_count()").await, open);
+    // Distinct active users (`active_user_count`, which reads only the
+    // pending batches whose hours meet the range) over a wide range and
+    // over the last whole hour, as the view counts them.
+    for (from, to) in [
+        ("now() - interval '1 day'", "now() + interval '1 hour'"),
+        ("date_trunc('hour', now()) - interval '1 hour'", "date_trunc('hour', now())"),
+    ] {
+        let range = format!("{from}, {to}");
+        let merged = db
+            .count(&format!(
+                "SELECT count(DISTINCT user_id) FROM activity_user_hourly_v WHERE hour >= {from} AND hour < {to}"
+            ))
+            .await;
+        assert!(merged > 0, "no active users in [{range})");
+        assert_eq!(db.count(&format!("SELECT active_user_count({range})")).await, merged, "[{range})");
+    }
 }
 
 /// The pending batches' key filters: SQL and Rust agree on a key's bits, and
@@ -376,7 +392,12 @@ fn session_reads_are_exact_over_folded_and_pending_deltas() {
         config.detect.enabled = false;
         let mut generator = loadgen::EventGenerator::new(45, 300);
         let now = chrono::Utc::now().timestamp_micros();
-        let evs: Vec<AuthEvent> = (0..6_000).map(|i| generator.next_event(now - 60 * MIN + i * 500_000)).collect();
+        let mut evs: Vec<AuthEvent> = (0..6_000).map(|i| generator.next_event(now - 60 * MIN + i * 500_000)).collect();
+        // A session's events from several user agents: the merged session
+        // must take the one of its earliest start, as sessions_v does.
+        for (i, e) in evs.iter_mut().enumerate() {
+            e.user_agent = Some(format!("agent-{}", i % 7));
+        }
         let (first, second) = evs.split_at(3_000);
         let producer = producer(&kafka);
         let pool = audit_service::store::connect_pool(&config.database, 2).unwrap();
@@ -388,11 +409,19 @@ fn session_reads_are_exact_over_folded_and_pending_deltas() {
         .await;
         compactor::compact_once(&pool).await.unwrap();
         assert_eq!(db.count("SELECT count(*) FROM activity_delta_batches").await, 0);
-        produce_events(&producer, &names.events, second, &[WireFormat::Json]);
-        eventually(Duration::from_secs(60), "second half stored", || async {
-            (all_offsets(&db).await == 6_000).then_some(())
-        })
-        .await;
+        // In two steps, so that a session's entries pend in several batches
+        // and the fold has to merge them.
+        for (i, part) in second.chunks(1_500).enumerate() {
+            produce_events(&producer, &names.events, part, &[WireFormat::Json]);
+            let stored = 3_000 + 1_500 * (i as i64 + 1);
+            eventually(Duration::from_secs(60), "second half stored", || async {
+                (all_offsets(&db).await == stored).then_some(())
+            })
+            .await;
+        }
+        let merged_across_batches = "SELECT count(*) FROM (SELECT session_id FROM session_deltas \
+                                     WHERE started_at IS NOT NULL GROUP BY 1 HAVING count(*) > 1) m";
+        assert!(db.count(merged_across_batches).await > 10);
         // Pending deltas that end sessions already folded as open.
         assert!(db.count("SELECT count(*) FROM activity_delta_batches").await > 0);
         let ended_by_pending = "SELECT count(*) FROM sessions s JOIN session_deltas d USING (session_id) \
@@ -403,7 +432,10 @@ fn session_reads_are_exact_over_folded_and_pending_deltas() {
         // System-wide hourly counts from the batches' own sums, exact too.
         assert_eq!(difference(&db, SYSTEM_ROLLUP, SYSTEM_GROUP_BY).await, 0);
         assert_eq!(difference(&db, USER_ROLLUP, USER_GROUP_BY).await, 0);
+        // The fold writes exactly the sessions the merge rules give.
+        db.client().await.batch_execute("CREATE TABLE sessions_before_fold AS SELECT * FROM sessions_v").await.unwrap();
         compactor::compact_once(&pool).await.unwrap();
+        assert_eq!(difference(&db, "SELECT * FROM sessions", "SELECT * FROM sessions_before_fold").await, 0);
         assert_session_reads_agree(&db).await;
         running.stop();
         running.wait().await;

@@ -363,8 +363,7 @@ SELECT array_remove(array_agg(DISTINCT host(ip_address)), NULL), array_remove(ar
  WHERE last_seen_at >= $2";
 
 /// Distinct users with events in [$1, $2) (whole hours).
-pub const ACTIVE_USERS: &str = "
-SELECT count(DISTINCT user_id) FROM activity_user_hourly_v WHERE hour >= $1 AND hour < $2";
+pub const ACTIVE_USERS: &str = "SELECT active_user_count($1, $2)";
 
 /// Events per action in [$1, $2), most frequent first, at most $3.
 pub const TOP_ACTIONS: &str = "

@@ -48,6 +48,11 @@ pub const MIGRATIONS: &[Migration] = &[
         name: "activity_admin_deltas",
         sql: include_str!("../../migrations/0013_activity_admin_deltas.sql"),
     },
+    Migration {
+        version: 14,
+        name: "cheaper_pending_reads",
+        sql: include_str!("../../migrations/0014_cheaper_pending_reads.sql"),
+    },
 ];
 
 /// Arbitrary constant naming the migration lock.
