@@ -24,7 +24,7 @@ pub fn install() -> PrometheusHandle {
                 )
                 .and_then(|b| {
                     b.set_buckets_for_metric(
-                        Matcher::Full("audit_batch_rows".into()),
+                        Matcher::Full("audit_batch_messages".into()),
                         &[1.0, 10.0, 100.0, 500.0, 1000.0, 2500.0, 5000.0, 10000.0],
                     )
                 })
@@ -45,7 +45,10 @@ fn describe_all() {
     describe_counter!("audit_events_stored_total", "Events newly stored in audit_logs.");
     describe_counter!("audit_events_duplicate_total", "Events skipped because their event_id was already stored.");
     describe_counter!("audit_events_dead_lettered_total", "Messages sent to the dead-letter topic, by reason.");
-    describe_histogram!("audit_batch_rows", "Messages per written batch.");
+    describe_histogram!(
+        "audit_batch_messages",
+        "Kafka messages per written batch (stored, duplicate and dead-lettered alike)."
+    );
     describe_histogram!(
         "audit_batch_write_duration_seconds",
         Unit::Seconds,

@@ -136,9 +136,11 @@ fn stop_flushes_and_returns_promptly() {
         // The pipeline's metrics are exposed (the recorder is shared by the
         // tests of this binary, so counters are at least this test's).
         let metrics = scrape(running.http_addr).await;
-        for name in
-            ["audit_events_consumed_total{encoding=\"json\"}", "audit_events_stored_total", "audit_batch_rows_count"]
-        {
+        for name in [
+            "audit_events_consumed_total{encoding=\"json\"}",
+            "audit_events_stored_total",
+            "audit_batch_messages_count",
+        ] {
             assert!(metric_value(&metrics, name).is_some_and(|v| v > 0.0), "{name} in\n{metrics}");
         }
         assert!(metrics.contains("audit_batch_write_duration_seconds_bucket"), "{metrics}");

@@ -233,7 +233,7 @@ impl BatchWriter {
     fn committed(&mut self, batch: &Batch, result: WriteResult, started: Instant) {
         let elapsed = started.elapsed();
         metrics::histogram!("audit_batch_write_duration_seconds").record(elapsed.as_secs_f64());
-        metrics::histogram!("audit_batch_rows").record(batch.messages as f64);
+        metrics::histogram!("audit_batch_messages").record(batch.messages as f64);
         metrics::counter!("audit_events_stored_total").increment(result.inserted);
         metrics::counter!("audit_events_duplicate_total").increment(result.duplicates + batch.duplicates_in_batch);
         if result.staged {
