@@ -16,10 +16,6 @@ use tokio_util::sync::CancellationToken;
 
 const MIN: i64 = 60_000_000;
 
-async fn all_offsets(db: &TestDb) -> i64 {
-    db.count("SELECT coalesce(sum(next_offset), 0)::bigint FROM consumer_offsets").await
-}
-
 /// Rows in the first query and not the second, both ways: 0 when equal.
 async fn difference(db: &TestDb, a: &str, b: &str) -> i64 {
     db.count(&format!(
@@ -119,10 +115,7 @@ fn after_a_large_mixed_ingest_every_rollup_equals_the_group_by_exactly() {
         let producer = producer(&kafka);
         produce_events(&producer, &names.events, &evs, ALL_FORMATS);
         let running = service::start(&config, CancellationToken::new()).await.unwrap();
-        eventually(Duration::from_secs(120), "all stored", || async {
-            (all_offsets(&db).await == evs.len() as i64).then_some(())
-        })
-        .await;
+        db.wait_for_offsets(evs.len() as i64, Duration::from_secs(120), "all stored").await;
         assert_eq!(db.count("SELECT count(*) FROM audit_logs").await, 57_000);
         // Exact at any moment through the views (folded + pending deltas)...
         assert_eq!(difference(&db, USER_ROLLUP, USER_GROUP_BY).await, 0);
@@ -189,7 +182,7 @@ fn sessions_open_and_close_under_duplicates_disorder_and_idling() {
         produce_events(&producer(&kafka), &names.events, &evs, &[WireFormat::Json]);
         let running = service::start(&config, CancellationToken::new()).await.unwrap();
         eventually(Duration::from_secs(60), "all stored and idle session closed", || async {
-            let stored = all_offsets(&db).await == evs.len() as i64;
+            let stored = db.stored_offsets().await == evs.len() as i64;
             let idle = db.count("SELECT count(*) FROM sessions WHERE session_id = 'idle' AND end_reason = 'idle_timeout'").await;
             (stored && idle == 1).then_some(())
         })
@@ -244,20 +237,14 @@ fn sessions_survive_a_sigkill_restart() {
             (0..200).map(|i| session_event("AUTH_LOGIN", &format!("k{i}"), &format!("user{i}"), t0 + i)).collect();
         let mut service = ServiceProcess::spawn(&env, logs.path(), 0);
         produce_events(&producer, &names.events, &logins, &[WireFormat::Json]);
-        eventually(Duration::from_secs(60), "logins stored", || async {
-            (all_offsets(&db).await == 200).then_some(())
-        })
-        .await;
+        db.wait_for_offsets(200, Duration::from_secs(60), "logins stored").await;
         service.sigkill();
         let logouts: Vec<AuthEvent> = (0..200)
             .map(|i| session_event("AUTH_LOGOUT", &format!("k{i}"), &format!("user{i}"), t0 + MIN + i))
             .collect();
         produce_events(&producer, &names.events, &logouts, &[WireFormat::Json]);
         let mut service = ServiceProcess::spawn(&env, logs.path(), 1);
-        eventually(Duration::from_secs(60), "logouts stored", || async {
-            (all_offsets(&db).await == 400).then_some(())
-        })
-        .await;
+        db.wait_for_offsets(400, Duration::from_secs(60), "logouts stored").await;
         assert!(service.sigterm(Duration::from_secs(30)).success(), "{}", service.tail());
         // Fold what is pending, as the service would on its next tick.
         let config = service_config(&db, &kafka, &names);
@@ -293,10 +280,7 @@ fn deltas_left_by_a_stopped_process_are_folded_by_the_next() {
             (0..100).map(|i| session_event("AUTH_LOGIN", &format!("left{i}"), &format!("user{i}"), t0 + i)).collect();
         produce_events(&producer(&kafka), &names.events, &logins, &[WireFormat::Json]);
         let mut service = ServiceProcess::spawn(&deferred, logs.path(), 0);
-        eventually(Duration::from_secs(60), "logins stored", || async {
-            (all_offsets(&db).await == 100).then_some(())
-        })
-        .await;
+        db.wait_for_offsets(100, Duration::from_secs(60), "logins stored").await;
         assert!(service.sigterm(Duration::from_secs(30)).success(), "{}", service.tail());
         assert!(db.count("SELECT count(*) FROM activity_delta_batches").await > 0, "deltas left pending");
         assert_eq!(db.count("SELECT count(*) FROM sessions").await, 0);
@@ -345,10 +329,7 @@ fn the_activity_endpoints_answer_from_sessions_and_rollups() {
         }
         produce_events(&producer(&kafka), &names.events, &evs, &[WireFormat::Json]);
         let running = service::start(&config, CancellationToken::new()).await.unwrap();
-        eventually(Duration::from_secs(60), "stored", || async {
-            (all_offsets(&db).await == evs.len() as i64).then_some(())
-        })
-        .await;
+        db.wait_for_offsets(evs.len() as i64, Duration::from_secs(60), "stored").await;
 
         let (status, a) = get_json(running.http_addr, "/api/v1/audit/users/alice/activity", token).await;
         assert_eq!(status, 200, "{a}");
@@ -410,10 +391,7 @@ fn session_reads_are_exact_over_folded_and_pending_deltas() {
         let pool = audit_service::store::connect_pool(&config.database, 2).unwrap();
         let running = service::start(&config, CancellationToken::new()).await.unwrap();
         produce_events(&producer, &names.events, first, &[WireFormat::Json]);
-        eventually(Duration::from_secs(60), "first half stored", || async {
-            (all_offsets(&db).await == 3_000).then_some(())
-        })
-        .await;
+        db.wait_for_offsets(3_000, Duration::from_secs(60), "first half stored").await;
         compactor::compact_once(&pool).await.unwrap();
         assert_eq!(db.count("SELECT count(*) FROM activity_delta_batches").await, 0);
         // In two steps, so that a session's entries pend in several batches
@@ -421,10 +399,7 @@ fn session_reads_are_exact_over_folded_and_pending_deltas() {
         for (i, part) in second.chunks(1_500).enumerate() {
             produce_events(&producer, &names.events, part, &[WireFormat::Json]);
             let stored = 3_000 + 1_500 * (i as i64 + 1);
-            eventually(Duration::from_secs(60), "second half stored", || async {
-                (all_offsets(&db).await == stored).then_some(())
-            })
-            .await;
+            db.wait_for_offsets(stored, Duration::from_secs(60), "second half stored").await;
         }
         let merged_across_batches = "SELECT count(*) FROM (SELECT session_id FROM session_deltas \
                                      WHERE started_at IS NOT NULL GROUP BY 1 HAVING count(*) > 1) m";

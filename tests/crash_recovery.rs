@@ -67,11 +67,7 @@ fn sigkill_at_five_points_during_ingest_loses_and_duplicates_nothing() {
 
         // The last run drains everything and stops cleanly on SIGTERM.
         let mut service = ServiceProcess::spawn(&env, logs.path(), run);
-        eventually(Duration::from_secs(180), "every offset stored", || async {
-            let n = db.count("SELECT coalesce(sum(next_offset), 0)::bigint FROM consumer_offsets").await;
-            (n == EVENTS as i64).then_some(())
-        })
-        .await;
+        db.wait_for_offsets(EVENTS as i64, Duration::from_secs(180), "every offset stored").await;
         let status = service.sigterm(Duration::from_secs(30));
         assert!(status.success(), "exit status {status:?}\n{}", service.tail());
 

@@ -262,11 +262,7 @@ fn a_storm_is_limited_and_every_transition_carried() {
         }
         produce_events(&producer(&kafka), &names.events, &events, &[WireFormat::AvroConfluent(TEST_SCHEMA_ID)]);
         let running = service::start(&config, CancellationToken::new()).await.unwrap();
-        eventually(Duration::from_secs(300), "all storm events stored", || async {
-            let n = db.count("SELECT coalesce(sum(next_offset), 0)::bigint FROM consumer_offsets").await;
-            (n == events.len() as i64).then_some(())
-        })
-        .await;
+        db.wait_for_offsets(events.len() as i64, Duration::from_secs(300), "all storm events stored").await;
         // Every user crossed warning (6th) and critical (11th): 100,000
         // transitions of user_failed_logins, all stored.
         let client = db.client().await;
@@ -371,11 +367,7 @@ fn retried_events_are_counted_once() {
         let producer = producer(&kafka);
         produce_events(&producer, &names.events, &sent, &[WireFormat::Json]);
         let running = service::start(&config, CancellationToken::new()).await.unwrap();
-        eventually(Duration::from_secs(60), "all ten consumed", || async {
-            let n = db.count("SELECT coalesce(sum(next_offset), 0)::bigint FROM consumer_offsets").await;
-            (n == 10).then_some(())
-        })
-        .await;
+        db.wait_for_offsets(10, Duration::from_secs(60), "all ten consumed").await;
         assert_eq!(db.count("SELECT count(*) FROM audit_logs").await, 5, "stored once");
         assert_eq!(db.count("SELECT count(*) FROM alerts WHERE subject = 'user:retried'").await, 0);
 

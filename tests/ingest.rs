@@ -94,11 +94,7 @@ fn mixed_encodings_with_duplicates_are_stored_exactly_once_field_for_field() {
         })
         .await;
         // Every offset of every partition consumed and stored.
-        eventually(Duration::from_secs(30), "offsets stored for 100,000 messages", || async {
-            let n = db.count("SELECT coalesce(sum(next_offset), 0)::bigint FROM consumer_offsets").await;
-            (n == all.len() as i64).then_some(())
-        })
-        .await;
+        db.wait_for_offsets(all.len() as i64, Duration::from_secs(30), "offsets stored for 100,000 messages").await;
         running.stop();
         running.wait().await;
 
@@ -214,11 +210,8 @@ fn bad_messages_are_dead_lettered_and_good_ones_around_them_stored() {
         produce_raw(&producer, &names.events, &messages);
 
         let running = service::start(&config, CancellationToken::new()).await.unwrap();
-        eventually(Duration::from_secs(60), "every message stored or dead-lettered", || async {
-            let n = db.count("SELECT coalesce(sum(next_offset), 0)::bigint FROM consumer_offsets").await;
-            (n == messages.len() as i64).then_some(())
-        })
-        .await;
+        db.wait_for_offsets(messages.len() as i64, Duration::from_secs(60), "every message stored or dead-lettered")
+            .await;
         running.stop();
         running.wait().await;
 
@@ -293,11 +286,7 @@ fn a_letter_too_large_for_its_key_is_cut_and_does_not_block_the_partition() {
         producer.flush(Duration::from_secs(30)).unwrap();
 
         let running = service::start(&config, CancellationToken::new()).await.unwrap();
-        eventually(Duration::from_secs(60), "all three consumed", || async {
-            let n = db.count("SELECT coalesce(sum(next_offset), 0)::bigint FROM consumer_offsets").await;
-            (n == 3).then_some(())
-        })
-        .await;
+        db.wait_for_offsets(3, Duration::from_secs(60), "all three consumed").await;
         running.stop();
         running.wait().await;
         assert_eq!(db.count("SELECT count(*) FROM audit_logs").await, 2);
@@ -342,11 +331,7 @@ fn rows_postgres_rejects_are_dead_lettered_without_failing_their_batch() {
         let producer = producer(&kafka);
         produce_events(&producer, &names.events, &evs, ALL_FORMATS);
         let running = service::start(&config, CancellationToken::new()).await.unwrap();
-        eventually(Duration::from_secs(60), "all offsets stored", || async {
-            let n = db.count("SELECT coalesce(sum(next_offset), 0)::bigint FROM consumer_offsets").await;
-            (n == evs.len() as i64).then_some(())
-        })
-        .await;
+        db.wait_for_offsets(evs.len() as i64, Duration::from_secs(60), "all offsets stored").await;
         running.stop();
         running.wait().await;
         assert_eq!(db.count("SELECT count(*) FROM audit_logs").await, 2997);

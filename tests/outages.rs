@@ -11,10 +11,6 @@ use common::*;
 use rdkafka::producer::Producer;
 use tokio_util::sync::CancellationToken;
 
-async fn offsets_total(db: &TestDb) -> i64 {
-    db.count("SELECT coalesce(sum(next_offset), 0)::bigint FROM consumer_offsets").await
-}
-
 #[test]
 fn database_outage_pauses_consumption_and_ingest_resumes_by_itself_with_bounded_memory() {
     let kafka = EmbeddedKafka::start(1).unwrap();
@@ -29,10 +25,7 @@ fn database_outage_pauses_consumption_and_ingest_resumes_by_itself_with_bounded_
         let all = events(21, 160_000);
         produce_events(&producer, &names.events, &all[..20_000], ALL_FORMATS);
         let mut service = ServiceProcess::spawn(&env, logs.path(), 0);
-        eventually(Duration::from_secs(60), "first 20,000 stored", || async {
-            (offsets_total(&db).await == 20_000).then_some(())
-        })
-        .await;
+        db.wait_for_offsets(20_000, Duration::from_secs(60), "first 20,000 stored").await;
         let rss_before = service.rss_kib();
 
         // The outage: nobody may connect, and the service's sessions die.
@@ -70,10 +63,7 @@ fn database_outage_pauses_consumption_and_ingest_resumes_by_itself_with_bounded_
         assert!(lag > 0.0, "no consumer lag reported during the outage:\n{m}");
 
         admin.batch_execute(&format!("ALTER DATABASE {} ALLOW_CONNECTIONS true", db.name)).await.unwrap();
-        eventually(Duration::from_secs(120), "all 160,000 stored after the outage", || async {
-            (offsets_total(&db).await == 160_000).then_some(())
-        })
-        .await;
+        db.wait_for_offsets(160_000, Duration::from_secs(120), "all 160,000 stored after the outage").await;
         assert_eq!(db.count("SELECT count(*) FROM audit_logs").await, 160_000);
         assert_eq!(db.count("SELECT count(DISTINCT event_id) FROM audit_logs").await, 160_000);
         // 140,000 events (~45 MB as JSON) waited on Kafka, not in memory:
@@ -115,13 +105,10 @@ fn broker_down_and_back_loses_nothing() {
             running.status.snapshot().last_kafka_error.is_some().then_some(())
         })
         .await;
-        let stalled_at = offsets_total(&db).await;
+        let stalled_at = db.stored_offsets().await;
         kafka.broker_up(leader).unwrap();
         produce_events(&producer, &names.events, &all[30_000..], ALL_FORMATS);
-        eventually(Duration::from_secs(120), "all 60,000 stored after the broker returned", || async {
-            (offsets_total(&db).await == 60_000).then_some(())
-        })
-        .await;
+        db.wait_for_offsets(60_000, Duration::from_secs(120), "all 60,000 stored after the broker returned").await;
         running.stop();
         running.wait().await;
         assert!(stalled_at < 60_000);
@@ -214,10 +201,7 @@ fn a_schema_registry_outage_holds_avro_messages_and_is_reported() {
         let listener = tokio::net::TcpListener::bind(registry_addr).await.unwrap();
         tokio::spawn(async move { axum::serve(listener, app).await.unwrap() });
 
-        eventually(Duration::from_secs(60), "every event stored", || async {
-            (offsets_total(&db).await == all.len() as i64).then_some(())
-        })
-        .await;
+        db.wait_for_offsets(all.len() as i64, Duration::from_secs(60), "every event stored").await;
         assert_eq!(db.count("SELECT count(*) FROM audit_logs").await, all.len() as i64);
         let h = health().await;
         assert!(h["ingest"]["schema_registry_error"].is_null(), "{h}");

@@ -70,6 +70,16 @@ impl TestDb {
             Err(e) => panic!("{sql}: {e}"),
         }
     }
+
+    /// Messages the service has stored the offsets of, over all partitions.
+    pub async fn stored_offsets(&self) -> i64 {
+        self.count("SELECT coalesce(sum(next_offset), 0)::bigint FROM consumer_offsets").await
+    }
+
+    /// Waits until the stored offsets cover `messages` messages.
+    pub async fn wait_for_offsets(&self, messages: i64, timeout: Duration, what: &str) {
+        eventually(timeout, what, || async { (self.stored_offsets().await == messages).then_some(()) }).await
+    }
 }
 
 impl Drop for TestDb {
