@@ -3,10 +3,11 @@
 -- Measured on the deltas of 1,000,000 benchmark events (200 batches,
 -- 954 k session entries, 957 k rollup entries) on a slow host:
 -- open_session_count() 2.0 s -> 0.9 s, the summary's active users
--- 1.9 s -> 0.7 s, the fold's session merge step 2.3 s -> 0.5 s under
--- EXPLAIN ANALYZE (the whole fold ~5 %: its cost is its writes). With 1 M
--- entries pending (the default bound) the first two came close to the
--- API's 5 s statement timeout under load.
+-- 1.9 s -> 0.7 s; in the fold, the session merge step 2.3 s -> 0.5 s
+-- (under EXPLAIN ANALYZE) and the system-wide counts 0.6 s -> 2 ms. The
+-- fold's cost is its writes, so as a whole it gained less (BENCHMARKS.md).
+-- With 1 M entries pending (the default bound) the first two reads came
+-- close to the API's 5 s statement timeout under load.
 
 -- Open sessions: only the session ids and end times are unnested (the
 -- session_deltas view unnests all eight arrays of every batch), and the
@@ -38,7 +39,7 @@ LANGUAGE sql STABLE SET work_mem = '64MB' AS $$
 $$;
 
 -- The fold of migrations/0004 with a cheaper session merge (same rules as
--- sessions_v).
+-- sessions_v) and system-wide counts from the batches' sums.
 CREATE OR REPLACE FUNCTION activity_compact() RETURNS bigint
 LANGUAGE plpgsql AS $$
 DECLARE
@@ -63,8 +64,17 @@ BEGIN
     GET DIAGNOSTICS n = ROW_COUNT;
     moved := moved + n;
 
+    -- System-wide counts from each batch's own (hour, action) sums
+    -- (migrations/0006): a few dozen entries a batch instead of one an
+    -- event (0.6 s -> 2 ms for 1 M events); entry by entry only for
+    -- batches written before those sums existed.
     WITH r AS (SELECT u.* FROM activity_delta_batches b,
-                      unnest(b.hours, b.actions, b.events) AS u(hour, action, events)),
+                      unnest(b.h_hours, b.h_actions, b.h_events) AS u(hour, action, events)
+                WHERE b.h_hours IS NOT NULL
+               UNION ALL
+               SELECT u.* FROM activity_delta_batches b,
+                      unnest(b.hours, b.actions, b.events) AS u(hour, action, events)
+                WHERE b.h_hours IS NULL),
          a AS (SELECT hour, action, sum(events) AS events FROM r GROUP BY 1, 2)
     INSERT INTO activity_hourly AS t SELECT * FROM a
     ON CONFLICT (hour, action) DO UPDATE SET events = t.events + EXCLUDED.events;
