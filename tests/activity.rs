@@ -274,6 +274,14 @@ fn deltas_left_by_a_stopped_process_are_folded_by_the_next() {
         db.wait_for_offsets(100, Duration::from_secs(60), "logins stored").await;
         assert!(service.sigterm(Duration::from_secs(30)).success(), "{}", service.tail());
         assert!(db.count("SELECT count(*) FROM activity_delta_batches").await > 0, "deltas left pending");
+        // Pending deltas are stored compressed (migrations/0015).
+        let compressed = db
+            .count(
+                "SELECT count(*) FROM activity_delta_batches WHERE 'lz4' IN (pg_column_compression(user_ids), \
+                 pg_column_compression(session_ids), pg_column_compression(s_agents), pg_column_compression(s_last_seen))",
+            )
+            .await;
+        assert!(compressed > 0, "no pending delta batch is lz4-compressed");
         assert_eq!(db.count("SELECT count(*) FROM sessions").await, 0);
 
         // Default folding, and nothing new to ingest.

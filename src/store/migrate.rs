@@ -53,6 +53,11 @@ pub const MIGRATIONS: &[Migration] = &[
         name: "cheaper_pending_reads",
         sql: include_str!("../../migrations/0014_cheaper_pending_reads.sql"),
     },
+    Migration {
+        version: 15,
+        name: "activity_delta_compression",
+        sql: include_str!("../../migrations/0015_activity_delta_compression.sql"),
+    },
 ];
 
 /// Arbitrary constant naming the migration lock.
