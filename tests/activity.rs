@@ -8,7 +8,6 @@ use std::time::Duration;
 
 use audit_service::activity::compactor;
 use audit_service::event::AuthEvent;
-use audit_service::kafka::embedded::EmbeddedKafka;
 use audit_service::loadgen::{self, WireFormat};
 use audit_service::service;
 use common::*;
@@ -83,9 +82,7 @@ const SYSTEM_GROUP_BY: &str = "SELECT date_trunc('hour', created_at), action, co
 
 #[test]
 fn after_a_large_mixed_ingest_every_rollup_equals_the_group_by_exactly() {
-    let kafka = EmbeddedKafka::start(1).unwrap();
-    let names = Names::new();
-    names.create(&kafka, 4);
+    let (kafka, names) = cluster(4);
     let rt = rt();
     rt.block_on(async {
         let db = TestDb::create().await;
@@ -139,9 +136,7 @@ fn session_event(action: &str, session: &str, user: &str, at: i64) -> AuthEvent 
 
 #[test]
 fn sessions_open_and_close_under_duplicates_disorder_and_idling() {
-    let kafka = EmbeddedKafka::start(1).unwrap();
-    let names = Names::new();
-    names.create(&kafka, 2);
+    let (kafka, names) = cluster(2);
     let rt = rt();
     rt.block_on(async {
         let db = TestDb::create().await;
@@ -214,9 +209,7 @@ fn sessions_open_and_close_under_duplicates_disorder_and_idling() {
 
 #[test]
 fn sessions_survive_a_sigkill_restart() {
-    let kafka = EmbeddedKafka::start(1).unwrap();
-    let names = Names::new();
-    names.create(&kafka, 2);
+    let (kafka, names) = cluster(2);
     let logs = tempfile::tempdir().unwrap();
     let rt = rt();
     rt.block_on(async {
@@ -255,9 +248,7 @@ fn sessions_survive_a_sigkill_restart() {
 /// database holds pending, not from zero.
 #[test]
 fn deltas_left_by_a_stopped_process_are_folded_by_the_next() {
-    let kafka = EmbeddedKafka::start(1).unwrap();
-    let names = Names::new();
-    names.create(&kafka, 1);
+    let (kafka, names) = cluster(1);
     let logs = tempfile::tempdir().unwrap();
     let rt = rt();
     rt.block_on(async {
@@ -305,9 +296,7 @@ async fn get_json(addr: std::net::SocketAddr, path: &str, token: &str) -> (u16, 
 
 #[test]
 fn the_activity_endpoints_answer_from_sessions_and_rollups() {
-    let kafka = EmbeddedKafka::start(1).unwrap();
-    let names = Names::new();
-    names.create(&kafka, 2);
+    let (kafka, names) = cluster(2);
     let rt = rt();
     rt.block_on(async {
         let db = TestDb::create().await;
@@ -366,9 +355,7 @@ fn the_activity_endpoints_answer_from_sessions_and_rollups() {
 /// half (logouts of folded sessions among it) stays pending, then is folded.
 #[test]
 fn session_reads_are_exact_over_folded_and_pending_deltas() {
-    let kafka = EmbeddedKafka::start(1).unwrap();
-    let names = Names::new();
-    names.create(&kafka, 2);
+    let (kafka, names) = cluster(2);
     let rt = rt();
     rt.block_on(async {
         let db = TestDb::create().await;

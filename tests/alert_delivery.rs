@@ -9,7 +9,6 @@ mod common;
 use std::time::Duration;
 
 use audit_service::event::AuthEvent;
-use audit_service::kafka::embedded::EmbeddedKafka;
 use audit_service::loadgen::WireFormat;
 use common::*;
 use rdkafka::types::RDKafkaRespErr;
@@ -32,9 +31,7 @@ fn failures(user: &str, n: u32, t0: i64) -> Vec<AuthEvent> {
 
 #[test]
 fn an_alert_in_flight_at_a_sigkill_is_sent_again_after_the_restart() {
-    let kafka = EmbeddedKafka::start(1).unwrap();
-    let names = Names::new();
-    names.create(&kafka, 1);
+    let (kafka, names) = cluster(1);
     let logs = tempfile::tempdir().unwrap();
     let rt = rt();
     rt.block_on(async {
@@ -99,9 +96,7 @@ fn an_alert_in_flight_at_a_sigkill_is_sent_again_after_the_restart() {
 /// limiter again, so in a summary when the burst is spent.
 #[test]
 fn a_held_back_alert_in_flight_at_a_sigkill_is_carried_again_after_the_restart() {
-    let kafka = EmbeddedKafka::start(1).unwrap();
-    let names = Names::new();
-    names.create(&kafka, 1);
+    let (kafka, names) = cluster(1);
     let logs = tempfile::tempdir().unwrap();
     let rt = rt();
     rt.block_on(async {
@@ -160,9 +155,7 @@ fn a_held_back_alert_in_flight_at_a_sigkill_is_carried_again_after_the_restart()
 /// backoff, until Kafka takes it, without a restart.
 #[test]
 fn a_refused_alert_is_sent_again_while_the_service_runs() {
-    let kafka = EmbeddedKafka::start(1).unwrap();
-    let names = Names::new();
-    names.create(&kafka, 1);
+    let (kafka, names) = cluster(1);
     let logs = tempfile::tempdir().unwrap();
     let rt = rt();
     rt.block_on(async {

@@ -8,7 +8,6 @@ mod common;
 use std::time::Duration;
 
 use audit_service::config::StaticTokenConfig;
-use audit_service::kafka::embedded::EmbeddedKafka;
 use audit_service::service;
 use common::*;
 use serde_json::{Value, json};
@@ -29,9 +28,7 @@ async fn get(http: &reqwest::Client, url: String) -> (u16, Value) {
 /// resuming stores every event, none twice.
 #[test]
 fn maintenance_pauses_the_consumer_and_resumes_without_loss() {
-    let kafka = EmbeddedKafka::start(1).unwrap();
-    let names = Names::new();
-    names.create(&kafka, 2);
+    let (kafka, names) = cluster(2);
     let rt = rt();
     rt.block_on(async {
         let db = TestDb::create().await;
@@ -121,9 +118,7 @@ async fn post_maintenance(http: &reqwest::Client, base: &str, body: Value) -> Va
 /// its first message), and a resume through any instance ends it everywhere.
 #[test]
 fn maintenance_mode_holds_on_every_instance_and_across_a_restart() {
-    let kafka = EmbeddedKafka::start(1).unwrap();
-    let names = Names::new();
-    names.create(&kafka, 2);
+    let (kafka, names) = cluster(2);
     let rt = rt();
     rt.block_on(async {
         let db = TestDb::create().await;
@@ -194,9 +189,7 @@ fn maintenance_mode_holds_on_every_instance_and_across_a_restart() {
 /// The binary, as the runbook runs it: `Authorization: Bearer $ADMIN_TOKEN`.
 #[test]
 fn binary_takes_admin_token_from_environment_never_logs_it_and_passes_promtool() {
-    let kafka = EmbeddedKafka::start(1).unwrap();
-    let names = Names::new();
-    names.create(&kafka, 2);
+    let (kafka, names) = cluster(2);
     let rt = rt();
     let logs = tempfile::tempdir().unwrap();
     rt.block_on(async {

@@ -7,7 +7,6 @@ mod common;
 use std::collections::HashSet;
 use std::time::{Duration, Instant};
 
-use audit_service::kafka::embedded::EmbeddedKafka;
 use common::*;
 use uuid::Uuid;
 
@@ -16,9 +15,7 @@ const PARTITIONS: i32 = 4;
 
 #[test]
 fn sigkill_at_five_points_during_ingest_loses_and_duplicates_nothing() {
-    let kafka = EmbeddedKafka::start(1).unwrap();
-    let names = Names::new();
-    names.create(&kafka, PARTITIONS);
+    let (kafka, names) = cluster(PARTITIONS);
     let logs = tempfile::tempdir().unwrap();
     let rt = rt();
     rt.block_on(async {

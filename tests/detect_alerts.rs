@@ -10,7 +10,6 @@ use std::time::Duration;
 use audit_service::alerts::ALERT_SCHEMA;
 use audit_service::detect::AlertFormat;
 use audit_service::event::{AuthEvent, avro};
-use audit_service::kafka::embedded::EmbeddedKafka;
 use audit_service::loadgen::WireFormat;
 use audit_service::service;
 use common::*;
@@ -89,9 +88,7 @@ fn decode_avro_alert(bytes: &[u8]) -> SeenAlert {
 
 #[test]
 fn every_rule_alerts_on_the_topic_in_avro_and_in_the_table() {
-    let kafka = EmbeddedKafka::start(1).unwrap();
-    let names = Names::new();
-    names.create(&kafka, 3);
+    let (kafka, names) = cluster(3);
     let rt = rt();
     rt.block_on(async {
         let db = TestDb::create().await;
@@ -160,9 +157,7 @@ fn every_rule_alerts_on_the_topic_in_avro_and_in_the_table() {
 
 #[test]
 fn an_outside_consumer_reads_json_alerts_with_kcat_and_a_quiet_stream_resolves() {
-    let kafka = EmbeddedKafka::start(1).unwrap();
-    let names = Names::new();
-    names.create(&kafka, 1);
+    let (kafka, names) = cluster(1);
     let rt = rt();
     rt.block_on(async {
         let db = TestDb::create().await;
@@ -242,9 +237,7 @@ fn an_outside_consumer_reads_json_alerts_with_kcat_and_a_quiet_stream_resolves()
 #[test]
 fn a_storm_is_limited_and_every_transition_carried() {
     const USERS: usize = 50_000;
-    let kafka = EmbeddedKafka::start(1).unwrap();
-    let names = Names::new();
-    names.create(&kafka, 16);
+    let (kafka, names) = cluster(16);
     let rt = rt();
     rt.block_on(async {
         let db = TestDb::create().await;
@@ -352,9 +345,7 @@ fn a_storm_is_limited_and_every_transition_carried() {
 /// of six.
 #[test]
 fn retried_events_are_counted_once() {
-    let kafka = EmbeddedKafka::start(1).unwrap();
-    let names = Names::new();
-    names.create(&kafka, 1);
+    let (kafka, names) = cluster(1);
     let rt = rt();
     rt.block_on(async {
         let db = TestDb::create().await;

@@ -8,7 +8,6 @@ mod common;
 use std::time::Duration;
 
 use audit_service::event::AuthEvent;
-use audit_service::kafka::embedded::EmbeddedKafka;
 use audit_service::service;
 use common::*;
 use tokio_util::sync::CancellationToken;
@@ -23,9 +22,7 @@ fn failures(user: &str, from: u32, n: u32, t0: i64) -> Vec<AuthEvent> {
 
 #[test]
 fn an_attack_split_across_a_partition_move_and_back_is_detected() {
-    let kafka = EmbeddedKafka::start(1).unwrap();
-    let names = Names::new();
-    names.create(&kafka, 2);
+    let (kafka, names) = cluster(2);
     let rt = rt();
     rt.block_on(async {
         let db = TestDb::create().await;

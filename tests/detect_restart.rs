@@ -10,7 +10,6 @@ use std::collections::BTreeMap;
 use std::time::Duration;
 
 use audit_service::event::AuthEvent;
-use audit_service::kafka::embedded::EmbeddedKafka;
 use audit_service::loadgen::WireFormat;
 use common::*;
 
@@ -21,9 +20,7 @@ fn failure(user: &str, n: u32, at: i64) -> AuthEvent {
 
 #[test]
 fn an_attack_straddling_a_sigkill_is_detected_with_one_alert_id() {
-    let kafka = EmbeddedKafka::start(1).unwrap();
-    let names = Names::new();
-    names.create(&kafka, 2);
+    let (kafka, names) = cluster(2);
     let logs = tempfile::tempdir().unwrap();
     let rt = rt();
     rt.block_on(async {

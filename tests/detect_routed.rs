@@ -82,9 +82,7 @@ async fn ip_alerts(db: &TestDb) -> Vec<(String, String, i64)> {
 
 #[test]
 fn an_ip_rule_counts_every_instance_exactly_across_a_rebalance() {
-    let kafka = EmbeddedKafka::start(1).unwrap();
-    let names = Names::new();
-    names.create(&kafka, 2);
+    let (kafka, names) = cluster(2);
     let routing_topic = format!("{}.routed", names.events);
     kafka.create_topic(&routing_topic, 4).unwrap();
     let rt = rt();
@@ -170,9 +168,7 @@ fn an_ip_rule_counts_every_instance_exactly_across_a_rebalance() {
 /// written again once they are acknowledged, and nothing is counted twice.
 #[test]
 fn a_batch_waits_for_its_routed_records() {
-    let kafka = EmbeddedKafka::start(1).unwrap();
-    let names = Names::new();
-    names.create(&kafka, 1);
+    let (kafka, names) = cluster(1);
     let routing_topic = format!("{}.routed", names.events);
     kafka.create_topic(&routing_topic, 2).unwrap();
     let rt = rt();
@@ -281,9 +277,7 @@ fn a_batch_waits_for_its_routed_records() {
 /// delivered.
 #[test]
 fn an_undelivered_routed_alert_is_sent_again_when_its_partition_is_loaded() {
-    let kafka = EmbeddedKafka::start(1).unwrap();
-    let names = Names::new();
-    names.create(&kafka, 1);
+    let (kafka, names) = cluster(1);
     let routing_topic = format!("{}.routed", names.events);
     kafka.create_topic(&routing_topic, 4).unwrap();
     let rt = rt();

@@ -8,7 +8,6 @@ use std::net::IpAddr;
 use std::time::Duration;
 
 use audit_service::event::AuthEvent;
-use audit_service::kafka::embedded::EmbeddedKafka;
 use audit_service::loadgen::{self, WireFormat};
 use audit_service::service;
 use common::*;
@@ -62,9 +61,7 @@ fn normalised(mut e: AuthEvent) -> AuthEvent {
 
 #[test]
 fn mixed_encodings_with_duplicates_are_stored_exactly_once_field_for_field() {
-    let kafka = EmbeddedKafka::start(1).unwrap();
-    let names = Names::new();
-    names.create(&kafka, 4);
+    let (kafka, names) = cluster(4);
     let rt = rt();
     rt.block_on(async {
         let db = TestDb::create().await;
@@ -114,9 +111,7 @@ fn mixed_encodings_with_duplicates_are_stored_exactly_once_field_for_field() {
 
 #[test]
 fn stop_flushes_and_returns_promptly() {
-    let kafka = EmbeddedKafka::start(1).unwrap();
-    let names = Names::new();
-    names.create(&kafka, 2);
+    let (kafka, names) = cluster(2);
     let rt = rt();
     rt.block_on(async {
         let db = TestDb::create().await;
@@ -151,9 +146,7 @@ fn stop_flushes_and_returns_promptly() {
 /// bytes, and every good one is stored.
 #[test]
 fn bad_messages_are_dead_lettered_and_good_ones_around_them_stored() {
-    let kafka = EmbeddedKafka::start(1).unwrap();
-    let names = Names::new();
-    names.create(&kafka, 1);
+    let (kafka, names) = cluster(1);
     let rt = rt();
     rt.block_on(async {
         let db = TestDb::create().await;
@@ -257,9 +250,7 @@ fn bad_messages_are_dead_lettered_and_good_ones_around_them_stored() {
 fn a_letter_too_large_for_its_key_is_cut_and_does_not_block_the_partition() {
     use rdkafka::message::{Header, OwnedHeaders};
     use rdkafka::producer::{BaseRecord, Producer};
-    let kafka = EmbeddedKafka::start(1).unwrap();
-    let names = Names::new();
-    names.create(&kafka, 1);
+    let (kafka, names) = cluster(1);
     let rt = rt();
     rt.block_on(async {
         let db = TestDb::create().await;
@@ -307,9 +298,7 @@ fn a_letter_too_large_for_its_key_is_cut_and_does_not_block_the_partition() {
 /// stored.
 #[test]
 fn rows_postgres_rejects_are_dead_lettered_without_failing_their_batch() {
-    let kafka = EmbeddedKafka::start(1).unwrap();
-    let names = Names::new();
-    names.create(&kafka, 2);
+    let (kafka, names) = cluster(2);
     let rt = rt();
     rt.block_on(async {
         let db = TestDb::create().await;

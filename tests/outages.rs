@@ -13,9 +13,7 @@ use tokio_util::sync::CancellationToken;
 
 #[test]
 fn database_outage_pauses_consumption_and_ingest_resumes_by_itself_with_bounded_memory() {
-    let kafka = EmbeddedKafka::start(1).unwrap();
-    let names = Names::new();
-    names.create(&kafka, 4);
+    let (kafka, names) = cluster(4);
     let logs = tempfile::tempdir().unwrap();
     let rt = rt();
     rt.block_on(async {
@@ -125,9 +123,7 @@ fn broker_down_and_back_loses_nothing() {
 fn a_schema_registry_outage_holds_avro_messages_and_is_reported() {
     use audit_service::loadgen::WireFormat;
     const REGISTRY_ONLY_ID: u32 = 4242;
-    let kafka = EmbeddedKafka::start(1).unwrap();
-    let names = Names::new();
-    names.create(&kafka, 2);
+    let (kafka, names) = cluster(2);
     let rt = rt();
     rt.block_on(async {
         let db = TestDb::create().await;

@@ -123,6 +123,15 @@ impl Names {
     }
 }
 
+/// A mock cluster (one broker) with this test's own topics, `partitions`
+/// each.
+pub fn cluster(partitions: i32) -> (EmbeddedKafka, Names) {
+    let kafka = EmbeddedKafka::start(1).unwrap();
+    let names = Names::new();
+    names.create(&kafka, partitions);
+    (kafka, names)
+}
+
 /// A service config pointing at the test's database, cluster and topics.
 pub fn service_config(db: &TestDb, kafka: &EmbeddedKafka, names: &Names) -> Config {
     let schema_path = format!("{}/schemas/auth_event.avsc", env!("CARGO_MANIFEST_DIR"));
