@@ -38,6 +38,10 @@
 //!   system-wide rules counted through a routing topic) on and off.
 //! - `methods`: (a) once per insert method (`AUDIT_BENCH_METHODS`, default
 //!   `optimistic_copy,staged,unnest`) on the same topic.
+//! - `baseline`: (a) with this build and with another build of the
+//!   service (`AUDIT_BENCH_BASELINE_BIN`, e.g. main before a change, built
+//!   with `cargo build --release`), alternating: a change's effect measured
+//!   in one run.
 //! - `latency`: p50/p99 from producing the event that crosses a threshold
 //!   to the alert on the alerts topic, while `AUDIT_BENCH_RATE` (20,000)
 //!   events/s flow for `AUDIT_BENCH_SECONDS` (30).
@@ -233,12 +237,25 @@ async fn run_service(
     extra: &[(&str, &str)],
 ) -> RunResult {
     let label = method.unwrap_or(if extra.is_empty() { "default" } else { "variant" });
+    run_binary(std::path::Path::new(env!("CARGO_BIN_EXE_audit-service")), label, kafka, topic, n, method, extra).await
+}
+
+/// (a) with the given build of the service (see the `baseline` scenario).
+async fn run_binary(
+    binary: &std::path::Path,
+    label: &str,
+    kafka: &EmbeddedKafka,
+    topic: &str,
+    n: u64,
+    method: Option<&str>,
+    extra: &[(&str, &str)],
+) -> RunResult {
     let db = FreshDb::create(label).await;
     checkpoint().await;
     let log_path = std::env::temp_dir().join(format!("audit-bench-{label}-{}.log", std::process::id()));
     let log = std::fs::File::create(&log_path).unwrap();
     let group = format!("bench-{label}-{}-{}", std::process::id(), next_id());
-    let mut command = std::process::Command::new(env!("CARGO_BIN_EXE_audit-service"));
+    let mut command = std::process::Command::new(binary);
     command
         .args(["--log-format", "json", "run"])
         .env("DATABASE_URL", &db.url)
@@ -723,7 +740,7 @@ fn main() {
         ));
     }
 
-    if has("throughput") || has("methods") || has("activity") || has("routing") {
+    if has("throughput") || has("methods") || has("activity") || has("routing") || has("baseline") {
         let n: u64 = env_or("AUDIT_BENCH_EVENTS", 1_000_000);
         let partitions: i32 = env_or("AUDIT_BENCH_PARTITIONS", 16);
         let pipelines =
@@ -914,6 +931,39 @@ fn main() {
                         "\nCounted until every delta is folded ({:.2} s + {fold:.2} s): {until_folded:.0} events/s, cost {:.1} %.",
                         on.seconds,
                         100.0 * (1.0 - until_folded / off.events_per_s)
+                    ));
+                }
+            }
+            if has("baseline") {
+                // This build against another build of the service (e.g. main
+                // before a change), default config, same topic, same run;
+                // rounds alternate the two and keep the best of each.
+                let baseline = std::env::var("AUDIT_BENCH_BASELINE_BIN")
+                    .expect("the baseline scenario needs AUDIT_BENCH_BASELINE_BIN=/path/to/audit-service");
+                let baseline = std::path::Path::new(&baseline);
+                let rounds: usize = env_or("AUDIT_BENCH_ROUNDS", 1usize).max(1);
+                let (mut this, mut other) = (None, None);
+                for round in 1..=rounds {
+                    let r = run_service(&kafka, &topic, n, None, &[]).await;
+                    eprintln!("(a) this build, round {round}: {:.0} events/s ({:.1} CPU s)", r.events_per_s, r.cpu_seconds.unwrap_or_default());
+                    keep_best(&mut this, r);
+                    let r = run_binary(baseline, "baseline", &kafka, &topic, n, None, &[]).await;
+                    eprintln!("(a) baseline build, round {round}: {:.0} events/s ({:.1} CPU s)", r.events_per_s, r.cpu_seconds.unwrap_or_default());
+                    keep_best(&mut other, r);
+                }
+                let (this, other) = (this.unwrap(), other.unwrap());
+                report.push(String::new());
+                report.push(format!("| build of the service ({n} events, default config) | events/s | seconds | service CPU s | peak RSS MiB | every delta folded, s after the drain | ratio to the baseline |"));
+                report.push("|---|---|---|---|---|---|---|".into());
+                for (label, r) in [("(a) this build", &this), (&*format!("(a) baseline: {}", baseline.display()), &other)] {
+                    report.push(format!(
+                        "| {label} | {:.0} | {:.2} | {:.1} | {} | {} | {:.2} |",
+                        r.events_per_s,
+                        r.seconds,
+                        r.cpu_seconds.unwrap_or_default(),
+                        opt(r.peak_rss_mib, 0),
+                        opt(r.fold_seconds, 2),
+                        r.events_per_s / other.events_per_s
                     ));
                 }
             }
