@@ -646,6 +646,27 @@ fn keep_best(slot: &mut Option<RunResult>, r: RunResult) {
     }
 }
 
+/// (a) in two variants, run in turn `AUDIT_BENCH_ROUNDS` times on the same
+/// topic (`run(round, variant)`); the best figure of each is kept.
+async fn best_of_alternating(labels: [&str; 2], mut run: impl AsyncFnMut(usize, usize) -> RunResult) -> [RunResult; 2] {
+    let rounds: usize = env_or("AUDIT_BENCH_ROUNDS", 1usize).max(1);
+    let mut best = [None, None];
+    for round in 1..=rounds {
+        for (variant, label) in labels.iter().enumerate() {
+            let r = run(round, variant).await;
+            let folded =
+                r.fold_seconds.map(|f| format!(", every delta folded {f:.2} s after the drain")).unwrap_or_default();
+            eprintln!(
+                "(a) {label}, round {round}: {:.0} events/s ({:.1} CPU s){folded}",
+                r.events_per_s,
+                r.cpu_seconds.unwrap_or_default()
+            );
+            keep_best(&mut best[variant], r);
+        }
+    }
+    best.map(|r| r.expect("at least one round"))
+}
+
 fn opt(v: Option<f64>, digits: usize) -> String {
     v.map(|v| format!("{v:.digits$}")).unwrap_or_default()
 }
@@ -884,22 +905,11 @@ fn main() {
             if has("activity") {
                 // Issue 5: the cost of sessions and rollups, on vs off, same
                 // run; rounds alternate the two and keep the best of each.
-                let rounds: usize = env_or("AUDIT_BENCH_ROUNDS", 1usize).max(1);
-                let (mut on, mut off) = (None, None);
-                for round in 1..=rounds {
-                    let r = run_service(&kafka, &topic, n, None, &[]).await;
-                    eprintln!(
-                        "(a) activity on, round {round}: {:.0} events/s ({:.1} CPU s), every delta folded {} s after the drain",
-                        r.events_per_s,
-                        r.cpu_seconds.unwrap_or_default(),
-                        opt(r.fold_seconds, 2)
-                    );
-                    keep_best(&mut on, r);
-                    let r = run_service(&kafka, &topic, n, None, &[("AUDIT__ACTIVITY__ENABLED", "false")]).await;
-                    eprintln!("(a) activity off, round {round}: {:.0} events/s ({:.1} CPU s)", r.events_per_s, r.cpu_seconds.unwrap_or_default());
-                    keep_best(&mut off, r);
-                }
-                let (on, off) = (on.unwrap(), off.unwrap());
+                let [on, off] = best_of_alternating(["activity on", "activity off"], async |_, variant| {
+                    let extra: &[(&str, &str)] = if variant == 0 { &[] } else { &[("AUDIT__ACTIVITY__ENABLED", "false")] };
+                    run_service(&kafka, &topic, n, None, extra).await
+                })
+                .await;
                 report.push(String::new());
                 report.push(format!(
                     "| activity tracker ({n} events) | events/s | seconds | service CPU s | peak RSS MiB | every delta folded, s after the drain | cost |"
@@ -941,17 +951,14 @@ fn main() {
                 let baseline = std::env::var("AUDIT_BENCH_BASELINE_BIN")
                     .expect("the baseline scenario needs AUDIT_BENCH_BASELINE_BIN=/path/to/audit-service");
                 let baseline = std::path::Path::new(&baseline);
-                let rounds: usize = env_or("AUDIT_BENCH_ROUNDS", 1usize).max(1);
-                let (mut this, mut other) = (None, None);
-                for round in 1..=rounds {
-                    let r = run_service(&kafka, &topic, n, None, &[]).await;
-                    eprintln!("(a) this build, round {round}: {:.0} events/s ({:.1} CPU s)", r.events_per_s, r.cpu_seconds.unwrap_or_default());
-                    keep_best(&mut this, r);
-                    let r = run_binary(baseline, "baseline", &kafka, &topic, n, None, &[]).await;
-                    eprintln!("(a) baseline build, round {round}: {:.0} events/s ({:.1} CPU s)", r.events_per_s, r.cpu_seconds.unwrap_or_default());
-                    keep_best(&mut other, r);
-                }
-                let (this, other) = (this.unwrap(), other.unwrap());
+                let [this, other] = best_of_alternating(["this build", "baseline build"], async |_, variant| {
+                    if variant == 0 {
+                        run_service(&kafka, &topic, n, None, &[]).await
+                    } else {
+                        run_binary(baseline, "baseline", &kafka, &topic, n, None, &[]).await
+                    }
+                })
+                .await;
                 report.push(String::new());
                 report.push(format!("| build of the service ({n} events, default config) | events/s | seconds | service CPU s | peak RSS MiB | every delta folded, s after the drain | ratio to the baseline |"));
                 report.push("|---|---|---|---|---|---|---|".into());
@@ -971,23 +978,17 @@ fn main() {
                 // Routed detection (IP and system-wide rules counted through
                 // a routing topic, exact across instances) on vs off, one
                 // instance, same run; rounds alternate and keep the best.
-                let rounds: usize = env_or("AUDIT_BENCH_ROUNDS", 1usize).max(1);
-                let (mut on, mut off) = (None, None);
-                for round in 1..=rounds {
+                let [on, off] = best_of_alternating(["routing on", "routing off"], async |round, variant| {
+                    if variant == 1 {
+                        return run_service(&kafka, &topic, n, None, &[]).await;
+                    }
                     // The embedded broker keeps ~5 MiB per partition: many
                     // partitions, so that the routed records all stay.
                     let routing_topic = format!("bench.routed.{}.{round}", std::process::id());
                     kafka.create_topic(&routing_topic, 64).unwrap();
-                    let r =
-                        run_service(&kafka, &topic, n, None, &[("AUDIT__DETECT__ROUTING_TOPIC", routing_topic.as_str())])
-                            .await;
-                    eprintln!("(a) routing on, round {round}: {:.0} events/s ({:.1} CPU s)", r.events_per_s, r.cpu_seconds.unwrap_or_default());
-                    keep_best(&mut on, r);
-                    let r = run_service(&kafka, &topic, n, None, &[]).await;
-                    eprintln!("(a) routing off, round {round}: {:.0} events/s ({:.1} CPU s)", r.events_per_s, r.cpu_seconds.unwrap_or_default());
-                    keep_best(&mut off, r);
-                }
-                let (on, off) = (on.unwrap(), off.unwrap());
+                    run_service(&kafka, &topic, n, None, &[("AUDIT__DETECT__ROUTING_TOPIC", routing_topic.as_str())]).await
+                })
+                .await;
                 report.push(String::new());
                 report.push(format!("| routed detection ({n} events) | events/s | seconds | service CPU s | peak RSS MiB | cost |"));
                 report.push("|---|---|---|---|---|---|".into());
