@@ -82,33 +82,32 @@ const SYSTEM_GROUP_BY: &str = "SELECT date_trunc('hour', created_at), action, co
 
 #[test]
 fn after_a_large_mixed_ingest_every_rollup_equals_the_group_by_exactly() {
-    let (kafka, names) = cluster(4);
-    let rt = rt();
-    rt.block_on(async {
-        let db = TestDb::create().await;
-        let mut config = service_config(&db, &kafka, &names);
+    with_world(4, async |world| {
+        let World { kafka, names, db, .. } = world;
+        let mut config = service_config(db, kafka, names);
         config.activity.compact_when_idle_for = Duration::from_millis(300);
         config.detect.enabled = false;
         // 60,000 events over three hours of event time (several hourly
         // buckets), 3,000 of them producer retries in later batches.
         let mut generator = loadgen::EventGenerator::new(44, 2_000);
         let now = chrono::Utc::now().timestamp_micros();
-        let mut evs: Vec<AuthEvent> = (0..57_000).map(|i| generator.next_event(now - 180 * MIN + i * (180 * MIN / 57_000))).collect();
+        let mut evs: Vec<AuthEvent> =
+            (0..57_000).map(|i| generator.next_event(now - 180 * MIN + i * (180 * MIN / 57_000))).collect();
         for i in 0..3_000 {
             evs.push(evs[i * 19].clone());
         }
         for e in evs.iter_mut().step_by(97) {
             e.user_id = None; // unknown users count system-wide only
         }
-        let producer = producer(&kafka);
+        let producer = producer(kafka);
         produce_events(&producer, &names.events, &evs, ALL_FORMATS);
         let running = service::start(&config, CancellationToken::new()).await.unwrap();
         db.wait_for_offsets(evs.len() as i64, Duration::from_secs(120), "all stored").await;
         assert_eq!(db.count("SELECT count(*) FROM audit_logs").await, 57_000);
         // Exact at any moment through the views (folded + pending deltas)...
-        assert_eq!(difference(&db, USER_ROLLUP, USER_GROUP_BY).await, 0);
-        assert_eq!(difference(&db, SYSTEM_ROLLUP, SYSTEM_GROUP_BY).await, 0);
-        assert_session_reads_agree(&db).await;
+        assert_eq!(difference(db, USER_ROLLUP, USER_GROUP_BY).await, 0);
+        assert_eq!(difference(db, SYSTEM_ROLLUP, SYSTEM_GROUP_BY).await, 0);
+        assert_session_reads_agree(db).await;
         // ...and in the final tables once the compactor has folded everything.
         eventually(Duration::from_secs(30), "deltas folded", || async {
             let pending = db.count("SELECT count(*) FROM activity_delta_batches").await;
@@ -117,13 +116,19 @@ fn after_a_large_mixed_ingest_every_rollup_equals_the_group_by_exactly() {
         .await;
         running.stop();
         running.wait().await;
-        assert_eq!(difference(&db, "SELECT user_id, hour, action, events FROM activity_user_hourly", USER_GROUP_BY).await, 0);
-        assert_eq!(difference(&db, "SELECT hour, action, events FROM activity_hourly", SYSTEM_GROUP_BY).await, 0);
+        assert_eq!(
+            difference(db, "SELECT user_id, hour, action, events FROM activity_user_hourly", USER_GROUP_BY).await,
+            0
+        );
+        assert_eq!(difference(db, "SELECT hour, action, events FROM activity_hourly", SYSTEM_GROUP_BY).await, 0);
         // Sessions agree with the stored events too.
         let sessions_from_logs = "SELECT session_id, min(created_at) FILTER (WHERE action = 'AUTH_LOGIN'), max(created_at) \
                                   FROM audit_logs WHERE session_id IS NOT NULL GROUP BY 1";
-        assert_eq!(difference(&db, "SELECT session_id, started_at, last_seen_at FROM sessions", sessions_from_logs).await, 0);
-        assert_session_reads_agree(&db).await;
+        assert_eq!(
+            difference(db, "SELECT session_id, started_at, last_seen_at FROM sessions", sessions_from_logs).await,
+            0
+        );
+        assert_session_reads_agree(db).await;
     });
 }
 
@@ -136,11 +141,9 @@ fn session_event(action: &str, session: &str, user: &str, at: i64) -> AuthEvent 
 
 #[test]
 fn sessions_open_and_close_under_duplicates_disorder_and_idling() {
-    let (kafka, names) = cluster(2);
-    let rt = rt();
-    rt.block_on(async {
-        let db = TestDb::create().await;
-        let mut config = service_config(&db, &kafka, &names);
+    with_world(2, async |world| {
+        let World { kafka, names, db, .. } = world;
+        let mut config = service_config(db, kafka, names);
         config.activity.idle_timeout = Duration::from_secs(600);
         config.activity.compact_when_idle_for = Duration::from_millis(200);
         config.activity.session_sweep_interval = Duration::from_millis(200);
@@ -165,11 +168,13 @@ fn sessions_open_and_close_under_duplicates_disorder_and_idling() {
         ];
         // A producer retry of the normal login, later in the stream.
         evs.push(login);
-        produce_events(&producer(&kafka), &names.events, &evs, &[WireFormat::Json]);
+        produce_events(&producer(kafka), &names.events, &evs, &[WireFormat::Json]);
         let running = service::start(&config, CancellationToken::new()).await.unwrap();
         eventually(Duration::from_secs(60), "all stored and idle session closed", || async {
             let stored = db.stored_offsets().await == evs.len() as i64;
-            let idle = db.count("SELECT count(*) FROM sessions WHERE session_id = 'idle' AND end_reason = 'idle_timeout'").await;
+            let idle = db
+                .count("SELECT count(*) FROM sessions WHERE session_id = 'idle' AND end_reason = 'idle_timeout'")
+                .await;
             (stored && idle == 1).then_some(())
         })
         .await;
@@ -185,8 +190,7 @@ fn sessions_open_and_close_under_duplicates_disorder_and_idling() {
             .await
             .unwrap();
         type SessionRow = (String, String, Option<i64>, Option<i64>, Option<String>);
-        let got: Vec<SessionRow> =
-            rows.iter().map(|r| (r.get(0), r.get(1), r.get(2), r.get(3), r.get(4))).collect();
+        let got: Vec<SessionRow> = rows.iter().map(|r| (r.get(0), r.get(1), r.get(2), r.get(3), r.get(4))).collect();
         let s = |id: &str, user: &str, start: Option<i64>, end: Option<i64>, reason: Option<&str>| {
             (id.to_owned(), user.to_owned(), start, end, reason.map(str::to_owned))
         };
@@ -201,21 +205,24 @@ fn sessions_open_and_close_under_duplicates_disorder_and_idling() {
                 s("revoked", "cid", Some(t0), Some(t0 + 3 * MIN), Some("token_revoked")),
             ]
         );
-        assert_eq!(rows.iter().find(|r| r.get::<_, String>(0) == "normal").unwrap().get::<_, String>(5), "agent-normal");
+        assert_eq!(
+            rows.iter().find(|r| r.get::<_, String>(0) == "normal").unwrap().get::<_, String>(5),
+            "agent-normal"
+        );
         // The retried login was stored once and counted once.
-        assert_eq!(db.count("SELECT events FROM activity_user_hourly_v WHERE user_id = 'ann' AND action = 'AUTH_LOGIN'").await, 1);
+        assert_eq!(
+            db.count("SELECT events FROM activity_user_hourly_v WHERE user_id = 'ann' AND action = 'AUTH_LOGIN'").await,
+            1
+        );
     });
 }
 
 #[test]
 fn sessions_survive_a_sigkill_restart() {
-    let (kafka, names) = cluster(2);
-    let logs = tempfile::tempdir().unwrap();
-    let rt = rt();
-    rt.block_on(async {
-        let db = TestDb::create().await;
-        let env = service_env(&db, &kafka, &names);
-        let producer = producer(&kafka);
+    with_world(2, async |world| {
+        let World { kafka, names, db, logs } = world;
+        let env = service_env(db, kafka, names);
+        let producer = producer(kafka);
         let t0 = chrono::Utc::now().timestamp_micros() - 10 * MIN;
         let logins: Vec<AuthEvent> =
             (0..200).map(|i| session_event("AUTH_LOGIN", &format!("k{i}"), &format!("user{i}"), t0 + i)).collect();
@@ -231,7 +238,7 @@ fn sessions_survive_a_sigkill_restart() {
         db.wait_for_offsets(400, Duration::from_secs(60), "logouts stored").await;
         assert!(service.sigterm(Duration::from_secs(30)).success(), "{}", service.tail());
         // Fold what is pending, as the service would on its next tick.
-        let config = service_config(&db, &kafka, &names);
+        let config = service_config(db, kafka, names);
         let pool = audit_service::store::connect_pool(&config.database, 2).unwrap();
         compactor::compact_once(&pool).await.unwrap();
         assert_eq!(db.count("SELECT count(*) FROM sessions").await, 200);
@@ -239,7 +246,7 @@ fn sessions_survive_a_sigkill_restart() {
             db.count("SELECT count(*) FROM sessions WHERE end_reason = 'logout' AND started_at IS NOT NULL").await,
             200
         );
-        assert_eq!(difference(&db, USER_ROLLUP, USER_GROUP_BY).await, 0);
+        assert_eq!(difference(db, USER_ROLLUP, USER_GROUP_BY).await, 0);
     });
 }
 
@@ -248,19 +255,16 @@ fn sessions_survive_a_sigkill_restart() {
 /// database holds pending, not from zero.
 #[test]
 fn deltas_left_by_a_stopped_process_are_folded_by_the_next() {
-    let (kafka, names) = cluster(1);
-    let logs = tempfile::tempdir().unwrap();
-    let rt = rt();
-    rt.block_on(async {
-        let db = TestDb::create().await;
-        let env = service_env(&db, &kafka, &names);
+    with_world(1, async |world| {
+        let World { kafka, names, db, logs } = world;
+        let env = service_env(db, kafka, names);
         let mut deferred = env.clone();
         deferred.push(("AUDIT__ACTIVITY__COMPACT_WHEN_IDLE_FOR".into(), "1h".into()));
         deferred.push(("AUDIT__ACTIVITY__COMPACT_INTERVAL".into(), "1h".into()));
         let t0 = chrono::Utc::now().timestamp_micros() - 10 * MIN;
         let logins: Vec<AuthEvent> =
             (0..100).map(|i| session_event("AUTH_LOGIN", &format!("left{i}"), &format!("user{i}"), t0 + i)).collect();
-        produce_events(&producer(&kafka), &names.events, &logins, &[WireFormat::Json]);
+        produce_events(&producer(kafka), &names.events, &logins, &[WireFormat::Json]);
         let mut service = ServiceProcess::spawn(&deferred, logs.path(), 0);
         db.wait_for_offsets(100, Duration::from_secs(60), "logins stored").await;
         assert!(service.sigterm(Duration::from_secs(30)).success(), "{}", service.tail());
@@ -282,7 +286,7 @@ fn deltas_left_by_a_stopped_process_are_folded_by_the_next() {
         })
         .await;
         assert_eq!(db.count("SELECT count(*) FROM sessions").await, 100);
-        assert_eq!(difference(&db, USER_ROLLUP, USER_GROUP_BY).await, 0);
+        assert_eq!(difference(db, USER_ROLLUP, USER_GROUP_BY).await, 0);
         assert!(service.sigterm(Duration::from_secs(30)).success(), "{}", service.tail());
     });
 }
@@ -296,11 +300,9 @@ async fn get_json(addr: std::net::SocketAddr, path: &str, token: &str) -> (u16, 
 
 #[test]
 fn the_activity_endpoints_answer_from_sessions_and_rollups() {
-    let (kafka, names) = cluster(2);
-    let rt = rt();
-    rt.block_on(async {
-        let db = TestDb::create().await;
-        let mut config = service_config(&db, &kafka, &names);
+    with_world(2, async |world| {
+        let World { kafka, names, db, .. } = world;
+        let mut config = service_config(db, kafka, names);
         let token = "activity-test-token-0123456789";
         with_admin_token(&mut config, token);
         let now = chrono::Utc::now().timestamp_micros();
@@ -315,7 +317,7 @@ fn the_activity_endpoints_answer_from_sessions_and_rollups() {
             e.session_id = None;
             evs.push(e);
         }
-        produce_events(&producer(&kafka), &names.events, &evs, &[WireFormat::Json]);
+        produce_events(&producer(kafka), &names.events, &evs, &[WireFormat::Json]);
         let running = service::start(&config, CancellationToken::new()).await.unwrap();
         db.wait_for_offsets(evs.len() as i64, Duration::from_secs(60), "stored").await;
 
@@ -355,11 +357,9 @@ fn the_activity_endpoints_answer_from_sessions_and_rollups() {
 /// half (logouts of folded sessions among it) stays pending, then is folded.
 #[test]
 fn session_reads_are_exact_over_folded_and_pending_deltas() {
-    let (kafka, names) = cluster(2);
-    let rt = rt();
-    rt.block_on(async {
-        let db = TestDb::create().await;
-        let mut config = service_config(&db, &kafka, &names);
+    with_world(2, async |world| {
+        let World { kafka, names, db, .. } = world;
+        let mut config = service_config(db, kafka, names);
         // Only this test folds.
         config.activity.compact_when_idle_for = Duration::from_secs(3600);
         config.activity.compact_interval = Duration::from_secs(3600);
@@ -373,7 +373,7 @@ fn session_reads_are_exact_over_folded_and_pending_deltas() {
             e.user_agent = Some(format!("agent-{}", i % 7));
         }
         let (first, second) = evs.split_at(3_000);
-        let producer = producer(&kafka);
+        let producer = producer(kafka);
         let pool = audit_service::store::connect_pool(&config.database, 2).unwrap();
         let running = service::start(&config, CancellationToken::new()).await.unwrap();
         produce_events(&producer, &names.events, first, &[WireFormat::Json]);
@@ -395,16 +395,16 @@ fn session_reads_are_exact_over_folded_and_pending_deltas() {
         let ended_by_pending = "SELECT count(*) FROM sessions s JOIN session_deltas d USING (session_id) \
                                 WHERE s.ended_at IS NULL AND d.ended_at IS NOT NULL";
         assert!(db.count(ended_by_pending).await > 0);
-        assert_key_filters_rule_out(&db).await;
-        assert_session_reads_agree(&db).await;
+        assert_key_filters_rule_out(db).await;
+        assert_session_reads_agree(db).await;
         // System-wide hourly counts from the batches' own sums, exact too.
-        assert_eq!(difference(&db, SYSTEM_ROLLUP, SYSTEM_GROUP_BY).await, 0);
-        assert_eq!(difference(&db, USER_ROLLUP, USER_GROUP_BY).await, 0);
+        assert_eq!(difference(db, SYSTEM_ROLLUP, SYSTEM_GROUP_BY).await, 0);
+        assert_eq!(difference(db, USER_ROLLUP, USER_GROUP_BY).await, 0);
         // The fold writes exactly the sessions the merge rules give.
         db.client().await.batch_execute("CREATE TABLE sessions_before_fold AS SELECT * FROM sessions_v").await.unwrap();
         compactor::compact_once(&pool).await.unwrap();
-        assert_eq!(difference(&db, "SELECT * FROM sessions", "SELECT * FROM sessions_before_fold").await, 0);
-        assert_session_reads_agree(&db).await;
+        assert_eq!(difference(db, "SELECT * FROM sessions", "SELECT * FROM sessions_before_fold").await, 0);
+        assert_session_reads_agree(db).await;
         running.stop();
         running.wait().await;
     });

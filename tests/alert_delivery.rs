@@ -31,17 +31,14 @@ fn failures(user: &str, n: u32, t0: i64) -> Vec<AuthEvent> {
 
 #[test]
 fn an_alert_in_flight_at_a_sigkill_is_sent_again_after_the_restart() {
-    let (kafka, names) = cluster(1);
-    let logs = tempfile::tempdir().unwrap();
-    let rt = rt();
-    rt.block_on(async {
-        let db = TestDb::create().await;
-        let env = service_env(&db, &kafka, &names);
+    with_world(1, async |world| {
+        let World { kafka, names, db, logs } = world;
+        let env = service_env(db, kafka, names);
         let t0 = chrono::Utc::now().timestamp_micros() - 30_000_000;
         // Six failures: the per-user warning (> 5). They are in the topic
         // before Kafka starts refusing produce requests (retriable errors:
         // the alert producer keeps trying, nothing is acknowledged).
-        produce_events(&producer(&kafka), &names.events, &failures("victim", 6, t0), &[WireFormat::Json]);
+        produce_events(&producer(kafka), &names.events, &failures("victim", 6, t0), &[WireFormat::Json]);
         kafka.push_request_errors(PRODUCE, RDKafkaRespErr::RD_KAFKA_RESP_ERR_NOT_ENOUGH_REPLICAS, 1_000_000);
 
         let mut service = ServiceProcess::spawn(&env, logs.path(), 0);
@@ -70,7 +67,7 @@ fn an_alert_in_flight_at_a_sigkill_is_sent_again_after_the_restart() {
             (db.count("SELECT count(*) FROM alerts WHERE delivered_at IS NOT NULL").await == 1).then_some(())
         })
         .await;
-        let topic = read_topic(&kafka, &names.alerts, 1, Duration::from_secs(10));
+        let topic = read_topic(kafka, &names.alerts, 1, Duration::from_secs(10));
         assert_eq!(topic.len(), 1, "sent once the broker took it");
         let sent: serde_json::Value = serde_json::from_slice(&topic[0].payload).unwrap();
         assert_eq!(sent["alert_id"], alert_id.to_string(), "under the stored alert_id");
@@ -86,7 +83,7 @@ fn an_alert_in_flight_at_a_sigkill_is_sent_again_after_the_restart() {
         })
         .await;
         assert!(service.sigterm(Duration::from_secs(30)).success(), "{}", service.tail());
-        let topic = read_topic(&kafka, &names.alerts, 1, Duration::from_secs(5));
+        let topic = read_topic(kafka, &names.alerts, 1, Duration::from_secs(5));
         assert_eq!(topic.len(), 1, "nothing sent twice");
     });
 }
@@ -96,18 +93,15 @@ fn an_alert_in_flight_at_a_sigkill_is_sent_again_after_the_restart() {
 /// limiter again, so in a summary when the burst is spent.
 #[test]
 fn a_held_back_alert_in_flight_at_a_sigkill_is_carried_again_after_the_restart() {
-    let (kafka, names) = cluster(1);
-    let logs = tempfile::tempdir().unwrap();
-    let rt = rt();
-    rt.block_on(async {
-        let db = TestDb::create().await;
-        let mut env = service_env(&db, &kafka, &names);
+    with_world(1, async |world| {
+        let World { kafka, names, db, logs } = world;
+        let mut env = service_env(db, kafka, names);
         env.push(("AUDIT__DETECT__STORM_LIMIT_PER_SECOND".into(), "1".into()));
         env.push(("AUDIT__DETECT__STORM_BURST".into(), "1".into()));
         let t0 = chrono::Utc::now().timestamp_micros() - 30_000_000;
         let mut events = failures("first", 6, t0);
         events.extend(failures("second", 6, t0 + 1_000_000));
-        produce_events(&producer(&kafka), &names.events, &events, &[WireFormat::Json]);
+        produce_events(&producer(kafka), &names.events, &events, &[WireFormat::Json]);
         kafka.push_request_errors(PRODUCE, RDKafkaRespErr::RD_KAFKA_RESP_ERR_NOT_ENOUGH_REPLICAS, 1_000_000);
 
         let mut service = ServiceProcess::spawn(&env, logs.path(), 0);
@@ -133,7 +127,7 @@ fn a_held_back_alert_in_flight_at_a_sigkill_is_carried_again_after_the_restart()
             .iter()
             .map(|r| r.get(0))
             .collect();
-        let topic = read_topic(&kafka, &names.alerts, 2, Duration::from_secs(10));
+        let topic = read_topic(kafka, &names.alerts, 2, Duration::from_secs(10));
         let mut sent = Vec::new();
         for m in &topic {
             let a: serde_json::Value = serde_json::from_slice(&m.payload).unwrap();
@@ -155,15 +149,12 @@ fn a_held_back_alert_in_flight_at_a_sigkill_is_carried_again_after_the_restart()
 /// backoff, until Kafka takes it, without a restart.
 #[test]
 fn a_refused_alert_is_sent_again_while_the_service_runs() {
-    let (kafka, names) = cluster(1);
-    let logs = tempfile::tempdir().unwrap();
-    let rt = rt();
-    rt.block_on(async {
-        let db = TestDb::create().await;
-        let mut env = service_env(&db, &kafka, &names);
+    with_world(1, async |world| {
+        let World { kafka, names, db, logs } = world;
+        let mut env = service_env(db, kafka, names);
         env.push(("AUDIT__KAFKA__PRODUCER_PROPERTIES__MESSAGE.TIMEOUT.MS".into(), "1500".into()));
         let t0 = chrono::Utc::now().timestamp_micros() - 30_000_000;
-        produce_events(&producer(&kafka), &names.events, &failures("victim", 6, t0), &[WireFormat::Json]);
+        produce_events(&producer(kafka), &names.events, &failures("victim", 6, t0), &[WireFormat::Json]);
         kafka.push_request_errors(PRODUCE, RDKafkaRespErr::RD_KAFKA_RESP_ERR_NOT_ENOUGH_REPLICAS, 1_000_000);
 
         let mut service = ServiceProcess::spawn(&env, logs.path(), 0);
@@ -181,7 +172,7 @@ fn a_refused_alert_is_sent_again_while_the_service_runs() {
             (db.count("SELECT count(*) FROM alerts WHERE delivered_at IS NOT NULL").await == 1).then_some(())
         })
         .await;
-        let topic = read_topic(&kafka, &names.alerts, 1, Duration::from_secs(10));
+        let topic = read_topic(kafka, &names.alerts, 1, Duration::from_secs(10));
         assert_eq!(topic.len(), 1, "on the topic once");
         let sent: serde_json::Value = serde_json::from_slice(&topic[0].payload).unwrap();
         assert_eq!(sent["subject"], "user:victim");

@@ -28,16 +28,14 @@ async fn get(http: &reqwest::Client, url: String) -> (u16, Value) {
 /// resuming stores every event, none twice.
 #[test]
 fn maintenance_pauses_the_consumer_and_resumes_without_loss() {
-    let (kafka, names) = cluster(2);
-    let rt = rt();
-    rt.block_on(async {
-        let db = TestDb::create().await;
-        let mut config = service_config(&db, &kafka, &names);
+    with_world(2, async |world| {
+        let World { kafka, names, db, .. } = world;
+        let mut config = service_config(db, kafka, names);
         config.api.tokens.push(StaticTokenConfig { name: "ops".into(), sha256: sha256_hex(TOKEN) });
         let running = service::start(&config, CancellationToken::new()).await.unwrap();
         let base = format!("http://{}", running.http_addr);
         let http = reqwest::Client::new();
-        let producer = producer(&kafka);
+        let producer = producer(kafka);
 
         let first = events(11, 200);
         produce_events(&producer, &names.events, &first, ALL_FORMATS);
@@ -118,11 +116,9 @@ async fn post_maintenance(http: &reqwest::Client, base: &str, body: Value) -> Va
 /// its first message), and a resume through any instance ends it everywhere.
 #[test]
 fn maintenance_mode_holds_on_every_instance_and_across_a_restart() {
-    let (kafka, names) = cluster(2);
-    let rt = rt();
-    rt.block_on(async {
-        let db = TestDb::create().await;
-        let mut config = service_config(&db, &kafka, &names);
+    with_world(2, async |world| {
+        let World { kafka, names, db, .. } = world;
+        let mut config = service_config(db, kafka, names);
         config.api.tokens.push(StaticTokenConfig { name: "ops".into(), sha256: sha256_hex(TOKEN) });
         // Two instances of one deployment: same group, same database.
         let a = service::start(&config, CancellationToken::new()).await.unwrap();
@@ -153,7 +149,7 @@ fn maintenance_mode_holds_on_every_instance_and_across_a_restart() {
         assert_eq!(state["paused"], true, "a restarted instance starts paused: {state}");
 
         let produced = events(31, 300);
-        produce_events(&producer(&kafka), &names.events, &produced, ALL_FORMATS);
+        produce_events(&producer(kafka), &names.events, &produced, ALL_FORMATS);
         // Both instances hold their partitions and report the events as lag:
         // none was taken.
         eventually(Duration::from_secs(120), "the paused instances report all 300 events as lag", || async {
@@ -189,12 +185,9 @@ fn maintenance_mode_holds_on_every_instance_and_across_a_restart() {
 /// The binary, as the runbook runs it: `Authorization: Bearer $ADMIN_TOKEN`.
 #[test]
 fn binary_takes_admin_token_from_environment_never_logs_it_and_passes_promtool() {
-    let (kafka, names) = cluster(2);
-    let rt = rt();
-    let logs = tempfile::tempdir().unwrap();
-    rt.block_on(async {
-        let db = TestDb::create().await;
-        let mut env = service_env(&db, &kafka, &names);
+    with_world(2, async |world| {
+        let World { kafka, names, db, logs } = world;
+        let mut env = service_env(db, kafka, names);
         env.retain(|(k, _)| k != "RUST_LOG");
         env.push(("RUST_LOG".into(), "debug,rdkafka=info,hyper=info,h2=info,tokio_postgres=info".into()));
         env.push(("ADMIN_TOKEN".into(), TOKEN.into()));
@@ -203,7 +196,7 @@ fn binary_takes_admin_token_from_environment_never_logs_it_and_passes_promtool()
         let http = reqwest::Client::new();
         let base = format!("http://{addr}");
 
-        produce_events(&producer(&kafka), &names.events, &events(21, 300), ALL_FORMATS);
+        produce_events(&producer(kafka), &names.events, &events(21, 300), ALL_FORMATS);
         eventually(Duration::from_secs(60), "300 events stored", || async {
             (db.count("SELECT count(*) FROM audit_logs").await == 300).then_some(())
         })

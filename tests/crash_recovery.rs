@@ -15,21 +15,18 @@ const PARTITIONS: i32 = 4;
 
 #[test]
 fn sigkill_at_five_points_during_ingest_loses_and_duplicates_nothing() {
-    let (kafka, names) = cluster(PARTITIONS);
-    let logs = tempfile::tempdir().unwrap();
-    let rt = rt();
-    rt.block_on(async {
-        let db = TestDb::create().await;
-        let env = service_env(&db, &kafka, &names);
+    with_world(PARTITIONS, async |world| {
+        let World { kafka, names, db, logs } = world;
+        let env = service_env(db, kafka, names);
         let all = events(11, EVENTS);
-        let producer = producer(&kafka);
+        let producer = producer(kafka);
         // Half is waiting when the service first starts; the rest arrives
         // while it is being killed and restarted.
         produce_events(&producer, &names.events, &all[..EVENTS / 2], ALL_FORMATS);
         let second_half = {
             let topic = names.events.clone();
             let rest = all[EVENTS / 2..].to_vec();
-            let producer = common::producer(&kafka);
+            let producer = common::producer(kafka);
             std::thread::spawn(move || produce_events(&producer, &topic, &rest, ALL_FORMATS))
         };
 

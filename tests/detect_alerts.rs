@@ -88,16 +88,14 @@ fn decode_avro_alert(bytes: &[u8]) -> SeenAlert {
 
 #[test]
 fn every_rule_alerts_on_the_topic_in_avro_and_in_the_table() {
-    let (kafka, names) = cluster(3);
-    let rt = rt();
-    rt.block_on(async {
-        let db = TestDb::create().await;
-        let mut config = service_config(&db, &kafka, &names);
+    with_world(3, async |world| {
+        let World { kafka, names, db, .. } = world;
+        let mut config = service_config(db, kafka, names);
         config.detect.alert_format = AlertFormat::Avro;
         let running = service::start(&config, CancellationToken::new()).await.unwrap();
         let t0 = chrono::Utc::now().timestamp_micros() - 60_000_000;
         let events = attacks(t0);
-        produce_events(&producer(&kafka), &names.events, &events, &[WireFormat::Json]);
+        produce_events(&producer(kafka), &names.events, &events, &[WireFormat::Json]);
 
         let expected: &[(&str, &str, &str, &str)] = &[
             ("user_failed_logins", "user:victim", "firing", "warning"),
@@ -111,7 +109,7 @@ fn every_rule_alerts_on_the_topic_in_avro_and_in_the_table() {
         ];
         // The expected ones plus ip_failed_logins for the spraying address
         // (11 failures in an hour): nine in all.
-        let messages = read_topic(&kafka, &names.alerts, expected.len() + 2, Duration::from_secs(15));
+        let messages = read_topic(kafka, &names.alerts, expected.len() + 2, Duration::from_secs(15));
         assert_eq!(
             messages.len(),
             expected.len() + 1,
@@ -157,11 +155,9 @@ fn every_rule_alerts_on_the_topic_in_avro_and_in_the_table() {
 
 #[test]
 fn an_outside_consumer_reads_json_alerts_with_kcat_and_a_quiet_stream_resolves() {
-    let (kafka, names) = cluster(1);
-    let rt = rt();
-    rt.block_on(async {
-        let db = TestDb::create().await;
-        let mut config = service_config(&db, &kafka, &names);
+    with_world(1, async |world| {
+        let World { kafka, names, db, .. } = world;
+        let mut config = service_config(db, kafka, names);
         config.detect.quiet_period = Duration::from_secs(2);
         // A 3 s window (instead of a minute) keeps the wait for resolution short.
         config.detect.rules[0].window = Duration::from_secs(3);
@@ -169,7 +165,7 @@ fn an_outside_consumer_reads_json_alerts_with_kcat_and_a_quiet_stream_resolves()
         let t0 = chrono::Utc::now().timestamp_micros() - 5_000_000;
         let events: Vec<AuthEvent> =
             (0..6).map(|i| attempt("quiet", "10.2.0.1", "FAILED_AUTH_LOGIN", t0 + i * 100_000)).collect();
-        produce_events(&producer(&kafka), &names.events, &events, &[WireFormat::Json]);
+        produce_events(&producer(kafka), &names.events, &events, &[WireFormat::Json]);
         // No more events: the alert resolves on the clock (event time of the
         // last event, advanced by the wall clock), 3 s window + 2 s quiet.
         let lines = eventually(Duration::from_secs(90), "firing and resolved read by kcat", || async {
@@ -237,11 +233,9 @@ fn an_outside_consumer_reads_json_alerts_with_kcat_and_a_quiet_stream_resolves()
 #[test]
 fn a_storm_is_limited_and_every_transition_carried() {
     const USERS: usize = 50_000;
-    let (kafka, names) = cluster(16);
-    let rt = rt();
-    rt.block_on(async {
-        let db = TestDb::create().await;
-        let mut config = service_config(&db, &kafka, &names);
+    with_world(16, async |world| {
+        let World { kafka, names, db, .. } = world;
+        let mut config = service_config(db, kafka, names);
         config.detect.storm_limit_per_second = 20;
         config.detect.storm_burst = 50;
         config.ingest.batch_max_rows = 5000;
@@ -253,7 +247,7 @@ fn a_storm_is_limited_and_every_transition_carried() {
                 events.push(attempt(&format!("storm{u}"), "10.3.0.1", "FAILED_AUTH_LOGIN", at));
             }
         }
-        produce_events(&producer(&kafka), &names.events, &events, &[WireFormat::AvroConfluent(TEST_SCHEMA_ID)]);
+        produce_events(&producer(kafka), &names.events, &events, &[WireFormat::AvroConfluent(TEST_SCHEMA_ID)]);
         let running = service::start(&config, CancellationToken::new()).await.unwrap();
         db.wait_for_offsets(events.len() as i64, Duration::from_secs(300), "all storm events stored").await;
         // Every user crossed warning (6th) and critical (11th): 100,000
@@ -282,23 +276,27 @@ fn a_storm_is_limited_and_every_transition_carried() {
         let total_published: i64 = per_rule.values().map(|(p, _)| p).sum();
         // Summaries go out on the tick after the limiter holds alerts back:
         // read the topic until they account for every withheld one.
-        let (topic, plain, summarised) = eventually(Duration::from_secs(60), "summaries cover the withheld alerts", || async {
-            let summaries =
-                metric_value(&scrape(running.http_addr).await, "audit_alert_summaries_total{rule=\"user_failed_logins\"}")
-                    .unwrap_or(0.0) as i64;
-            let topic = read_topic(&kafka, &names.alerts, (total_published + summaries) as usize, Duration::from_secs(10));
-            let (mut plain, mut summarised) = (0i64, 0i64);
-            for m in &topic {
-                let a: serde_json::Value = serde_json::from_slice(&m.payload).unwrap();
-                match a.get("withheld") {
-                    Some(w) if a["rule"] == "user_failed_logins" => summarised += w["count"].as_i64().unwrap(),
-                    Some(_) => {}
-                    None => plain += 1,
+        let (topic, plain, summarised) =
+            eventually(Duration::from_secs(60), "summaries cover the withheld alerts", || async {
+                let summaries = metric_value(
+                    &scrape(running.http_addr).await,
+                    "audit_alert_summaries_total{rule=\"user_failed_logins\"}",
+                )
+                .unwrap_or(0.0) as i64;
+                let topic =
+                    read_topic(kafka, &names.alerts, (total_published + summaries) as usize, Duration::from_secs(10));
+                let (mut plain, mut summarised) = (0i64, 0i64);
+                for m in &topic {
+                    let a: serde_json::Value = serde_json::from_slice(&m.payload).unwrap();
+                    match a.get("withheld") {
+                        Some(w) if a["rule"] == "user_failed_logins" => summarised += w["count"].as_i64().unwrap(),
+                        Some(_) => {}
+                        None => plain += 1,
+                    }
                 }
-            }
-            (summarised == withheld).then_some((topic, plain, summarised))
-        })
-        .await;
+                (summarised == withheld).then_some((topic, plain, summarised))
+            })
+            .await;
         // The summaries carry exactly the transitions stored as held back,
         // each with what a consumer acts on.
         let mut carried: Vec<(String, String)> = Vec::new();
@@ -345,17 +343,15 @@ fn a_storm_is_limited_and_every_transition_carried() {
 /// of six.
 #[test]
 fn retried_events_are_counted_once() {
-    let (kafka, names) = cluster(1);
-    let rt = rt();
-    rt.block_on(async {
-        let db = TestDb::create().await;
-        let config = service_config(&db, &kafka, &names);
+    with_world(1, async |world| {
+        let World { kafka, names, db, .. } = world;
+        let config = service_config(db, kafka, names);
         let t0 = chrono::Utc::now().timestamp_micros() - 60_000_000;
         let failures: Vec<AuthEvent> =
             (0..5).map(|i| attempt("retried", "203.0.113.9", "FAILED_AUTH_LOGIN", t0 + i * 1_000_000)).collect();
         let mut sent = failures.clone();
         sent.extend(failures.iter().cloned());
-        let producer = producer(&kafka);
+        let producer = producer(kafka);
         produce_events(&producer, &names.events, &sent, &[WireFormat::Json]);
         let running = service::start(&config, CancellationToken::new()).await.unwrap();
         db.wait_for_offsets(10, Duration::from_secs(60), "all ten consumed").await;

@@ -22,12 +22,10 @@ fn failures(user: &str, from: u32, n: u32, t0: i64) -> Vec<AuthEvent> {
 
 #[test]
 fn an_attack_split_across_a_partition_move_and_back_is_detected() {
-    let (kafka, names) = cluster(2);
-    let rt = rt();
-    rt.block_on(async {
-        let db = TestDb::create().await;
-        let config = service_config(&db, &kafka, &names);
-        let producer = producer(&kafka);
+    with_world(2, async |world| {
+        let World { kafka, names, db, .. } = world;
+        let config = service_config(db, kafka, names);
+        let producer = producer(kafka);
         let a = service::start(&config, CancellationToken::new()).await.unwrap();
         eventually(Duration::from_secs(60), "the first instance owns both partitions", || async {
             (assigned(&a) == [0, 1]).then_some(())

@@ -20,13 +20,10 @@ fn failure(user: &str, n: u32, at: i64) -> AuthEvent {
 
 #[test]
 fn an_attack_straddling_a_sigkill_is_detected_with_one_alert_id() {
-    let (kafka, names) = cluster(2);
-    let logs = tempfile::tempdir().unwrap();
-    let rt = rt();
-    rt.block_on(async {
-        let db = TestDb::create().await;
-        let env = service_env(&db, &kafka, &names);
-        let producer = producer(&kafka);
+    with_world(2, async |world| {
+        let World { kafka, names, db, logs } = world;
+        let env = service_env(db, kafka, names);
+        let producer = producer(kafka);
         // Older than the longest default window (1 h) plus lateness.
         let t0 = chrono::Utc::now().timestamp_micros() - 3 * 3_600_000_000;
         let at = |i: i64| t0 + i * 100_000;
@@ -85,7 +82,7 @@ fn an_attack_straddling_a_sigkill_is_detected_with_one_alert_id() {
         assert_eq!(alerts, 2.0, "escalation of loud + quiet's first alert:\n{metrics}");
         assert!(service.sigterm(Duration::from_secs(30)).success(), "{}", service.tail());
 
-        let topic = read_topic(&kafka, &names.alerts, 4, Duration::from_secs(10));
+        let topic = read_topic(kafka, &names.alerts, 4, Duration::from_secs(10));
         let mut by_subject: BTreeMap<String, Vec<(String, String)>> = BTreeMap::new();
         for m in &topic {
             let a: serde_json::Value = serde_json::from_slice(&m.payload).unwrap();

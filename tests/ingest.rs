@@ -61,11 +61,9 @@ fn normalised(mut e: AuthEvent) -> AuthEvent {
 
 #[test]
 fn mixed_encodings_with_duplicates_are_stored_exactly_once_field_for_field() {
-    let (kafka, names) = cluster(4);
-    let rt = rt();
-    rt.block_on(async {
-        let db = TestDb::create().await;
-        let config = service_config(&db, &kafka, &names);
+    with_world(4, async |world| {
+        let World { kafka, names, db, .. } = world;
+        let config = service_config(db, kafka, names);
 
         // 100,000 messages: 95,000 distinct events, 5,000 producer retries
         // of earlier ones (same event, possibly another encoding).
@@ -76,7 +74,7 @@ fn mixed_encodings_with_duplicates_are_stored_exactly_once_field_for_field() {
             let i = rng.below(distinct.len() as u64) as usize;
             all.push(distinct[i].clone());
         }
-        let producer = producer(&kafka);
+        let producer = producer(kafka);
         // Half before the service starts, half while it runs.
         produce_events(&producer, &names.events, &all[..50_000], ALL_FORMATS);
 
@@ -98,7 +96,7 @@ fn mixed_encodings_with_duplicates_are_stored_exactly_once_field_for_field() {
         assert_eq!(db.count("SELECT count(*) FROM audit_logs").await, expected);
         assert_eq!(db.count("SELECT count(DISTINCT event_id) FROM audit_logs").await, expected);
         assert_eq!(db.count("SELECT count(*) FROM dead_letters").await, 0);
-        let stored = stored_events(&db).await;
+        let stored = stored_events(db).await;
         for e in &distinct {
             let got = stored.get(&e.event_id).unwrap_or_else(|| panic!("event {} missing", e.event_id));
             assert_eq!(got, &normalised(e.clone()));
@@ -111,12 +109,10 @@ fn mixed_encodings_with_duplicates_are_stored_exactly_once_field_for_field() {
 
 #[test]
 fn stop_flushes_and_returns_promptly() {
-    let (kafka, names) = cluster(2);
-    let rt = rt();
-    rt.block_on(async {
-        let db = TestDb::create().await;
-        let config = service_config(&db, &kafka, &names);
-        let producer = producer(&kafka);
+    with_world(2, async |world| {
+        let World { kafka, names, db, .. } = world;
+        let config = service_config(db, kafka, names);
+        let producer = producer(kafka);
         let evs = events(2, 500);
         produce_events(&producer, &names.events, &evs, ALL_FORMATS);
         let running = service::start(&config, CancellationToken::new()).await.unwrap();
@@ -146,11 +142,9 @@ fn stop_flushes_and_returns_promptly() {
 /// bytes, and every good one is stored.
 #[test]
 fn bad_messages_are_dead_lettered_and_good_ones_around_them_stored() {
-    let (kafka, names) = cluster(1);
-    let rt = rt();
-    rt.block_on(async {
-        let db = TestDb::create().await;
-        let config = service_config(&db, &kafka, &names);
+    with_world(1, async |world| {
+        let World { kafka, names, db, .. } = world;
+        let config = service_config(db, kafka, names);
         let good = events(3, 12);
         let json = |e: &AuthEvent| loadgen::encode_json(e);
         let with = |f: &dyn Fn(&mut serde_json::Value)| {
@@ -210,7 +204,7 @@ fn bad_messages_are_dead_lettered_and_good_ones_around_them_stored() {
 
         assert_eq!(db.count("SELECT count(*) FROM audit_logs").await, bad.len() as i64 + 1);
         assert_eq!(db.count("SELECT count(*) FROM dead_letters").await, bad.len() as i64);
-        let dlq = read_topic(&kafka, &names.dlq, bad.len(), Duration::from_secs(30));
+        let dlq = read_topic(kafka, &names.dlq, bad.len(), Duration::from_secs(30));
         assert_eq!(dlq.len(), bad.len(), "every bad message is on the DLQ");
         for (i, (code, payload)) in bad.iter().enumerate() {
             let source_offset = (2 * i + 1).to_string();
@@ -250,11 +244,9 @@ fn bad_messages_are_dead_lettered_and_good_ones_around_them_stored() {
 fn a_letter_too_large_for_its_key_is_cut_and_does_not_block_the_partition() {
     use rdkafka::message::{Header, OwnedHeaders};
     use rdkafka::producer::{BaseRecord, Producer};
-    let (kafka, names) = cluster(1);
-    let rt = rt();
-    rt.block_on(async {
-        let db = TestDb::create().await;
-        let config = service_config(&db, &kafka, &names);
+    with_world(1, async |world| {
+        let World { kafka, names, db, .. } = world;
+        let config = service_config(db, kafka, names);
         let good = events(4, 2);
         let big_key = vec![b'k'; 1_500_000];
         let producer: rdkafka::producer::BaseProducer = rdkafka::ClientConfig::new()
@@ -281,7 +273,7 @@ fn a_letter_too_large_for_its_key_is_cut_and_does_not_block_the_partition() {
         running.stop();
         running.wait().await;
         assert_eq!(db.count("SELECT count(*) FROM audit_logs").await, 2);
-        let dlq = read_topic(&kafka, &names.dlq, 1, Duration::from_secs(30));
+        let dlq = read_topic(kafka, &names.dlq, 1, Duration::from_secs(30));
         assert_eq!(dlq.len(), 1);
         let letter = &dlq[0];
         assert_eq!(letter.headers["dlq.reason.code"], "malformed_json");
@@ -298,11 +290,9 @@ fn a_letter_too_large_for_its_key_is_cut_and_does_not_block_the_partition() {
 /// stored.
 #[test]
 fn rows_postgres_rejects_are_dead_lettered_without_failing_their_batch() {
-    let (kafka, names) = cluster(2);
-    let rt = rt();
-    rt.block_on(async {
-        let db = TestDb::create().await;
-        let config = service_config(&db, &kafka, &names);
+    with_world(2, async |world| {
+        let World { kafka, names, db, .. } = world;
+        let config = service_config(db, kafka, names);
         service::prepare_database(&config).await.unwrap();
         db.client()
             .await
@@ -317,7 +307,7 @@ fn rows_postgres_rejects_are_dead_lettered_without_failing_their_batch() {
         }
         // A producer retry in the same run exercises the staged path too.
         evs.push(evs[20].clone());
-        let producer = producer(&kafka);
+        let producer = producer(kafka);
         produce_events(&producer, &names.events, &evs, ALL_FORMATS);
         let running = service::start(&config, CancellationToken::new()).await.unwrap();
         db.wait_for_offsets(evs.len() as i64, Duration::from_secs(60), "all offsets stored").await;
@@ -325,7 +315,7 @@ fn rows_postgres_rejects_are_dead_lettered_without_failing_their_batch() {
         running.wait().await;
         assert_eq!(db.count("SELECT count(*) FROM audit_logs").await, 2997);
         assert_eq!(db.count("SELECT count(*) FROM dead_letters WHERE reason_code = 'db_rejected'").await, 3);
-        let dlq = read_topic(&kafka, &names.dlq, 3, Duration::from_secs(30));
+        let dlq = read_topic(kafka, &names.dlq, 3, Duration::from_secs(30));
         assert_eq!(dlq.len(), 3);
         for letter in &dlq {
             assert_eq!(letter.headers["dlq.reason.code"], "db_rejected");

@@ -13,13 +13,10 @@ use tokio_util::sync::CancellationToken;
 
 #[test]
 fn database_outage_pauses_consumption_and_ingest_resumes_by_itself_with_bounded_memory() {
-    let (kafka, names) = cluster(4);
-    let logs = tempfile::tempdir().unwrap();
-    let rt = rt();
-    rt.block_on(async {
-        let db = TestDb::create().await;
-        let env = service_env(&db, &kafka, &names);
-        let producer = producer(&kafka);
+    with_world(4, async |world| {
+        let World { kafka, names, db, logs } = world;
+        let env = service_env(db, kafka, names);
+        let producer = producer(kafka);
         let all = events(21, 160_000);
         produce_events(&producer, &names.events, &all[..20_000], ALL_FORMATS);
         let mut service = ServiceProcess::spawn(&env, logs.path(), 0);
@@ -123,13 +120,11 @@ fn broker_down_and_back_loses_nothing() {
 fn a_schema_registry_outage_holds_avro_messages_and_is_reported() {
     use audit_service::loadgen::WireFormat;
     const REGISTRY_ONLY_ID: u32 = 4242;
-    let (kafka, names) = cluster(2);
-    let rt = rt();
-    rt.block_on(async {
-        let db = TestDb::create().await;
+    with_world(2, async |world| {
+        let World { kafka, names, db, .. } = world;
         // A port nothing listens on yet: the registry is down.
         let registry_addr = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap();
-        let mut config = service_config(&db, &kafka, &names);
+        let mut config = service_config(db, kafka, names);
         config.schema_registry.url = Some(format!("http://{registry_addr}"));
         config.schema_registry.timeout = Duration::from_millis(500);
         let token = "registry-outage-token-0123456789";
@@ -138,7 +133,7 @@ fn a_schema_registry_outage_holds_avro_messages_and_is_reported() {
         // Partition 0: Avro that needs the registry; partition 1: JSON.
         let all = events(31, 50);
         let (avro, json) = all.split_at(25);
-        let producer = producer(&kafka);
+        let producer = producer(kafka);
         for e in avro {
             let payload = audit_service::loadgen::encode(e, WireFormat::AvroConfluent(REGISTRY_ONLY_ID));
             producer

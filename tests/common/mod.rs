@@ -132,6 +132,26 @@ pub fn cluster(partitions: i32) -> (EmbeddedKafka, Names) {
     (kafka, names)
 }
 
+/// One test's own world: a mock cluster with the test's topics, a fresh
+/// database (dropped afterwards) and a folder for the logs of the service
+/// processes the test starts.
+pub struct World {
+    pub kafka: EmbeddedKafka,
+    pub names: Names,
+    pub db: TestDb,
+    pub logs: tempfile::TempDir,
+}
+
+/// Runs `test` in a fresh [`World`] whose events topic has `partitions`
+/// partitions, on a two-thread runtime.
+pub fn with_world(partitions: i32, test: impl AsyncFnOnce(&World)) {
+    let (kafka, names) = cluster(partitions);
+    rt().block_on(async {
+        let world = World { kafka, names, db: TestDb::create().await, logs: tempfile::tempdir().unwrap() };
+        test(&world).await;
+    });
+}
+
 /// A service config pointing at the test's database, cluster and topics.
 pub fn service_config(db: &TestDb, kafka: &EmbeddedKafka, names: &Names) -> Config {
     let schema_path = format!("{}/schemas/auth_event.avsc", env!("CARGO_MANIFEST_DIR"));
