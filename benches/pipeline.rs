@@ -41,7 +41,8 @@
 //! - `baseline`: (a) with this build and with another build of the
 //!   service (`AUDIT_BENCH_BASELINE_BIN`, e.g. main before a change, built
 //!   with `cargo build --release`), alternating: a change's effect measured
-//!   in one run.
+//!   in one run. `AUDIT_BENCH_BASELINE_ROUTING=1`: both with routed
+//!   detection on (a fresh routing topic each run).
 //! - `latency`: p50/p99 from producing the event that crosses a threshold
 //!   to the alert on the alerts topic, while `AUDIT_BENCH_RATE` (20,000)
 //!   events/s flow for `AUDIT_BENCH_SECONDS` (30).
@@ -951,16 +952,24 @@ fn main() {
                 let baseline = std::env::var("AUDIT_BENCH_BASELINE_BIN")
                     .expect("the baseline scenario needs AUDIT_BENCH_BASELINE_BIN=/path/to/audit-service");
                 let baseline = std::path::Path::new(&baseline);
-                let [this, other] = best_of_alternating(["this build", "baseline build"], async |_, variant| {
+                let routing = env_or("AUDIT_BENCH_BASELINE_ROUTING", 0u8) == 1;
+                let [this, other] = best_of_alternating(["this build", "baseline build"], async |round, variant| {
+                    let routing_topic = format!("bench.routed.{}.baseline.{round}.{variant}", std::process::id());
+                    let mut extra = Vec::new();
+                    if routing {
+                        kafka.create_topic(&routing_topic, 64).unwrap();
+                        extra.push(("AUDIT__DETECT__ROUTING_TOPIC", routing_topic.as_str()));
+                    }
                     if variant == 0 {
-                        run_service(&kafka, &topic, n, None, &[]).await
+                        run_service(&kafka, &topic, n, None, &extra).await
                     } else {
-                        run_binary(baseline, "baseline", &kafka, &topic, n, None, &[]).await
+                        run_binary(baseline, "baseline", &kafka, &topic, n, None, &extra).await
                     }
                 })
                 .await;
+                let config = if routing { "routed detection on" } else { "default config" };
                 report.push(String::new());
-                report.push(format!("| build of the service ({n} events, default config) | events/s | seconds | service CPU s | peak RSS MiB | every delta folded, s after the drain | ratio to the baseline |"));
+                report.push(format!("| build of the service ({n} events, {config}) | events/s | seconds | service CPU s | peak RSS MiB | every delta folded, s after the drain | ratio to the baseline |"));
                 report.push("|---|---|---|---|---|---|---|".into());
                 for (label, r) in [("(a) this build", &this), (&*format!("(a) baseline: {}", baseline.display()), &other)] {
                     report.push(format!(

@@ -73,15 +73,19 @@ fn describe_all() {
     describe_gauge!("audit_consumer_assigned_partitions", "Partitions of the events topic assigned to this instance.");
     describe_counter!(
         "audit_routed_records_total",
-        "Records produced to the routing topic (routed detection: one per event and routed key)."
+        "Records produced to the routing topic (routed detection: one per batch, routed key and routing partition)."
+    );
+    describe_counter!(
+        "audit_routed_events_total",
+        "Events routed to the routing topic, once per routed key each goes to."
     );
     describe_counter!(
         "audit_routed_produce_errors_total",
         "Failed routing-topic produce attempts (the batch is retried)."
     );
     describe_counter!(
-        "audit_routed_records_skipped_total",
-        "Routing-topic records not counted, by reason (resent: counted already; unknown; undecodable)."
+        "audit_routed_events_skipped_total",
+        "Routed events not counted, by reason (resent: counted already; unknown: no such rule key; undecodable)."
     );
     describe_gauge!(
         "audit_routed_consumer_lag_messages",

@@ -6,7 +6,8 @@
 //! with several instances each would count only its own share. When
 //! `detect.routing_topic` is set, such rule keys are evaluated on that
 //! topic instead: the instance that consumes an event re-publishes it there
-//! once per routed key, partitioned by the key's hash, and whichever
+//! once per routed key, partitioned by the key's hash (a batch's events of
+//! one key and partition in one record, `crate::event::routed`), and whichever
 //! instance owns that partition counts every event of the key
 //! (`crate::ingest::routed`). Rule keys that include the user stay where
 //! the events are consumed.
@@ -16,8 +17,10 @@ use super::rules::ActionMatch;
 use super::{DetectConfig, RuleError};
 use crate::event::AuthEvent;
 
-/// Headers of a routed record: the key spec it is routed by, and the
-/// events-topic partition and offset it came from (`<partition>:<offset>`).
+/// Headers of a routed record: the key spec it is routed by; and, only on
+/// records of one event each (written before src/event/routed.rs, still
+/// read), the events-topic partition and offset it came from
+/// (`<partition>:<offset>`).
 pub const HEADER_KEY_SPEC: &str = "audit.routed.key";
 pub const HEADER_SOURCE: &str = "audit.routed.source";
 

@@ -248,7 +248,7 @@ pub fn encode_body(event: &AuthEvent) -> Vec<u8> {
 }
 
 /// Zigzag varint, as Avro writes `int` and `long`.
-fn write_long(out: &mut Vec<u8>, value: i64) {
+pub(crate) fn write_long(out: &mut Vec<u8>, value: i64) {
     let mut n = ((value << 1) ^ (value >> 63)) as u64;
     while n >= 0x80 {
         out.push(n as u8 | 0x80);
@@ -257,7 +257,7 @@ fn write_long(out: &mut Vec<u8>, value: i64) {
     out.push(n as u8);
 }
 
-fn write_bytes(out: &mut Vec<u8>, bytes: &[u8]) {
+pub(crate) fn write_bytes(out: &mut Vec<u8>, bytes: &[u8]) {
     write_long(out, bytes.len() as i64);
     out.extend_from_slice(bytes);
 }
@@ -816,22 +816,26 @@ impl Partial {
 /// Reading position in an Avro body. Every length is checked against the
 /// remaining input before use, so a hostile length cannot cause a large
 /// allocation.
-struct Cursor<'a> {
+pub(crate) struct Cursor<'a> {
     buf: &'a [u8],
     pos: usize,
 }
 
 impl<'a> Cursor<'a> {
-    fn remaining(&self) -> usize {
+    pub(crate) fn new(buf: &'a [u8]) -> Cursor<'a> {
+        Cursor { buf, pos: 0 }
+    }
+
+    pub(crate) fn remaining(&self) -> usize {
         self.buf.len() - self.pos
     }
 
-    fn error(&self, what: impl std::fmt::Display) -> DecodeError {
+    pub(crate) fn error(&self, what: impl std::fmt::Display) -> DecodeError {
         DecodeError::Avro(format!("{what} at byte {}", self.pos))
     }
 
     /// A zigzag varint (`int` or `long`).
-    fn long(&mut self) -> Result<i64, DecodeError> {
+    pub(crate) fn long(&mut self) -> Result<i64, DecodeError> {
         let mut value: u64 = 0;
         let mut shift = 0;
         loop {
@@ -851,7 +855,7 @@ impl<'a> Cursor<'a> {
     }
 
     /// A non-negative length that fits in the remaining input.
-    fn len(&mut self) -> Result<usize, DecodeError> {
+    pub(crate) fn len(&mut self) -> Result<usize, DecodeError> {
         let len = self.long()?;
         if len < 0 {
             return Err(self.error(format!("negative length {len}")));
@@ -876,7 +880,7 @@ impl<'a> Cursor<'a> {
         Ok(bytes.try_into().expect("take returns N bytes"))
     }
 
-    fn bytes(&mut self) -> Result<&'a [u8], DecodeError> {
+    pub(crate) fn bytes(&mut self) -> Result<&'a [u8], DecodeError> {
         let len = self.len()?;
         self.take(len)
     }

@@ -9,6 +9,7 @@ pub mod avro;
 pub mod decode;
 pub mod json;
 pub mod registry;
+pub mod routed;
 pub mod validate;
 
 use std::net::IpAddr;

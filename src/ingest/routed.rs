@@ -33,6 +33,7 @@ use crate::alerts::publisher::AlertPublisher;
 use crate::detect::routing::{self, HEADER_KEY_SPEC, HEADER_SOURCE, RoutedKey};
 use crate::detect::{Detector, OpenEpisode, Transition};
 use crate::event::avro::{AUTH_EVENT_SCHEMA, ReadPlan, auth_event_fingerprint, split_single_object};
+use crate::event::routed::{decode_routed_entries, routed_events_fingerprint};
 use crate::store::{queries, with_causes};
 
 const POLL_WAIT: Duration = Duration::from_millis(50);
@@ -307,44 +308,64 @@ impl RoutedContext {
         })
     }
 
-    /// Counts one routed record.
+    /// Counts the events of one routed record.
     fn observe(&self, message: &BorrowedMessage<'_>) {
         let p = message.partition();
         let header =
             |name: &str| message.headers().and_then(|hs| hs.iter().find(|h| h.key == name).and_then(|h| h.value));
         let key = header(HEADER_KEY_SPEC).and_then(|v| std::str::from_utf8(v).ok());
-        let source = header(HEADER_SOURCE)
-            .and_then(|v| std::str::from_utf8(v).ok())
-            .and_then(|s| s.split_once(':'))
-            .and_then(|(sp, so)| Some((sp.parse::<i32>().ok()?, so.parse::<i64>().ok()?)));
+        let skipped = |reason: &'static str, n: usize| {
+            metrics::counter!("audit_routed_events_skipped_total", "reason" => reason).increment(n as u64);
+        };
         let mut guard = self.state();
         let state = &mut *guard;
         let Some(position) = state.positions.get_mut(&p) else { return };
         position.0 = Some(message.offset() + 1);
-        let index = key.and_then(|key| self.settings.keys.iter().position(|k| k.text == key));
-        let (Some(index), Some((sp, so))) = (index, source) else {
+        let Some(index) = key.and_then(|key| self.settings.keys.iter().position(|k| k.text == key)) else {
             // A rule removed since, or not our record: nothing to count.
-            metrics::counter!("audit_routed_records_skipped_total", "reason" => "unknown").increment(1);
-            return;
+            return skipped("unknown", 1);
         };
-        if state.marks.get(&(p, sp)).is_some_and(|&mark| so <= mark) {
-            metrics::counter!("audit_routed_records_skipped_total", "reason" => "resent").increment(1);
-            return;
-        }
-        let decoded = split_single_object(message.payload().unwrap_or_default())
-            .ok()
-            .filter(|(fingerprint, _)| *fingerprint == auth_event_fingerprint())
-            .and_then(|(_, body)| self.plan.decode(body).ok());
-        let Some(event) = decoded else {
-            metrics::counter!("audit_routed_records_skipped_total", "reason" => "undecodable").increment(1);
-            return;
+        // (source partition, source offset, event body) of each event.
+        let entries: Vec<(i32, i64, &[u8])> = match split_single_object(message.payload().unwrap_or_default()) {
+            Ok((fingerprint, body)) if fingerprint == routed_events_fingerprint() => {
+                match decode_routed_entries(body) {
+                    Ok(entries) => {
+                        entries.into_iter().map(|e| (e.source_partition, e.source_offset, e.event)).collect()
+                    }
+                    Err(_) => return skipped("undecodable", 1),
+                }
+            }
+            // One event a record, its source in a header: what versions
+            // before src/event/routed.rs wrote.
+            Ok((fingerprint, body)) if fingerprint == auth_event_fingerprint() => {
+                let source = header(HEADER_SOURCE)
+                    .and_then(|v| std::str::from_utf8(v).ok())
+                    .and_then(|s| s.split_once(':'))
+                    .and_then(|(sp, so)| Some((sp.parse::<i32>().ok()?, so.parse::<i64>().ok()?)));
+                match source {
+                    Some((sp, so)) => vec![(sp, so, body)],
+                    None => return skipped("unknown", 1),
+                }
+            }
+            _ => return skipped("undecodable", 1),
         };
-        state.marks.insert((p, sp), so);
-        state.dirty_marks.insert((p, sp));
         let mut out = Vec::new();
-        // Records of one routing partition come from every instance, each
-        // at its own pace; event time is in order per source partition.
-        state.detectors[index].observe(&event, sp, &mut out);
+        for (sp, so, body) in entries {
+            if state.marks.get(&(p, sp)).is_some_and(|&mark| so <= mark) {
+                skipped("resent", 1);
+                continue;
+            }
+            let Ok(event) = self.plan.decode(body) else {
+                skipped("undecodable", 1);
+                continue;
+            };
+            state.marks.insert((p, sp), so);
+            state.dirty_marks.insert((p, sp));
+            // Records of one routing partition come from every instance,
+            // each at its own pace; event time is in order per source
+            // partition.
+            state.detectors[index].observe(&event, sp, &mut out);
+        }
         Self::offer(state, out);
     }
 
