@@ -249,6 +249,11 @@ pub struct ApiConfig {
     pub max_concurrent_streams: usize,
     /// Health is `degraded` above this total consumer lag (messages).
     pub health_max_lag: i64,
+    /// Health is `degraded` above this lag of the routed consumer (records
+    /// of the routing topic; each carries a batch's events of one key and
+    /// partition, so a record is worth up to `ingest.batch_max_rows`
+    /// events).
+    pub health_max_routed_lag: i64,
     /// Health is `degraded` when a pool's use is above this share (0..1).
     pub health_max_pool_utilization: f64,
     /// Health is `degraded` when there is lag but no batch was stored for
@@ -273,6 +278,7 @@ impl Default for ApiConfig {
             metrics_require_token: false,
             max_concurrent_streams: 2,
             health_max_lag: 100_000,
+            health_max_routed_lag: 1_000,
             health_max_pool_utilization: 0.8,
             health_stall_after: Duration::from_secs(300),
         }

@@ -189,7 +189,7 @@ fn assess_routed(
     let lag: i64 = r.lag.values().sum();
     let age = r.last_stored_at.map(|t| now.timestamp() - t);
     if lag > max_lag {
-        problems.push(format!("routed detection lag {lag} is above {max_lag}"));
+        problems.push(format!("routed detection lag {lag} is above {max_lag} records"));
     }
     if let Some(now) = r.topic_partitions.filter(|n| *n != r.routes_by_partitions) {
         problems.push(format!(
@@ -252,7 +252,8 @@ fn assess(
     if s.total_lag > 0 && !s.maintenance_paused && last_batch_age.is_none_or(|age| age > stall) {
         problems.push(format!("events are waiting but no batch was stored for over {stall} s"));
     }
-    let routed_detection = s.routed.as_ref().map(|r| assess_routed(r, now, api.health_max_lag, stall, &mut problems));
+    let routed_detection =
+        s.routed.as_ref().map(|r| assess_routed(r, now, api.health_max_routed_lag, stall, &mut problems));
     for (name, pool) in [("api", &database.pools.api), ("ingest", &database.pools.ingest)] {
         if pool.utilization > api.health_max_pool_utilization {
             problems.push(format!(
@@ -315,28 +316,28 @@ mod tests {
     fn routed_detection_is_a_problem_when_it_lags_or_stalls() {
         let now = Utc::now();
         let mut problems = Vec::new();
-        let h = assess_routed(&routed(&[(0, 0), (1, 0)], Some(400), now), now, 10_000, 300, &mut problems);
+        let h = assess_routed(&routed(&[(0, 0), (1, 0)], Some(400), now), now, 1_000, 300, &mut problems);
         assert!(problems.is_empty(), "caught up, quiet for long: fine ({problems:?})");
         assert_eq!((h.consumer_lag, h.last_stored_age_seconds), (0, Some(400)));
 
-        let h = assess_routed(&routed(&[(0, 6_000), (1, 5_000)], Some(1), now), now, 10_000, 300, &mut problems);
-        assert_eq!(h.consumer_lag, 11_000);
-        assert_eq!(problems, ["routed detection lag 11000 is above 10000"]);
+        let h = assess_routed(&routed(&[(0, 600), (1, 500)], Some(1), now), now, 1_000, 300, &mut problems);
+        assert_eq!(h.consumer_lag, 1_100);
+        assert_eq!(problems, ["routed detection lag 1100 is above 1000 records"]);
 
         problems.clear();
-        assess_routed(&routed(&[(0, 5)], Some(301), now), now, 10_000, 300, &mut problems);
+        assess_routed(&routed(&[(0, 5)], Some(301), now), now, 1_000, 300, &mut problems);
         assert_eq!(problems, ["routed records are waiting but no routed progress was stored for over 300 s"]);
 
         problems.clear();
-        assess_routed(&routed(&[(0, 5)], None, now), now, 10_000, 300, &mut problems);
+        assess_routed(&routed(&[(0, 5)], None, now), now, 1_000, 300, &mut problems);
         assert_eq!(problems.len(), 1, "waiting and never stored: {problems:?}");
 
         problems.clear();
-        assess_routed(&routed(&[], None, now), now, 10_000, 300, &mut problems);
+        assess_routed(&routed(&[], None, now), now, 1_000, 300, &mut problems);
         assert!(problems.is_empty(), "no routing partition here (another instance owns them)");
 
         let grown = RoutedStatus { topic_partitions: Some(4), ..routed(&[(0, 0)], Some(1), now) };
-        let h = assess_routed(&grown, now, 10_000, 300, &mut problems);
+        let h = assess_routed(&grown, now, 1_000, 300, &mut problems);
         assert_eq!((h.routes_by_partitions, h.topic_partitions), (2, Some(4)));
         assert_eq!(
             problems,
