@@ -6,8 +6,8 @@
 //! they have counted already (by source partition and offset).
 //!
 //! The events of a batch bound for the same key and routing partition
-//! travel together in one record (src/event/routed.rs), at most
-//! [`MAX_RECORD_BYTES`] each: one produce and one acknowledgement per
+//! travel together in one record (src/event/routed.rs), of about
+//! [`MAX_RECORD_BYTES`] at most: one produce and one acknowledgement per
 //! partition and key instead of one per event and key.
 
 use std::collections::BTreeMap;
@@ -26,9 +26,12 @@ use crate::event::AuthEvent;
 use crate::event::avro::encode_body;
 use crate::event::routed::RoutedRecordWriter;
 
-/// Size at which a routed record is closed and another begun: well under
-/// the brokers' default `message.max.bytes` (1 MB) and librdkafka's
-/// producer limit of the same size.
+/// Size at which a routed record is closed and another begun. A record
+/// holds at most this plus one event, whose size validation bounds
+/// (`validation.max_text_bytes` per text, `max_metadata_bytes` for the
+/// metadata; about 24 KiB with the defaults): well under the brokers'
+/// default `message.max.bytes` (1 MB) and librdkafka's producer limit of
+/// the same size.
 pub const MAX_RECORD_BYTES: usize = 256 * 1024;
 
 #[derive(Clone)]
