@@ -287,6 +287,71 @@ fn a_batch_waits_for_its_routed_records() {
     });
 }
 
+/// A batch written again after a crash need not have the same bounds: its
+/// routed records may hold events counted already beside new ones. Each
+/// event is counted once, by its source partition and offset.
+#[test]
+fn a_routed_record_overlapping_what_was_counted_adds_only_the_new_events() {
+    with_world(1, async |world| {
+        let World { kafka, names, db, .. } = world;
+        let routing_topic = format!("{}.routed", names.events);
+        kafka.create_topic(&routing_topic, 2).unwrap();
+        let config = routed_config(db, kafka, names, &routing_topic);
+        let producer = producer(kafka);
+        let t0 = chrono::Utc::now().timestamp_micros() - 60_000_000;
+        let all = failures(0, 20, t0);
+        produce_to(&producer, &names.events, 0, &all[..12]);
+        let service = service::start(&config, CancellationToken::new()).await.unwrap();
+        eventually(Duration::from_secs(90), "the warning at twelve", || async {
+            (ip_alerts(db).await == [("firing".to_owned(), "warning".to_owned(), 12)]).then_some(())
+        })
+        .await;
+
+        // What another instance's re-sent batch would carry: the twelve
+        // counted (offsets 0-11 of events partition 0) and three new ones.
+        let ip_key = KeySpec::parse("ip_address").unwrap();
+        let partition = routing::partition_of(ip_key.hash(&all[0]).unwrap(), 2);
+        let send = |offsets: std::ops::Range<usize>| {
+            let mut record = RoutedRecordWriter::default();
+            for o in offsets {
+                record.push(0, o as i64, &encode_body(&all[o]));
+            }
+            let headers =
+                OwnedHeaders::new().insert(Header { key: routing::HEADER_KEY_SPEC, value: Some("ip_address") });
+            let payload = record.finish();
+            producer
+                .send(BaseRecord::<(), _>::to(&routing_topic).partition(partition).payload(&payload).headers(headers))
+                .unwrap();
+            producer.flush(Duration::from_secs(30)).unwrap();
+        };
+        send(0..15);
+        let mark = |offset: i64| {
+            format!(
+                "SELECT count(*) FROM routed_progress WHERE routed_partition = {partition} \
+                 AND source_partition = 0 AND source_offset = {offset}"
+            )
+        };
+        eventually(Duration::from_secs(60), "offsets up to 14 counted", || async {
+            (db.count(&mark(14)).await == 1).then_some(())
+        })
+        .await;
+        // Fifteen: not above the critical level. Counting the twelve again
+        // would have made 27 and escalated.
+        assert_eq!(ip_alerts(db).await, [("firing".to_owned(), "warning".to_owned(), 12)]);
+        // Again overlapping (14 counted), one new: sixteen, escalated.
+        send(14..16);
+        eventually(Duration::from_secs(60), "the escalation at sixteen", || async {
+            let alerts = ip_alerts(db).await;
+            (alerts.len() == 2).then(|| {
+                assert_eq!(alerts[1], ("escalated".to_owned(), "critical".to_owned(), 16), "{alerts:?}");
+            })
+        })
+        .await;
+        service.stop();
+        service.wait().await;
+    });
+}
+
 /// A routed alert stored but never acknowledged by Kafka (the process that
 /// raised it died with it in flight) is sent again, under its alert_id, by
 /// the instance that loads its routing partition, and recorded as
