@@ -350,13 +350,14 @@ impl RoutedContext {
             _ => return skipped("undecodable", 1),
         };
         let mut out = Vec::new();
+        let (mut resent, mut undecodable) = (0, 0);
         for (sp, so, body) in entries {
             if state.marks.get(&(p, sp)).is_some_and(|&mark| so <= mark) {
-                skipped("resent", 1);
+                resent += 1;
                 continue;
             }
             let Ok(event) = self.plan.decode(body) else {
-                skipped("undecodable", 1);
+                undecodable += 1;
                 continue;
             };
             state.marks.insert((p, sp), so);
@@ -365,6 +366,12 @@ impl RoutedContext {
             // each at its own pace; event time is in order per source
             // partition.
             state.detectors[index].observe(&event, sp, &mut out);
+        }
+        if resent > 0 {
+            skipped("resent", resent);
+        }
+        if undecodable > 0 {
+            skipped("undecodable", undecodable);
         }
         Self::offer(state, out);
     }
