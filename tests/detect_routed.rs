@@ -289,9 +289,10 @@ fn a_batch_waits_for_its_routed_records() {
 
 /// A batch written again after a crash need not have the same bounds: its
 /// routed records may hold events counted already beside new ones. Each
-/// event is counted once, by its source partition and offset.
+/// event is counted once, by its source partition and offset. Records that
+/// cannot be counted are skipped, with a metric, and block nothing.
 #[test]
-fn a_routed_record_overlapping_what_was_counted_adds_only_the_new_events() {
+fn a_routed_record_overlapping_what_was_counted_adds_only_the_new_events_and_bad_ones_block_nothing() {
     with_world(1, async |world| {
         let World { kafka, names, db, .. } = world;
         let routing_topic = format!("{}.routed", names.events);
@@ -324,6 +325,21 @@ fn a_routed_record_overlapping_what_was_counted_adds_only_the_new_events() {
                 .unwrap();
             producer.flush(Duration::from_secs(30)).unwrap();
         };
+        // Bad input first: it is skipped and blocks nothing after it. Bytes
+        // that are no record; an event of one event a record without its
+        // source header; a record for a rule key this instance does not
+        // have.
+        let bad = |key: &str, payload: &[u8]| {
+            let headers = OwnedHeaders::new().insert(Header { key: routing::HEADER_KEY_SPEC, value: Some(key) });
+            producer
+                .send(BaseRecord::<(), _>::to(&routing_topic).partition(partition).payload(payload).headers(headers))
+                .unwrap();
+        };
+        bad("ip_address", b"not a routed record");
+        bad("ip_address", &loadgen::encode(&all[19], WireFormat::AvroSingleObject));
+        let mut unknown = RoutedRecordWriter::default();
+        unknown.push(0, 19, &encode_body(&all[19]));
+        bad("user_agent", &unknown.finish());
         send(0..15);
         let mark = |offset: i64| {
             format!(
@@ -347,6 +363,12 @@ fn a_routed_record_overlapping_what_was_counted_adds_only_the_new_events() {
             })
         })
         .await;
+        // The bad records were counted as skipped, by reason.
+        let scrape = scrape(service.http_addr).await;
+        let skipped =
+            |reason: &str| metric_value(&scrape, &format!("audit_routed_events_skipped_total{{reason=\"{reason}\"}}"));
+        assert!(skipped("undecodable").is_some_and(|n| n >= 1.0), "{scrape}");
+        assert!(skipped("unknown").is_some_and(|n| n >= 2.0), "{scrape}");
         service.stop();
         service.wait().await;
     });
