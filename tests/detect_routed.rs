@@ -374,6 +374,76 @@ fn a_routed_record_overlapping_what_was_counted_adds_only_the_new_events_and_bad
     });
 }
 
+/// Lateness is judged per stream the routed consumer reads in order: one
+/// routing partition's events from one events partition. The partitions it
+/// owns are fetched at their own pace, so an address whose events come
+/// after another address's newer event on its routing partition must not
+/// find them "late": here twelve failures from one address (offsets 0-11
+/// of events partition 0, ten minutes old) reach the consumer after a
+/// failure from another address (offset 12, one minute old) on the other
+/// routing partition, and still make their warning.
+#[test]
+fn lateness_is_judged_per_routing_partition_not_across_the_ones_an_instance_owns() {
+    with_world(1, async |world| {
+        let World { kafka, names, db, .. } = world;
+        let routing_topic = format!("{}.routed", names.events);
+        kafka.create_topic(&routing_topic, 2).unwrap();
+        let config = routed_config(db, kafka, names, &routing_topic);
+        let producer = producer(kafka);
+        let ip_key = KeySpec::parse("ip_address").unwrap();
+        let now = chrono::Utc::now().timestamp_micros();
+        let at = |ip: &str, i: u32, t: i64| auth_event("FAILED_AUTH_LOGIN", &format!("victim{i}"), ip, t);
+        let partition_of = |e: &AuthEvent| routing::partition_of(ip_key.hash(e).unwrap(), 2);
+        // Two addresses on different routing partitions.
+        let early_ip = "198.51.100.10";
+        let later_ip = (11..255)
+            .map(|n| format!("198.51.100.{n}"))
+            .find(|ip| partition_of(&at(ip, 0, now)) != partition_of(&at(early_ip, 0, now)))
+            .unwrap();
+        let early: Vec<AuthEvent> =
+            (0..12).map(|i| at(early_ip, i, now - 600_000_000 + i64::from(i) * 100_000)).collect();
+        let later = at(&later_ip, 12, now - 60_000_000);
+        let service = service::start(&config, CancellationToken::new()).await.unwrap();
+        let send = |partition: i32, entries: &[(i64, &AuthEvent)]| {
+            let mut record = RoutedRecordWriter::default();
+            for (offset, e) in entries {
+                record.push(0, *offset, &encode_body(e));
+            }
+            let headers =
+                OwnedHeaders::new().insert(Header { key: routing::HEADER_KEY_SPEC, value: Some("ip_address") });
+            let payload = record.finish();
+            producer
+                .send(BaseRecord::<(), _>::to(&routing_topic).partition(partition).payload(&payload).headers(headers))
+                .unwrap();
+            producer.flush(Duration::from_secs(30)).unwrap();
+        };
+        let counted_to = |partition: i32, offset: i64| {
+            format!(
+                "SELECT count(*) FROM routed_progress WHERE routed_partition = {partition} \
+                 AND source_partition = 0 AND source_offset = {offset}"
+            )
+        };
+        // The newer event is read first.
+        send(partition_of(&later), &[(12, &later)]);
+        eventually(Duration::from_secs(60), "offset 12 counted", || async {
+            (db.count(&counted_to(partition_of(&later), 12)).await == 1).then_some(())
+        })
+        .await;
+        let entries: Vec<(i64, &AuthEvent)> = early.iter().enumerate().map(|(o, e)| (o as i64, e)).collect();
+        send(partition_of(&early[0]), &entries);
+        let warning = format!(
+            "SELECT count(*) FROM alerts WHERE rule = 'ip_failures' AND subject = 'ip:{early_ip}' \
+             AND state = 'firing' AND count = 12"
+        );
+        eventually(Duration::from_secs(60), "the earlier address's warning at twelve", || async {
+            (db.count(&warning).await == 1).then_some(())
+        })
+        .await;
+        service.stop();
+        service.wait().await;
+    });
+}
+
 /// A routed alert stored but never acknowledged by Kafka (the process that
 /// raised it died with it in flight) is sent again, under its alert_id, by
 /// the instance that loads its routing partition, and recorded as

@@ -78,9 +78,32 @@ struct RoutedState {
     positions: HashMap<i32, (Option<i64>, Option<i64>)>,
     /// (routing partition, source partition) → highest source offset counted.
     marks: HashMap<(i32, i32), i64>,
+    /// (routing partition, source partition) → the detectors' partition slot
+    /// its events are judged in ([`StreamSlots`]).
+    slots: StreamSlots,
     dirty_marks: HashSet<(i32, i32)>,
     /// Transitions not stored yet, with whether they were published.
     pending: Vec<(Transition, bool)>,
+}
+
+/// The streams whose order the routed consumer can rely on: one routing
+/// partition's events from one events-topic partition arrive in offset
+/// order, but the routing partitions an instance owns are fetched each at
+/// its own pace, so the events of one source partition reach a detector
+/// in no fixed order across them. Each stream gets its own detector
+/// partition slot, in which lateness and duplicates are judged; judged per
+/// source partition alone, whether an event counted as late would depend
+/// on the fetches' timing.
+#[derive(Debug, Default)]
+struct StreamSlots(HashMap<(i32, i32), i32>);
+
+impl StreamSlots {
+    /// The slot of (routing partition, source partition), numbered in order
+    /// of first sight.
+    fn of(&mut self, routed_partition: i32, source_partition: i32) -> i32 {
+        let next = self.0.len() as i32;
+        *self.0.entry((routed_partition, source_partition)).or_insert(next)
+    }
 }
 
 pub struct RoutedContext {
@@ -193,6 +216,7 @@ impl RoutedContext {
         }
         state.positions.clear();
         state.marks.clear();
+        state.slots = StreamSlots::default();
         state.dirty_marks.clear();
         drop(state);
         self.status.set_routed_assigned(Vec::new());
@@ -259,6 +283,7 @@ impl RoutedContext {
             let rows = windows.events(&client, &exact, &prefixes, None).await.map_err(|e| with_causes(&e))?;
             pin_mut!(rows);
             let (mut replayed, mut discard) = (0u64, Vec::new());
+            let mut slots = StreamSlots::default();
             while let Some(row) = rows.next().await {
                 let row = row.map_err(|e| with_causes(&e))?;
                 let (source_partition, source_offset): (i32, i64) = (row.get(10), row.get(11));
@@ -266,9 +291,7 @@ impl RoutedContext {
                 for (k, p) in routing::routes(&s.keys, s.partitions, &event) {
                     let counted = marks.get(&(p, source_partition)).is_some_and(|&mark| source_offset <= mark);
                     if partitions.contains(&p) && counted {
-                        // Event-time order holds per events-topic partition,
-                        // not across them: lateness is judged per source.
-                        detectors[k].observe(&event, source_partition, &mut discard);
+                        detectors[k].observe(&event, slots.of(p, source_partition), &mut discard);
                         discard.clear();
                         replayed += 1;
                     }
@@ -303,6 +326,7 @@ impl RoutedContext {
             state.positions =
                 partitions.iter().map(|p| (*p, (stored.get(p).copied(), stored.get(p).copied()))).collect();
             state.marks = marks;
+            state.slots = slots;
             state.dirty_marks.clear();
             Ok(partitions.iter().map(|p| (*p, stored.get(p).copied())).collect())
         })
@@ -362,10 +386,8 @@ impl RoutedContext {
             };
             state.marks.insert((p, sp), so);
             state.dirty_marks.insert((p, sp));
-            // Records of one routing partition come from every instance,
-            // each at its own pace; event time is in order per source
-            // partition.
-            state.detectors[index].observe(&event, sp, &mut out);
+            let slot = state.slots.of(p, sp);
+            state.detectors[index].observe(&event, slot, &mut out);
         }
         if resent > 0 {
             skipped("resent", resent);
@@ -512,6 +534,7 @@ pub fn consumer(
             publisher,
             positions: HashMap::new(),
             marks: HashMap::new(),
+            slots: StreamSlots::default(),
             dirty_marks: HashSet::new(),
             pending: Vec::new(),
         }),
