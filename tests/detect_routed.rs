@@ -20,7 +20,7 @@ use common::*;
 use rdkafka::TopicPartitionList;
 use rdkafka::consumer::{BaseConsumer, Consumer};
 use rdkafka::message::{Header, OwnedHeaders};
-use rdkafka::producer::{BaseRecord, Producer};
+use rdkafka::producer::{BaseProducer, BaseRecord, Producer};
 use rdkafka::types::RDKafkaRespErr;
 use tokio_util::sync::CancellationToken;
 
@@ -82,11 +82,47 @@ async fn ip_alerts(db: &TestDb) -> Vec<(String, String, i64)> {
         .collect()
 }
 
+/// A routing topic of the test's own with `partitions` partitions.
+fn routing_topic(kafka: &EmbeddedKafka, names: &Names, partitions: i32) -> String {
+    let topic = format!("{}.routed", names.events);
+    kafka.create_topic(&topic, partitions).unwrap();
+    topic
+}
+
+/// A routed record of `events`, each given with its offset on events
+/// partition 0.
+fn routed_record(events: &[(i64, &AuthEvent)]) -> Vec<u8> {
+    let mut record = RoutedRecordWriter::default();
+    for (offset, e) in events {
+        record.push(0, *offset, &encode_body(e));
+    }
+    record.finish()
+}
+
+/// Produces `payload` to `partition` of the routing topic as a record of the
+/// routed key `key` (with `source`: the header of earlier versions' records
+/// of one event each); the caller flushes.
+fn send_routed(producer: &BaseProducer, topic: &str, partition: i32, key: &str, source: Option<&str>, payload: &[u8]) {
+    let mut headers = OwnedHeaders::new().insert(Header { key: routing::HEADER_KEY_SPEC, value: Some(key) });
+    if let Some(source) = source {
+        headers = headers.insert(Header { key: routing::HEADER_SOURCE, value: Some(source) });
+    }
+    producer.send(BaseRecord::<(), _>::to(topic).partition(partition).payload(payload).headers(headers)).unwrap();
+}
+
+/// 1 once routing partition `routed` has counted events partition `source`
+/// up to `offset` (its mark is stored with any alert it made), else 0.
+fn counted_up_to(routed: i32, source: i32, offset: i64) -> String {
+    format!(
+        "SELECT count(*) FROM routed_progress WHERE routed_partition = {routed} \
+         AND source_partition = {source} AND source_offset >= {offset}"
+    )
+}
+
 #[test]
 fn an_ip_rule_counts_every_instance_exactly_across_a_rebalance() {
     let (kafka, names) = cluster(2);
-    let routing_topic = format!("{}.routed", names.events);
-    kafka.create_topic(&routing_topic, 4).unwrap();
+    let routing_topic = routing_topic(&kafka, &names, 4);
     let rt = rt();
     rt.block_on(async {
         let db = TestDb::create().await;
@@ -131,33 +167,16 @@ fn an_ip_rule_counts_every_instance_exactly_across_a_rebalance() {
         let first = &failures(0, 1, t0)[0];
         let ip_key = KeySpec::parse("ip_address").unwrap();
         let routed_partition = routing::partition_of(ip_key.hash(first).unwrap(), 4);
-        let mut record = RoutedRecordWriter::default();
-        record.push(0, 0, &encode_body(first));
-        let headers = OwnedHeaders::new().insert(Header { key: routing::HEADER_KEY_SPEC, value: Some("ip_address") });
-        let payload = record.finish();
-        producer
-            .send(
-                BaseRecord::<(), _>::to(&routing_topic).partition(routed_partition).payload(&payload).headers(headers),
-            )
-            .unwrap();
-        let headers = OwnedHeaders::new()
-            .insert(Header { key: routing::HEADER_KEY_SPEC, value: Some("ip_address") })
-            .insert(Header { key: routing::HEADER_SOURCE, value: Some("0:0") });
-        let payload = loadgen::encode(first, WireFormat::AvroSingleObject);
-        producer
-            .send(
-                BaseRecord::<(), _>::to(&routing_topic).partition(routed_partition).payload(&payload).headers(headers),
-            )
-            .unwrap();
+        let record = routed_record(&[(0, first)]);
+        send_routed(&producer, &routing_topic, routed_partition, "ip_address", None, &record);
+        let legacy = loadgen::encode(first, WireFormat::AvroSingleObject);
+        send_routed(&producer, &routing_topic, routed_partition, "ip_address", Some("0:0"), &legacy);
         producer.flush(Duration::from_secs(30)).unwrap();
 
         produce_to(&producer, &names.events, 1, &failures(12, 3, t0));
         // Counted up to the fifteenth (offset 8 of partition 1): its mark is
         // stored in the same transaction as any alert it made.
-        let mark = format!(
-            "SELECT count(*) FROM routed_progress WHERE routed_partition = {routed_partition} \
-             AND source_partition = 1 AND source_offset >= 8"
-        );
+        let mark = counted_up_to(routed_partition, 1, 8);
         eventually(Duration::from_secs(90), "the fifteenth failure counted", || async {
             (db.count(&mark).await == 1).then_some(())
         })
@@ -182,8 +201,7 @@ fn an_ip_rule_counts_every_instance_exactly_across_a_rebalance() {
 #[test]
 fn a_batch_waits_for_its_routed_records() {
     let (kafka, names) = cluster(1);
-    let routing_topic = format!("{}.routed", names.events);
-    kafka.create_topic(&routing_topic, 2).unwrap();
+    let routing_topic = routing_topic(&kafka, &names, 2);
     let rt = rt();
     rt.block_on(async {
         let db = TestDb::create().await;
@@ -295,8 +313,7 @@ fn a_batch_waits_for_its_routed_records() {
 fn a_routed_record_overlapping_what_was_counted_adds_only_the_new_events_and_bad_ones_block_nothing() {
     with_world(1, async |world| {
         let World { kafka, names, db, .. } = world;
-        let routing_topic = format!("{}.routed", names.events);
-        kafka.create_topic(&routing_topic, 2).unwrap();
+        let routing_topic = routing_topic(kafka, names, 2);
         let config = routed_config(db, kafka, names, &routing_topic);
         let producer = producer(kafka);
         let t0 = chrono::Utc::now().timestamp_micros() - 60_000_000;
@@ -313,42 +330,21 @@ fn a_routed_record_overlapping_what_was_counted_adds_only_the_new_events_and_bad
         let ip_key = KeySpec::parse("ip_address").unwrap();
         let partition = routing::partition_of(ip_key.hash(&all[0]).unwrap(), 2);
         let send = |offsets: std::ops::Range<usize>| {
-            let mut record = RoutedRecordWriter::default();
-            for o in offsets {
-                record.push(0, o as i64, &encode_body(&all[o]));
-            }
-            let headers =
-                OwnedHeaders::new().insert(Header { key: routing::HEADER_KEY_SPEC, value: Some("ip_address") });
-            let payload = record.finish();
-            producer
-                .send(BaseRecord::<(), _>::to(&routing_topic).partition(partition).payload(&payload).headers(headers))
-                .unwrap();
+            let events: Vec<(i64, &AuthEvent)> = offsets.map(|o| (o as i64, &all[o])).collect();
+            send_routed(&producer, &routing_topic, partition, "ip_address", None, &routed_record(&events));
             producer.flush(Duration::from_secs(30)).unwrap();
         };
         // Bad input first: it is skipped and blocks nothing after it. Bytes
         // that are no record; an event of one event a record without its
         // source header; a record for a rule key this instance does not
         // have.
-        let bad = |key: &str, payload: &[u8]| {
-            let headers = OwnedHeaders::new().insert(Header { key: routing::HEADER_KEY_SPEC, value: Some(key) });
-            producer
-                .send(BaseRecord::<(), _>::to(&routing_topic).partition(partition).payload(payload).headers(headers))
-                .unwrap();
-        };
+        let bad = |key: &str, payload: &[u8]| send_routed(&producer, &routing_topic, partition, key, None, payload);
         bad("ip_address", b"not a routed record");
         bad("ip_address", &loadgen::encode(&all[19], WireFormat::AvroSingleObject));
-        let mut unknown = RoutedRecordWriter::default();
-        unknown.push(0, 19, &encode_body(&all[19]));
-        bad("user_agent", &unknown.finish());
+        bad("user_agent", &routed_record(&[(19, &all[19])]));
         send(0..15);
-        let mark = |offset: i64| {
-            format!(
-                "SELECT count(*) FROM routed_progress WHERE routed_partition = {partition} \
-                 AND source_partition = 0 AND source_offset = {offset}"
-            )
-        };
         eventually(Duration::from_secs(60), "offsets up to 14 counted", || async {
-            (db.count(&mark(14)).await == 1).then_some(())
+            (db.count(&counted_up_to(partition, 0, 14)).await == 1).then_some(())
         })
         .await;
         // Fifteen: not above the critical level. Counting the twelve again
@@ -386,8 +382,7 @@ fn a_routed_record_overlapping_what_was_counted_adds_only_the_new_events_and_bad
 fn lateness_is_judged_per_routing_partition_not_across_the_ones_an_instance_owns() {
     with_world(1, async |world| {
         let World { kafka, names, db, .. } = world;
-        let routing_topic = format!("{}.routed", names.events);
-        kafka.create_topic(&routing_topic, 2).unwrap();
+        let routing_topic = routing_topic(kafka, names, 2);
         let config = routed_config(db, kafka, names, &routing_topic);
         let producer = producer(kafka);
         let ip_key = KeySpec::parse("ip_address").unwrap();
@@ -404,29 +399,14 @@ fn lateness_is_judged_per_routing_partition_not_across_the_ones_an_instance_owns
             (0..12).map(|i| at(early_ip, i, now - 600_000_000 + i64::from(i) * 100_000)).collect();
         let later = at(&later_ip, 12, now - 60_000_000);
         let service = service::start(&config, CancellationToken::new()).await.unwrap();
-        let send = |partition: i32, entries: &[(i64, &AuthEvent)]| {
-            let mut record = RoutedRecordWriter::default();
-            for (offset, e) in entries {
-                record.push(0, *offset, &encode_body(e));
-            }
-            let headers =
-                OwnedHeaders::new().insert(Header { key: routing::HEADER_KEY_SPEC, value: Some("ip_address") });
-            let payload = record.finish();
-            producer
-                .send(BaseRecord::<(), _>::to(&routing_topic).partition(partition).payload(&payload).headers(headers))
-                .unwrap();
+        let send = |partition: i32, events: &[(i64, &AuthEvent)]| {
+            send_routed(&producer, &routing_topic, partition, "ip_address", None, &routed_record(events));
             producer.flush(Duration::from_secs(30)).unwrap();
-        };
-        let counted_to = |partition: i32, offset: i64| {
-            format!(
-                "SELECT count(*) FROM routed_progress WHERE routed_partition = {partition} \
-                 AND source_partition = 0 AND source_offset = {offset}"
-            )
         };
         // The newer event is read first.
         send(partition_of(&later), &[(12, &later)]);
         eventually(Duration::from_secs(60), "offset 12 counted", || async {
-            (db.count(&counted_to(partition_of(&later), 12)).await == 1).then_some(())
+            (db.count(&counted_up_to(partition_of(&later), 0, 12)).await == 1).then_some(())
         })
         .await;
         let entries: Vec<(i64, &AuthEvent)> = early.iter().enumerate().map(|(o, e)| (o as i64, e)).collect();
@@ -451,8 +431,7 @@ fn lateness_is_judged_per_routing_partition_not_across_the_ones_an_instance_owns
 #[test]
 fn an_undelivered_routed_alert_is_sent_again_when_its_partition_is_loaded() {
     let (kafka, names) = cluster(1);
-    let routing_topic = format!("{}.routed", names.events);
-    kafka.create_topic(&routing_topic, 4).unwrap();
+    let routing_topic = routing_topic(&kafka, &names, 4);
     let rt = rt();
     rt.block_on(async {
         let db = TestDb::create().await;

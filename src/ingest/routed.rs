@@ -33,7 +33,7 @@ use crate::alerts::publisher::AlertPublisher;
 use crate::detect::routing::{self, HEADER_KEY_SPEC, HEADER_SOURCE, RoutedKey};
 use crate::detect::{Detector, OpenEpisode, Transition};
 use crate::event::avro::{AUTH_EVENT_SCHEMA, ReadPlan, auth_event_fingerprint, split_single_object};
-use crate::event::routed::{decode_routed_entries, routed_events_fingerprint};
+use crate::event::routed::{RoutedEntry, decode_routed_entries, routed_events_fingerprint};
 use crate::store::{queries, with_causes};
 
 const POLL_WAIT: Duration = Duration::from_millis(50);
@@ -349,13 +349,10 @@ impl RoutedContext {
             // A rule removed since, or not our record: nothing to count.
             return skipped("unknown", 1);
         };
-        // (source partition, source offset, event body) of each event.
-        let entries: Vec<(i32, i64, &[u8])> = match split_single_object(message.payload().unwrap_or_default()) {
+        let entries: Vec<RoutedEntry<'_>> = match split_single_object(message.payload().unwrap_or_default()) {
             Ok((fingerprint, body)) if fingerprint == routed_events_fingerprint() => {
                 match decode_routed_entries(body) {
-                    Ok(entries) => {
-                        entries.into_iter().map(|e| (e.source_partition, e.source_offset, e.event)).collect()
-                    }
+                    Ok(entries) => entries,
                     Err(_) => return skipped("undecodable", 1),
                 }
             }
@@ -367,7 +364,9 @@ impl RoutedContext {
                     .and_then(|s| s.split_once(':'))
                     .and_then(|(sp, so)| Some((sp.parse::<i32>().ok()?, so.parse::<i64>().ok()?)));
                 match source {
-                    Some((sp, so)) => vec![(sp, so, body)],
+                    Some((source_partition, source_offset)) => {
+                        vec![RoutedEntry { source_partition, source_offset, event: body }]
+                    }
                     None => return skipped("unknown", 1),
                 }
             }
@@ -375,7 +374,7 @@ impl RoutedContext {
         };
         let mut out = Vec::new();
         let (mut resent, mut undecodable) = (0, 0);
-        for (sp, so, body) in entries {
+        for RoutedEntry { source_partition: sp, source_offset: so, event: body } in entries {
             if state.marks.get(&(p, sp)).is_some_and(|&mark| so <= mark) {
                 resent += 1;
                 continue;
