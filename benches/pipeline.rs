@@ -41,8 +41,9 @@
 //! - `baseline`: (a) with this build and with another build of the
 //!   service (`AUDIT_BENCH_BASELINE_BIN`, e.g. main before a change, built
 //!   with `cargo build --release`), alternating: a change's effect measured
-//!   in one run. `AUDIT_BENCH_BASELINE_ROUTING=1`: both with routed
-//!   detection on (a fresh routing topic each run).
+//!   in one run; both builds run on their built-in defaults (another build
+//!   may not read this tree's config file). `AUDIT_BENCH_BASELINE_ROUTING=1`:
+//!   both with routed detection on (a fresh routing topic each run).
 //! - `latency`: p50/p99 from producing the event that crosses a threshold
 //!   to the alert on the alerts topic, while `AUDIT_BENCH_RATE` (20,000)
 //!   events/s flow for `AUDIT_BENCH_SECONDS` (30).
@@ -238,25 +239,45 @@ async fn run_service(
     extra: &[(&str, &str)],
 ) -> RunResult {
     let label = method.unwrap_or(if extra.is_empty() { "default" } else { "variant" });
-    run_binary(std::path::Path::new(env!("CARGO_BIN_EXE_audit-service")), label, kafka, topic, n, method, extra).await
+    run_binary(&ServiceBuild::this(label), kafka, topic, n, method, extra).await
+}
+
+/// Which build of the service (a) runs, and where.
+struct ServiceBuild<'a> {
+    binary: &'a std::path::Path,
+    label: &'a str,
+    /// Working directory; None: this one, whose config/audit-service.toml
+    /// the service reads. Another build may not know every field of this
+    /// tree's config file: it runs in a folder without one, on its built-in
+    /// defaults (and so must the build it is compared with).
+    workdir: Option<&'a std::path::Path>,
+}
+
+impl<'a> ServiceBuild<'a> {
+    fn this(label: &'a str) -> ServiceBuild<'a> {
+        ServiceBuild { binary: std::path::Path::new(env!("CARGO_BIN_EXE_audit-service")), label, workdir: None }
+    }
 }
 
 /// (a) with the given build of the service (see the `baseline` scenario).
 async fn run_binary(
-    binary: &std::path::Path,
-    label: &str,
+    build: &ServiceBuild<'_>,
     kafka: &EmbeddedKafka,
     topic: &str,
     n: u64,
     method: Option<&str>,
     extra: &[(&str, &str)],
 ) -> RunResult {
+    let label = build.label;
     let db = FreshDb::create(label).await;
     checkpoint().await;
     let log_path = std::env::temp_dir().join(format!("audit-bench-{label}-{}.log", std::process::id()));
     let log = std::fs::File::create(&log_path).unwrap();
     let group = format!("bench-{label}-{}-{}", std::process::id(), next_id());
-    let mut command = std::process::Command::new(binary);
+    let mut command = std::process::Command::new(build.binary);
+    if let Some(dir) = build.workdir {
+        command.current_dir(dir);
+    }
     command
         .args(["--log-format", "json", "run"])
         .env("DATABASE_URL", &db.url)
@@ -668,6 +689,15 @@ async fn best_of_alternating(labels: [&str; 2], mut run: impl AsyncFnMut(usize, 
     best.map(|r| r.expect("at least one round"))
 }
 
+/// A new routing topic for one run of (a) with routed detection on. The
+/// embedded broker keeps ~5 MiB per partition: many partitions, so that the
+/// routed records all stay.
+fn fresh_routing_topic(kafka: &EmbeddedKafka, run: &str) -> String {
+    let topic = format!("bench.routed.{}.{run}", std::process::id());
+    kafka.create_topic(&topic, 64).unwrap();
+    topic
+}
+
 fn opt(v: Option<f64>, digits: usize) -> String {
     v.map(|v| format!("{v:.digits$}")).unwrap_or_default()
 }
@@ -953,18 +983,20 @@ fn main() {
                     .expect("the baseline scenario needs AUDIT_BENCH_BASELINE_BIN=/path/to/audit-service");
                 let baseline = std::path::Path::new(&baseline);
                 let routing = env_or("AUDIT_BENCH_BASELINE_ROUTING", 0u8) == 1;
+                let defaults_dir = tempfile::tempdir().unwrap();
                 let [this, other] = best_of_alternating(["this build", "baseline build"], async |round, variant| {
-                    let routing_topic = format!("bench.routed.{}.baseline.{round}.{variant}", std::process::id());
+                    let routing_topic = routing.then(|| fresh_routing_topic(&kafka, &format!("baseline.{round}.{variant}")));
                     let mut extra = Vec::new();
-                    if routing {
-                        kafka.create_topic(&routing_topic, 64).unwrap();
-                        extra.push(("AUDIT__DETECT__ROUTING_TOPIC", routing_topic.as_str()));
+                    if let Some(topic) = &routing_topic {
+                        extra.push(("AUDIT__DETECT__ROUTING_TOPIC", topic.as_str()));
                     }
-                    if variant == 0 {
-                        run_service(&kafka, &topic, n, None, &extra).await
+                    // Both on their built-in defaults (see ServiceBuild).
+                    let build = if variant == 0 {
+                        ServiceBuild { workdir: Some(defaults_dir.path()), ..ServiceBuild::this("this") }
                     } else {
-                        run_binary(baseline, "baseline", &kafka, &topic, n, None, &extra).await
-                    }
+                        ServiceBuild { binary: baseline, label: "baseline", workdir: Some(defaults_dir.path()) }
+                    };
+                    run_binary(&build, &kafka, &topic, n, None, &extra).await
                 })
                 .await;
                 let config = if routing { "routed detection on" } else { "default config" };
@@ -991,10 +1023,7 @@ fn main() {
                     if variant == 1 {
                         return run_service(&kafka, &topic, n, None, &[]).await;
                     }
-                    // The embedded broker keeps ~5 MiB per partition: many
-                    // partitions, so that the routed records all stay.
-                    let routing_topic = format!("bench.routed.{}.{round}", std::process::id());
-                    kafka.create_topic(&routing_topic, 64).unwrap();
+                    let routing_topic = fresh_routing_topic(&kafka, &round.to_string());
                     run_service(&kafka, &topic, n, None, &[("AUDIT__DETECT__ROUTING_TOPIC", routing_topic.as_str())]).await
                 })
                 .await;
