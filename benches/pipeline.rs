@@ -215,6 +215,41 @@ struct RunResult {
     /// activity delta (the rest of the tracker's work), when there were any
     /// and it did so within `AUDIT_BENCH_FOLD_WAIT` seconds.
     fold_seconds: Option<f64>,
+    /// The activity summary's two reads that grow with what is pending,
+    /// timed right after the drain.
+    pending_reads: Option<PendingReads>,
+}
+
+/// What the activity summary's slowest reads cost with a drain's deltas
+/// pending (they add every pending entry to the folded tables).
+struct PendingReads {
+    entries: i64,
+    open_sessions_s: f64,
+    active_users_s: f64,
+}
+
+impl PendingReads {
+    async fn measure(client: &tokio_postgres::Client) -> Option<PendingReads> {
+        let entries: i64 = client
+            .query_one(
+                "SELECT coalesce(sum(cardinality(user_ids) + cardinality(session_ids)), 0)::bigint FROM activity_delta_batches",
+                &[],
+            )
+            .await
+            .unwrap()
+            .get(0);
+        if entries == 0 {
+            return None;
+        }
+        let timed = async |sql: &str| {
+            let t = Instant::now();
+            client.query_one(sql, &[]).await.unwrap();
+            t.elapsed().as_secs_f64()
+        };
+        let open_sessions_s = timed("SELECT open_session_count()").await;
+        let active_users_s = timed("SELECT active_user_count('-infinity', 'infinity')").await;
+        Some(PendingReads { entries, open_sessions_s, active_users_s })
+    }
 }
 
 impl RunResult {
@@ -225,6 +260,7 @@ impl RunResult {
             cpu_seconds: None,
             peak_rss_mib: None,
             fold_seconds: None,
+            pending_reads: None,
         }
     }
 }
@@ -333,11 +369,13 @@ async fn run_binary(
     result.peak_rss_mib = Some(peak_rss_mib(pid));
     let rows: i64 = client.query_one("SELECT count(*) FROM audit_logs", &[]).await.unwrap().get(0);
     assert_eq!(rows as u64, n, "every event stored");
+    let drain_ended = Instant::now();
+    result.pending_reads = PendingReads::measure(&client).await;
     // The tracker's deferred work: how long after the drain until the
     // service has folded every delta (its compactor starts once ingest has
     // idled for `compact_when_idle_for`, 1 s by default).
     let fold_wait = Duration::from_secs(env_or("AUDIT_BENCH_FOLD_WAIT", 120));
-    let drained = Instant::now();
+    let drained = drain_ended;
     loop {
         let pending: i64 = client.query_one("SELECT count(*) FROM activity_delta_batches", &[]).await.unwrap().get(0);
         if pending == 0 {
@@ -972,6 +1010,12 @@ fn main() {
                         "\nCounted until every delta is folded ({:.2} s + {fold:.2} s): {until_folded:.0} events/s, cost {:.1} %.",
                         on.seconds,
                         100.0 * (1.0 - until_folded / off.events_per_s)
+                    ));
+                }
+                if let Some(reads) = &on.pending_reads {
+                    report.push(format!(
+                        "\nRight after the drain, {} delta entries pending: open_session_count() {:.2} s, active_user_count() {:.2} s.",
+                        reads.entries, reads.open_sessions_s, reads.active_users_s
                     ));
                 }
             }

@@ -166,6 +166,10 @@ fn describe_all() {
         "Activity delta rows written and not yet folded (the views include them)."
     );
     describe_counter!("audit_activity_deltas_folded_total", "Activity delta rows folded into sessions and rollups.");
+    describe_gauge!(
+        "audit_ingest_catching_up",
+        "1 while ingest catches up on a backlog (a batch closed full in the last 5 s): the activity fold yields to it."
+    );
     describe_counter!("audit_logins_total", "Successful logins stored (rate: logins per second).");
     describe_counter!(
         "audit_events_by_action_total",

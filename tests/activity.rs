@@ -291,6 +291,48 @@ fn deltas_left_by_a_stopped_process_are_folded_by_the_next() {
     });
 }
 
+/// While ingest catches up on a backlog (its batches close full), the fold
+/// yields to it: far past the live bound, nothing is folded until the
+/// backlog is stored; then the fold follows and every figure is exact.
+#[test]
+fn the_fold_waits_while_ingest_catches_up_then_follows() {
+    with_world(1, async |world| {
+        let World { kafka, names, db, .. } = world;
+        let mut config = service_config(db, kafka, names);
+        config.ingest.batch_max_rows = 20;
+        // One batch's deltas reach the live bound: live, every batch folds.
+        config.activity.max_pending_deltas = 20;
+        config.activity.max_pending_deltas_catching_up = 1_000_000_000;
+        config.activity.compact_interval = Duration::from_secs(3600);
+        config.activity.compact_when_idle_for = Duration::from_millis(100);
+        let t0 = chrono::Utc::now().timestamp_micros() - 30 * MIN;
+        let backlog: Vec<AuthEvent> = (0..3000)
+            .map(|i| session_event("AUTH_LOGIN", &format!("c{i}"), &format!("user{}", i % 100), t0 + i))
+            .collect();
+        produce_events(&producer(kafka), &names.events, &backlog, &[WireFormat::Json]);
+        let running = service::start(&config, CancellationToken::new()).await.unwrap();
+        eventually(Duration::from_secs(120), "the backlog stored", || async {
+            let stored = db.stored_offsets().await;
+            assert_eq!(db.count("SELECT count(*) FROM sessions").await, 0, "folded while catching up, at {stored}");
+            (stored == 3000).then_some(())
+        })
+        .await;
+        // Each batch's deltas alone exceed the live bound (a poll burst can
+        // make a batch longer than batch_max_rows, never shorter when full).
+        let pending = db.count("SELECT count(*) FROM activity_delta_batches").await;
+        assert!(pending >= 5, "{pending} delta batches pending after the backlog");
+
+        eventually(Duration::from_secs(60), "the deltas folded once caught up", || async {
+            (db.count("SELECT count(*) FROM activity_delta_batches").await == 0).then_some(())
+        })
+        .await;
+        assert_eq!(db.count("SELECT count(*) FROM sessions").await, 3000);
+        assert_eq!(difference(db, USER_ROLLUP, USER_GROUP_BY).await, 0);
+        running.stop();
+        running.wait().await;
+    });
+}
+
 /// GET with a bearer token over a real TCP connection; the JSON body.
 async fn get_json(addr: std::net::SocketAddr, path: &str, token: &str) -> (u16, serde_json::Value) {
     let resp = reqwest::Client::new().get(format!("http://{addr}{path}")).bearer_auth(token).send().await.unwrap();

@@ -46,8 +46,14 @@ pub struct ActivityConfig {
     /// ...but no longer than this...
     #[serde(with = "humantime_serde")]
     pub compact_interval: Duration,
-    /// ...nor beyond this many pending delta rows.
+    /// ...nor beyond this many pending delta entries (each read of the
+    /// pending deltas costs time in proportion)...
     pub max_pending_deltas: u64,
+    /// ...or this many while ingest is catching up on a backlog (its batches
+    /// close full): the fold then yields the CPU to ingest. Reads stay exact
+    /// but slow down with what is pending (about 0.5 s per million entries
+    /// for the activity summary, see BENCHMARKS.md).
+    pub max_pending_deltas_catching_up: u64,
     /// How often idle sessions are closed and open ones counted (each reads
     /// the whole sessions table).
     #[serde(with = "humantime_serde")]
@@ -73,6 +79,7 @@ impl Default for ActivityConfig {
             compact_when_idle_for: Duration::from_secs(1),
             compact_interval: Duration::from_secs(300),
             max_pending_deltas: 1_000_000,
+            max_pending_deltas_catching_up: 3_000_000,
             session_sweep_interval: Duration::from_secs(60),
             session_open_actions: vec!["AUTH_LOGIN".into()],
             session_close_actions: vec![

@@ -87,6 +87,9 @@ pub struct Batch {
     /// clock), with whether the storm limiter let them out.
     pub alerts: Vec<(Transition, bool)>,
     pub opened_at: Instant,
+    /// Closed because it reached the size limit, not its age: the consumer
+    /// had more waiting than one batch holds (it is catching up).
+    pub full: bool,
     raw: Vec<u8>,
 }
 
@@ -159,6 +162,7 @@ impl BatchBuilder {
             messages: 0,
             alerts: Vec::new(),
             opened_at: Instant::now(),
+            full: false,
             raw: Vec::new(),
         })
     }
@@ -244,6 +248,7 @@ impl BatchBuilder {
     /// their next owner reads them again.
     pub fn take(&mut self, positions: &mut HashMap<i32, Position>) -> Option<Batch> {
         let mut batch = self.current.take()?;
+        batch.full = batch.messages as usize >= self.max_rows;
         self.next_seq += 1;
         self.seen.clear();
         let revoked: Vec<i32> = self.last_offset.keys().copied().filter(|p| !positions.contains_key(p)).collect();
@@ -370,5 +375,18 @@ mod tests {
         assert_eq!(batch.rows.len(), 1);
         assert_eq!(batch.rows[0].partition, 1);
         assert_eq!(batch.progress.len(), 1);
+        assert!(batch.full, "closed at the size limit");
+    }
+
+    #[test]
+    fn a_batch_closed_by_age_is_not_full() {
+        let mut b = BatchBuilder::new(2, Duration::ZERO);
+        let mut pos = HashMap::from([(0, Position { epoch: 1, expected: None })]);
+        b.push_event(msg(0, 1, b"a"), event(1), Encoding::Json, 0);
+        assert!(b.is_due(Instant::now()));
+        assert!(!b.take(&mut pos).unwrap().full);
+        b.push_event(msg(0, 2, b"b"), event(2), Encoding::Json, 0);
+        b.push_event(msg(0, 3, b"c"), event(3), Encoding::Json, 0);
+        assert!(b.take(&mut pos).unwrap().full);
     }
 }

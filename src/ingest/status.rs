@@ -20,6 +20,9 @@ pub struct IngestStatus {
     pending_deltas: AtomicU64,
     /// Monotonic time of the last commit, in ms since `started`.
     last_commit_ms: AtomicU64,
+    /// The same for the last commit of a full batch (one closed at the size
+    /// limit), plus one; 0 before the first.
+    last_full_commit_ms: AtomicU64,
     started: std::sync::OnceLock<std::time::Instant>,
     batches_committed: AtomicU64,
     /// Unix seconds of the last database write failure; 0 when none.
@@ -120,10 +123,30 @@ impl IngestStatus {
         self.started.get_or_init(std::time::Instant::now).elapsed()
     }
 
-    /// A batch committed, appending `deltas` activity rows.
-    pub fn note_commit(&self, deltas: u64) {
+    /// A batch committed, appending `deltas` activity rows; `full` when it
+    /// closed at the size limit.
+    pub fn note_commit(&self, deltas: u64, full: bool) {
+        let now_ms = self.since_start().as_millis() as u64;
+        // Catching up is known before the deltas count: a compactor that sees
+        // them pending also sees why they may wait.
+        if full {
+            self.last_full_commit_ms.store(now_ms + 1, Ordering::SeqCst);
+        }
+        self.last_commit_ms.store(now_ms, Ordering::SeqCst);
         self.pending_deltas.fetch_add(deltas, Ordering::SeqCst);
-        self.last_commit_ms.store(self.since_start().as_millis() as u64, Ordering::SeqCst);
+    }
+
+    /// Whether ingest is catching up on a backlog: a full batch committed
+    /// within `within`. Batches close full only while the consumer has more
+    /// waiting than one batch holds; once it is caught up they close by age.
+    pub fn catching_up(&self, within: std::time::Duration) -> bool {
+        match self.last_full_commit_ms.load(Ordering::SeqCst) {
+            0 => false,
+            at => {
+                let last = std::time::Duration::from_millis(at - 1);
+                self.since_start().saturating_sub(last) < within
+            }
+        }
     }
 
     pub fn pending_deltas(&self) -> u64 {
@@ -232,5 +255,23 @@ impl IngestStatus {
             schema_registry_error: self.registry_error.lock().unwrap_or_else(|e| e.into_inner()).clone(),
             routed: self.routed.lock().unwrap_or_else(|e| e.into_inner()).clone(),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::time::Duration;
+
+    #[test]
+    fn catching_up_while_full_batches_commit_and_not_after() {
+        let status = IngestStatus::default();
+        assert!(!status.catching_up(Duration::from_secs(5)), "nothing committed yet");
+        status.note_commit(10, false);
+        assert!(!status.catching_up(Duration::from_secs(5)), "batches closing by age: caught up");
+        status.note_commit(10, true);
+        assert!(status.catching_up(Duration::from_secs(5)));
+        assert!(!status.catching_up(Duration::ZERO), "the full batch is older than the window");
+        assert_eq!(status.pending_deltas(), 20);
     }
 }

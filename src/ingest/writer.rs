@@ -256,7 +256,7 @@ impl BatchWriter {
         let failures = batch.rows.iter().filter(|r| self.settings.failure_actions.contains(&r.event.action)).count();
         metrics::counter!("audit_failed_logins_total").increment(failures as u64);
         self.status.batch_committed();
-        self.status.note_commit(result.activity_deltas);
+        self.status.note_commit(result.activity_deltas, batch.full);
         if let Some(newest) = batch.rows.iter().map(|r| r.event.occurred_at).max() {
             self.status.note_event_time(newest);
         }
