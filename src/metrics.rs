@@ -23,6 +23,13 @@ pub fn install() -> PrometheusHandle {
                     &[0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0],
                 )
                 .and_then(|b| {
+                    // A fold takes seconds per million pending entries.
+                    b.set_buckets_for_metric(
+                        Matcher::Full("audit_activity_fold_duration_seconds".into()),
+                        &[0.01, 0.05, 0.25, 1.0, 2.5, 5.0, 10.0, 20.0, 40.0, 80.0, 160.0],
+                    )
+                })
+                .and_then(|b| {
                     b.set_buckets_for_metric(
                         Matcher::Full("audit_batch_messages".into()),
                         &[1.0, 10.0, 100.0, 500.0, 1000.0, 2500.0, 5000.0, 10000.0],
@@ -166,6 +173,11 @@ fn describe_all() {
         "Activity delta rows written and not yet folded (the views include them)."
     );
     describe_counter!("audit_activity_deltas_folded_total", "Activity delta rows folded into sessions and rollups.");
+    describe_histogram!(
+        "audit_activity_fold_duration_seconds",
+        Unit::Seconds,
+        "Time of each successful fold of pending activity deltas (one transaction)."
+    );
     describe_gauge!(
         "audit_ingest_catching_up",
         "1 while ingest catches up on a backlog (a batch closed full in the last 5 s): the activity fold yields to it."

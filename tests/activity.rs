@@ -328,6 +328,14 @@ fn the_fold_waits_while_ingest_catches_up_then_follows() {
         .await;
         assert_eq!(db.count("SELECT count(*) FROM sessions").await, 3000);
         assert_eq!(difference(db, USER_ROLLUP, USER_GROUP_BY).await, 0);
+        // The operator sees both: the catch-up and the folds' time.
+        let metrics = scrape(running.http_addr).await;
+        assert!(metric_value(&metrics, "audit_ingest_catching_up").is_some(), "{metrics}");
+        assert!(
+            metric_value(&metrics, "audit_activity_fold_duration_seconds_count").is_some_and(|n| n >= 1.0),
+            "{metrics}"
+        );
+        assert!(metrics.contains("audit_activity_fold_duration_seconds_bucket{le=\"160\"}"), "{metrics}");
         running.stop();
         running.wait().await;
     });

@@ -32,6 +32,7 @@ const CATCHING_UP_WITHIN: Duration = Duration::from_secs(5);
 
 /// One compaction, in one transaction; returns delta rows folded.
 pub async fn compact_once(pool: &Pool) -> Result<i64, String> {
+    let started = Instant::now();
     let mut client = pool.get().await.map_err(|e| with_causes(&e))?;
     // REPEATABLE READ: one snapshot of the deltas for the whole fold.
     let tx = client
@@ -43,6 +44,9 @@ pub async fn compact_once(pool: &Pool) -> Result<i64, String> {
     let moved: i64 = tx.query_one(queries::ACTIVITY_COMPACT, &[]).await.map_err(|e| with_causes(&e))?.get(0);
     tx.commit().await.map_err(|e| with_causes(&e))?;
     metrics::counter!("audit_activity_deltas_folded_total").increment(moved.max(0) as u64);
+    // Folds take seconds per million entries: how long they take tells an
+    // operator what a bigger pending bound would cost (BENCHMARKS.md).
+    metrics::histogram!("audit_activity_fold_duration_seconds").record(started.elapsed().as_secs_f64());
     Ok(moved)
 }
 
