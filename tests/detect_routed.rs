@@ -424,6 +424,48 @@ fn lateness_is_judged_per_routing_partition_not_across_the_ones_an_instance_owns
     });
 }
 
+/// A restart rebuilds the routed detectors from the stored events, and
+/// drops again what they dropped live as late in their stream: ten
+/// failures from one address, then one two minutes older than them (past
+/// the 30 s lateness), are ten counted, not eleven. So after the restart
+/// the eleventh failure raises nothing and the twelfth the warning.
+#[test]
+fn a_routed_rebuild_drops_again_what_was_late_in_its_stream() {
+    with_world(1, async |world| {
+        let World { kafka, names, db, .. } = world;
+        let routing_topic = routing_topic(kafka, names, 1);
+        let config = routed_config(db, kafka, names, &routing_topic);
+        let producer = producer(kafka);
+        let t0 = chrono::Utc::now().timestamp_micros() - 600_000_000;
+        let mut first = failures(0, 10, t0);
+        first.push(auth_event("FAILED_AUTH_LOGIN", "victim10", IP, t0 - 120_000_000));
+        produce_events(&producer, &names.events, &first, &[WireFormat::Json]);
+        let counted = async |offset: i64| {
+            eventually(Duration::from_secs(60), &format!("offset {offset} counted"), || async {
+                (db.count(&counted_up_to(0, 0, offset)).await == 1).then_some(())
+            })
+            .await
+        };
+        let service = service::start(&config, CancellationToken::new()).await.unwrap();
+        counted(10).await;
+        assert_eq!(ip_alerts(db).await, [], "the late failure was counted live");
+        service.stop();
+        service.wait().await;
+
+        let service = service::start(&config, CancellationToken::new()).await.unwrap();
+        produce_events(&producer, &names.events, &failures(11, 1, t0), &[WireFormat::Json]);
+        counted(11).await;
+        assert_eq!(ip_alerts(db).await, [], "the rebuild counted the late failure");
+        produce_events(&producer, &names.events, &failures(12, 1, t0), &[WireFormat::Json]);
+        eventually(Duration::from_secs(60), "the warning at twelve", || async {
+            (ip_alerts(db).await == [("firing".to_owned(), "warning".to_owned(), 12)]).then_some(())
+        })
+        .await;
+        service.stop();
+        service.wait().await;
+    });
+}
+
 /// A routed alert stored but never acknowledged by Kafka (the process that
 /// raised it died with it in flight) is sent again, under its alert_id, by
 /// the instance that loads its routing partition, and recorded as

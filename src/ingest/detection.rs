@@ -135,8 +135,8 @@ impl Detection {
         let started = Instant::now();
         // The events of each partition reach its detector in offset order
         // live: what was late then is left out again.
-        let lateness = Some(self.detector.lateness());
-        let rows = windows.events(&client, &exact, &prefixes, lateness).await.map_err(|e| with_causes(&e))?;
+        let order = ReplayOrder::EventTime { lateness: self.detector.lateness() };
+        let rows = windows.events(&client, &exact, &prefixes, order).await.map_err(|e| with_causes(&e))?;
         pin_mut!(rows);
         self.detector.set_emitting(false);
         let mut n = 0u64;
@@ -214,17 +214,19 @@ impl RebuildWindows {
     }
 
     /// The stored events in these windows whose action is one of `exact` or
-    /// starts with one of `prefixes`, in event-time order, with the columns
-    /// of [`queries::REBUILD_EVENTS`]; with a `lateness`, without those a
-    /// detector fed each partition in offset order dropped as late.
+    /// starts with one of `prefixes`, in `order`, with the columns of
+    /// [`queries::REBUILD_EVENTS`].
     pub(crate) async fn events(
         &self,
         client: &tokio_postgres::Client,
         exact: &[String],
         prefixes: &[String],
-        lateness: Option<Duration>,
+        order: ReplayOrder,
     ) -> Result<tokio_postgres::RowStream, tokio_postgres::Error> {
-        let lateness = lateness.map(|l| format!("{} microseconds", l.as_micros()));
+        let (lateness, stream_order) = match order {
+            ReplayOrder::EventTime { lateness } => (Some(format!("{} microseconds", lateness.as_micros())), false),
+            ReplayOrder::Streams => (None, true),
+        };
         // Nothing to read: the bounds then select no day.
         let lo = self.since.iter().min().copied().unwrap_or_else(Utc::now);
         let hi = self.until.iter().max().copied().unwrap_or(lo - chrono::Duration::seconds(1));
@@ -240,10 +242,25 @@ impl RebuildWindows {
                     &exact,
                     &prefixes,
                     &lateness,
+                    &stream_order,
                 ],
             )
             .await
     }
+}
+
+/// The order in which [`RebuildWindows::events`] replays stored events.
+pub(crate) enum ReplayOrder {
+    /// By event time, without the events that a detector fed each events
+    /// partition in offset order dropped as later than `lateness` (the
+    /// per-partition detectors: one stream per events partition).
+    EventTime { lateness: Duration },
+    /// Each events partition in offset order, the partitions interleaved by
+    /// event time as far as each has come. For a detector whose streams
+    /// are parts of an events partition (the routed detectors: one stream
+    /// per routing partition and events partition), which judges lateness
+    /// itself in each stream, as it did live.
+    Streams,
 }
 
 /// An open alert read back by [`queries::OPEN_ALERTS`] (or a query with its

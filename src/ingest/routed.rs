@@ -27,7 +27,7 @@ use tokio::runtime::Handle;
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn};
 
-use super::detection::{RebuildWindows, open_episode, row_to_event, stored_transition};
+use super::detection::{RebuildWindows, ReplayOrder, open_episode, row_to_event, stored_transition};
 use super::status::IngestStatus;
 use crate::alerts::publisher::AlertPublisher;
 use crate::detect::routing::{self, HEADER_KEY_SPEC, HEADER_SOURCE, RoutedKey};
@@ -279,8 +279,11 @@ impl RoutedContext {
             }
             // A routed detector sees each source partition's events in order,
             // but only those routed to its partition: which of them were late
-            // is not what a filter over all of them would say. All are kept.
-            let rows = windows.events(&client, &exact, &prefixes, None).await.map_err(|e| with_causes(&e))?;
+            // is not what a filter over all of them would say. Each source
+            // partition is replayed in offset order instead, and each
+            // detector drops again, per stream, what it dropped live.
+            let rows =
+                windows.events(&client, &exact, &prefixes, ReplayOrder::Streams).await.map_err(|e| with_causes(&e))?;
             pin_mut!(rows);
             let (mut replayed, mut discard) = (0u64, Vec::new());
             let mut slots = StreamSlots::default();

@@ -143,11 +143,17 @@ RETURNING a.alert_id, a.state";
 
 /// The stored events detector state is rebuilt from: of each partition in
 /// $1, those from $2 to $3 of event time, whose action is one of $6 or
-/// starts with one of $7; in event-time order, with the partition and
-/// offset. $4..$5 spans every window: it bounds the daily partitions of
-/// audit_logs that are read. With a lateness $8 (an interval as text), the
-/// events the live detectors dropped as late are left out, as in
-/// [`REPLAY_EVENTS`]; NULL keeps them all.
+/// starts with one of $7, with the partition and offset. $4..$5 spans every
+/// window: it bounds the daily partitions of audit_logs that are read.
+///
+/// The order is either:
+/// - event time ($9 false). With a lateness $8 (an interval as text), the
+///   events the live detectors dropped as late are left out, as in
+///   [`REPLAY_EVENTS`]; NULL keeps them all;
+/// - or stream order ($9 true, $8 NULL): each partition in offset order,
+///   the partitions interleaved by their clock, the newest event time seen
+///   so far in that partition. A detector fed this order judges lateness
+///   itself, in each stream it reads, as it did live.
 pub const REBUILD_EVENTS: &str = "
 SELECT event_id, created_at, action, user_id, username, ip_address, user_agent, session_id,
        request_id, metadata, kafka_partition, kafka_offset
@@ -161,7 +167,7 @@ SELECT event_id, created_at, action, user_id, username, ip_address, user_agent, 
            AND (a.action = ANY($6::text[]) OR EXISTS (SELECT 1 FROM unnest($7::text[]) p WHERE starts_with(a.action, p)))
        ) r
  WHERE $8::text IS NULL OR newest_before IS NULL OR created_at >= newest_before - $8::text::interval
- ORDER BY created_at, kafka_partition, kafka_offset";
+ ORDER BY CASE WHEN $9::boolean THEN greatest(created_at, newest_before) ELSE created_at END, kafka_partition, kafka_offset";
 
 /// Routed detection (migrations/0009): how far each events-topic partition
 /// has been counted on the routing partitions $2 of group $1.
