@@ -250,6 +250,66 @@ fn sessions_survive_a_sigkill_restart() {
     });
 }
 
+/// The idle sweep judges a session by all its activity, pending deltas
+/// included (it folds them first): a session whose folded row is older
+/// than the idle timeout, but whose newer event is still pending, stays
+/// open, and closes the idle timeout after that event.
+#[test]
+fn the_idle_sweep_waits_for_pending_activity() {
+    with_world(1, async |world| {
+        let World { kafka, names, db, .. } = world;
+        let mut config = service_config(db, kafka, names);
+        // Only this test folds and sweeps.
+        config.activity.compact_when_idle_for = Duration::from_secs(3600);
+        config.activity.compact_interval = Duration::from_secs(3600);
+        config.activity.session_sweep_interval = Duration::from_secs(3600);
+        let idle = config.activity.idle_timeout;
+        assert_eq!(idle, Duration::from_secs(30 * 60));
+        let pool = audit_service::store::connect_pool(&config.database, 2).unwrap();
+        let producer = producer(kafka);
+        let running = service::start(&config, CancellationToken::new()).await.unwrap();
+        let t0 = chrono::Utc::now().timestamp_micros() - 180 * MIN;
+        let logins = [session_event("AUTH_LOGIN", "kept", "kim", t0), session_event("AUTH_LOGIN", "idle", "ida", t0)];
+        produce_events(&producer, &names.events, &logins, &[WireFormat::Json]);
+        db.wait_for_offsets(2, Duration::from_secs(60), "logins stored").await;
+        compactor::compact_once(&pool).await.unwrap();
+        // Kim is active again 20 minutes later; that delta stays pending.
+        produce_events(
+            &producer,
+            &names.events,
+            &[session_event("TOKEN_ISSUED", "kept", "kim", t0 + 20 * MIN)],
+            &[WireFormat::Json],
+        );
+        db.wait_for_offsets(3, Duration::from_secs(60), "kim's event stored").await;
+        assert_eq!(db.count("SELECT count(*) FROM session_deltas WHERE session_id = 'kept'").await, 1);
+
+        let ends = async || {
+            let rows = db
+                .client()
+                .await
+                .query(
+                    "SELECT session_id, (extract(epoch FROM ended_at) * 1e6)::bigint, end_reason FROM sessions_v \
+                     ORDER BY 1",
+                    &[],
+                )
+                .await
+                .unwrap();
+            rows.iter().map(|r| (r.get(0), r.get(1), r.get(2))).collect::<Vec<(String, Option<i64>, Option<String>)>>()
+        };
+        let timed_out = |at: i64| (Some(at), Some("idle_timeout".to_owned()));
+        // At 45 minutes: Ida idled from 0 (closed at 30), Kim from 20.
+        compactor::sweep_sessions(&pool, &config.activity, Some(t0 + 45 * MIN)).await.unwrap();
+        let (idle_end, idle_reason) = timed_out(t0 + 30 * MIN);
+        assert_eq!(ends().await, [("idle".into(), idle_end, idle_reason), ("kept".into(), None, None)]);
+        assert_eq!(db.count("SELECT count(*) FROM activity_delta_batches").await, 0, "the sweep folded first");
+        compactor::sweep_sessions(&pool, &config.activity, Some(t0 + 55 * MIN)).await.unwrap();
+        let (kept_end, kept_reason) = timed_out(t0 + 50 * MIN);
+        assert_eq!(ends().await[1], ("kept".into(), kept_end, kept_reason));
+        running.stop();
+        running.wait().await;
+    });
+}
+
 /// Deltas a stopped process left unfolded are folded by the next one
 /// without waiting for new ingest: the compactor starts from what the
 /// database holds pending, not from zero.
@@ -261,6 +321,7 @@ fn deltas_left_by_a_stopped_process_are_folded_by_the_next() {
         let mut deferred = env.clone();
         deferred.push(("AUDIT__ACTIVITY__COMPACT_WHEN_IDLE_FOR".into(), "1h".into()));
         deferred.push(("AUDIT__ACTIVITY__COMPACT_INTERVAL".into(), "1h".into()));
+        deferred.push(("AUDIT__ACTIVITY__SESSION_SWEEP_INTERVAL".into(), "1h".into()));
         let t0 = chrono::Utc::now().timestamp_micros() - 10 * MIN;
         let logins: Vec<AuthEvent> =
             (0..100).map(|i| session_event("AUTH_LOGIN", &format!("left{i}"), &format!("user{i}"), t0 + i)).collect();
@@ -305,6 +366,9 @@ fn the_fold_waits_while_ingest_catches_up_then_follows() {
         config.activity.max_pending_deltas_catching_up = 1_000_000_000;
         config.activity.compact_interval = Duration::from_secs(3600);
         config.activity.compact_when_idle_for = Duration::from_millis(100);
+        // A sweep folds too (it waits while catching up as well: unit
+        // tests in compactor.rs).
+        config.activity.session_sweep_interval = Duration::from_secs(3600);
         let t0 = chrono::Utc::now().timestamp_micros() - 30 * MIN;
         let backlog: Vec<AuthEvent> = (0..3000)
             .map(|i| session_event("AUTH_LOGIN", &format!("c{i}"), &format!("user{}", i % 100), t0 + i))
@@ -410,9 +474,10 @@ fn session_reads_are_exact_over_folded_and_pending_deltas() {
     with_world(2, async |world| {
         let World { kafka, names, db, .. } = world;
         let mut config = service_config(db, kafka, names);
-        // Only this test folds.
+        // Only this test folds (a sweep folds too).
         config.activity.compact_when_idle_for = Duration::from_secs(3600);
         config.activity.compact_interval = Duration::from_secs(3600);
+        config.activity.session_sweep_interval = Duration::from_secs(3600);
         config.detect.enabled = false;
         let mut generator = loadgen::EventGenerator::new(45, 300);
         let now = chrono::Utc::now().timestamp_micros();

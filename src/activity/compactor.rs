@@ -9,8 +9,10 @@
 //! cores a fold beside a saturated drain takes the CPU that PostgreSQL
 //! needs for the audit rows themselves, so lag would fall more slowly for
 //! the sake of rollups that readers see exactly anyway (the views add what
-//! is pending). Every `session_sweep_interval` it also closes idle sessions
-//! (by event time) and publishes the open-session gauge.
+//! is pending). Every `session_sweep_interval` it folds and then closes
+//! idle sessions (by event time) in the same transaction, so that a session
+//! is judged by all its activity, pending deltas included; while ingest
+//! catches up, that waits too. It also publishes the open-session gauge.
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -30,8 +32,19 @@ const CHECK_EVERY: Duration = Duration::from_millis(250);
 /// Long enough to bridge the gaps between a slow writer's batches.
 const CATCHING_UP_WITHIN: Duration = Duration::from_secs(5);
 
-/// One compaction, in one transaction; returns delta rows folded.
+/// One fold of every pending delta, in one transaction; returns delta rows
+/// folded.
 pub async fn compact_once(pool: &Pool) -> Result<i64, String> {
+    fold(pool, None).await
+}
+
+/// Folds what is pending and then, with `close_idle` (event time, idle
+/// timeout), closes the sessions idle as of that time, in one REPEATABLE
+/// READ transaction. Nothing is pending in its snapshot once folded, so
+/// each session is judged by all its activity: a session's folded row
+/// alone can be older than its newest pending event. Returns delta rows
+/// folded.
+async fn fold(pool: &Pool, close_idle: Option<(chrono::DateTime<chrono::Utc>, Duration)>) -> Result<i64, String> {
     let started = Instant::now();
     let mut client = pool.get().await.map_err(|e| with_causes(&e))?;
     // REPEATABLE READ: one snapshot of the deltas for the whole fold.
@@ -42,6 +55,17 @@ pub async fn compact_once(pool: &Pool) -> Result<i64, String> {
         .await
         .map_err(|e| with_causes(&e))?;
     let moved: i64 = tx.query_one(queries::ACTIVITY_COMPACT, &[]).await.map_err(|e| with_causes(&e))?.get(0);
+    if let Some((event_time, idle)) = close_idle {
+        let idle = format!("{} seconds", idle.as_secs());
+        let closed: i64 = tx
+            .query_one(queries::ACTIVITY_CLOSE_IDLE, &[&event_time, &idle])
+            .await
+            .map_err(|e| with_causes(&e))?
+            .get(0);
+        if closed > 0 {
+            debug!(closed, "sessions closed after idling");
+        }
+    }
     tx.commit().await.map_err(|e| with_causes(&e))?;
     metrics::counter!("audit_activity_deltas_folded_total").increment(moved.max(0) as u64);
     // Folds take seconds per million entries: how long they take tells an
@@ -50,18 +74,21 @@ pub async fn compact_once(pool: &Pool) -> Result<i64, String> {
     Ok(moved)
 }
 
-/// Closes sessions idle as of `event_time` (the newest stored event time)
-/// and publishes how many are open.
-pub async fn sweep_sessions(pool: &Pool, cfg: &ActivityConfig, event_time: Option<i64>) -> Result<(), String> {
+/// Closes the sessions idle as of `event_time` (the newest stored event
+/// time), after folding what is pending (see [`fold`]); returns delta rows
+/// folded.
+pub async fn sweep_sessions(pool: &Pool, cfg: &ActivityConfig, event_time: Option<i64>) -> Result<i64, String> {
+    fold(pool, idle_as_of(cfg, event_time)).await
+}
+
+/// What [`fold`] closes idle sessions by: the event time and the timeout.
+fn idle_as_of(cfg: &ActivityConfig, event_time: Option<i64>) -> Option<(chrono::DateTime<chrono::Utc>, Duration)> {
+    event_time.and_then(chrono::DateTime::from_timestamp_micros).map(|t| (t, cfg.idle_timeout))
+}
+
+/// Publishes how many sessions are open (reads what is pending too).
+async fn count_open_sessions(pool: &Pool) -> Result<(), String> {
     let client = pool.get().await.map_err(|e| with_causes(&e))?;
-    if let Some(t) = event_time.and_then(chrono::DateTime::from_timestamp_micros) {
-        let idle = format!("{} seconds", cfg.idle_timeout.as_secs());
-        let closed: i64 =
-            client.query_one(queries::ACTIVITY_CLOSE_IDLE, &[&t, &idle]).await.map_err(|e| with_causes(&e))?.get(0);
-        if closed > 0 {
-            debug!(closed, "sessions closed after idling");
-        }
-    }
     let active: i64 = client.query_one(queries::ACTIVE_SESSIONS, &[]).await.map_err(|e| with_causes(&e))?.get(0);
     metrics::gauge!("audit_active_sessions").set(active as f64);
     Ok(())
@@ -104,6 +131,7 @@ pub async fn run(pool: Pool, cfg: ActivityConfig, status: Arc<IngestStatus>, can
     }
     let mut last_fold = Instant::now();
     let mut last_sweep = Instant::now();
+    let mut last_count = Instant::now();
     loop {
         tokio::select! {
             _ = cancel.cancelled() => return,
@@ -113,21 +141,58 @@ pub async fn run(pool: Pool, cfg: ActivityConfig, status: Arc<IngestStatus>, can
         let catching_up = status.catching_up(CATCHING_UP_WITHIN);
         metrics::gauge!("audit_activity_deltas_pending").set(pending as f64);
         metrics::gauge!("audit_ingest_catching_up").set(if catching_up { 1.0 } else { 0.0 });
-        if fold_due(&cfg, pending, status.idle_for(), last_fold.elapsed(), catching_up) {
-            match compact_once(&pool).await {
+        let since = Since { fold: last_fold.elapsed(), sweep: last_sweep.elapsed() };
+        let step = next_step(&cfg, pending, status.idle_for(), since, catching_up);
+        if step != Step::Wait {
+            let sweep = step == Step::FoldAndCloseIdle;
+            let close_idle = if sweep { idle_as_of(&cfg, status.max_event_time()) } else { None };
+            match fold(&pool, close_idle).await {
                 Ok(_) => {
                     status.deltas_folded(pending);
                     last_fold = Instant::now();
+                    if sweep {
+                        last_sweep = last_fold;
+                    }
                 }
-                Err(e) => warn!(error = %e, "activity compaction failed; will retry"),
+                Err(e) => warn!(error = %e, "activity fold failed; will retry"),
             }
         }
-        if last_sweep.elapsed() >= cfg.session_sweep_interval {
-            last_sweep = Instant::now();
-            if let Err(e) = sweep_sessions(&pool, &cfg, status.max_event_time()).await {
-                warn!(error = %e, "session sweep failed; will retry");
+        if last_count.elapsed() >= cfg.session_sweep_interval {
+            last_count = Instant::now();
+            if let Err(e) = count_open_sessions(&pool).await {
+                warn!(error = %e, "counting open sessions failed; will retry");
             }
         }
+    }
+}
+
+/// How long since the last fold and the last idle sweep.
+#[derive(Debug, Clone, Copy)]
+struct Since {
+    fold: Duration,
+    sweep: Duration,
+}
+
+/// What the compactor does next.
+#[derive(Debug, PartialEq, Eq)]
+enum Step {
+    Wait,
+    Fold,
+    /// Fold, then close idle sessions in the same transaction.
+    FoldAndCloseIdle,
+}
+
+/// Idle sessions are closed right after a fold, in its transaction, every
+/// `session_sweep_interval`. While ingest catches up that waits, as the
+/// fold does: an idle session's end is its last activity plus the timeout,
+/// whenever the sweep records it.
+fn next_step(cfg: &ActivityConfig, pending: u64, idle_for: Duration, since: Since, catching_up: bool) -> Step {
+    if since.sweep >= cfg.session_sweep_interval && !catching_up {
+        Step::FoldAndCloseIdle
+    } else if fold_due(cfg, pending, idle_for, since.fold, catching_up) {
+        Step::Fold
+    } else {
+        Step::Wait
     }
 }
 
@@ -156,5 +221,20 @@ mod tests {
         assert!(fold_due(&cfg, cfg.max_pending_deltas_catching_up, busy, recently, true), "its own bound does");
         assert!(fold_due(&cfg, 10, busy, cfg.compact_interval, true), "nor longer than compact_interval");
         assert!(!fold_due(&cfg, 10, Duration::from_secs(2), recently, true), "a slow writer is not idle ingest");
+    }
+
+    #[test]
+    fn idle_sessions_are_closed_after_a_fold_except_while_catching_up() {
+        let cfg = ActivityConfig::default();
+        let (busy, s) = (Duration::ZERO, Duration::from_secs);
+        let swept = Since { fold: s(1), sweep: s(1) };
+        let sweep_due = Since { fold: s(1), sweep: cfg.session_sweep_interval };
+        assert_eq!(next_step(&cfg, 10, busy, swept, false), Step::Wait);
+        assert_eq!(next_step(&cfg, 10, busy, sweep_due, false), Step::FoldAndCloseIdle);
+        assert_eq!(next_step(&cfg, 0, busy, sweep_due, false), Step::FoldAndCloseIdle, "nothing pending: sweep alone");
+        assert_eq!(next_step(&cfg, 10, busy, sweep_due, true), Step::Wait, "catching up: the sweep waits");
+        let bound = cfg.max_pending_deltas_catching_up;
+        assert_eq!(next_step(&cfg, bound, busy, sweep_due, true), Step::Fold, "the fold's bound still applies");
+        assert_eq!(next_step(&cfg, 10, s(2), swept, false), Step::Fold, "idle ingest: fold, no sweep");
     }
 }

@@ -55,7 +55,9 @@ pub struct ActivityConfig {
     /// for the activity summary, see BENCHMARKS.md).
     pub max_pending_deltas_catching_up: u64,
     /// How often idle sessions are closed and open ones counted (each reads
-    /// the whole sessions table).
+    /// the whole sessions table). Idle sessions are closed right after a
+    /// fold, in its transaction, so each sweep folds what is pending first
+    /// (except while ingest catches up: then the sweep waits for it).
     #[serde(with = "humantime_serde")]
     pub session_sweep_interval: Duration,
     /// Actions that open a session (with a session_id).
