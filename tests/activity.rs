@@ -263,8 +263,7 @@ fn the_idle_sweep_waits_for_pending_activity() {
         config.activity.compact_when_idle_for = Duration::from_secs(3600);
         config.activity.compact_interval = Duration::from_secs(3600);
         config.activity.session_sweep_interval = Duration::from_secs(3600);
-        let idle = config.activity.idle_timeout;
-        assert_eq!(idle, Duration::from_secs(30 * 60));
+        assert_eq!(config.activity.idle_timeout, Duration::from_secs(30 * 60));
         let pool = audit_service::store::connect_pool(&config.database, 2).unwrap();
         let producer = producer(kafka);
         let running = service::start(&config, CancellationToken::new()).await.unwrap();
@@ -296,15 +295,13 @@ fn the_idle_sweep_waits_for_pending_activity() {
                 .unwrap();
             rows.iter().map(|r| (r.get(0), r.get(1), r.get(2))).collect::<Vec<(String, Option<i64>, Option<String>)>>()
         };
-        let timed_out = |at: i64| (Some(at), Some("idle_timeout".to_owned()));
+        let timed_out = |id: &str, at: i64| (id.to_owned(), Some(at), Some("idle_timeout".to_owned()));
         // At 45 minutes: Ida idled from 0 (closed at 30), Kim from 20.
         compactor::sweep_sessions(&pool, &config.activity, Some(t0 + 45 * MIN)).await.unwrap();
-        let (idle_end, idle_reason) = timed_out(t0 + 30 * MIN);
-        assert_eq!(ends().await, [("idle".into(), idle_end, idle_reason), ("kept".into(), None, None)]);
+        assert_eq!(ends().await, [timed_out("idle", t0 + 30 * MIN), ("kept".into(), None, None)]);
         assert_eq!(db.count("SELECT count(*) FROM activity_delta_batches").await, 0, "the sweep folded first");
         compactor::sweep_sessions(&pool, &config.activity, Some(t0 + 55 * MIN)).await.unwrap();
-        let (kept_end, kept_reason) = timed_out(t0 + 50 * MIN);
-        assert_eq!(ends().await[1], ("kept".into(), kept_end, kept_reason));
+        assert_eq!(ends().await[1], timed_out("kept", t0 + 50 * MIN));
         running.stop();
         running.wait().await;
     });
