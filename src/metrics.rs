@@ -176,7 +176,7 @@ fn describe_all() {
     describe_histogram!(
         "audit_activity_fold_duration_seconds",
         Unit::Seconds,
-        "Time of each successful fold of pending activity deltas (one transaction)."
+        "Time of each successful fold that folded pending activity deltas (one transaction)."
     );
     describe_gauge!(
         "audit_ingest_catching_up",

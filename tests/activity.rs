@@ -402,6 +402,30 @@ fn the_fold_waits_while_ingest_catches_up_then_follows() {
     });
 }
 
+/// A sweep with nothing pending folds nothing and records no fold time, so
+/// on an idle service the fold-duration histogram stays empty and its
+/// count says when real folds ran (the runbook's capacity planning reads
+/// it). In its own process: the metrics recorder is global.
+#[test]
+fn a_sweep_with_nothing_pending_records_no_fold() {
+    with_world(1, async |world| {
+        let World { kafka, names, db, logs } = world;
+        let mut env = service_env(db, kafka, names);
+        env.push(("AUDIT__ACTIVITY__SESSION_SWEEP_INTERVAL".into(), "100ms".into()));
+        let mut service = ServiceProcess::spawn(&env, logs.path(), 0);
+        let addr = eventually(Duration::from_secs(60), "the service listening", || async { service.http_addr() }).await;
+        // The open-session count runs on the same tick as the sweep's fold,
+        // after it.
+        let metrics = eventually(Duration::from_secs(60), "a sweep and an open-session count", || async {
+            let metrics = scrape(addr).await;
+            metric_value(&metrics, "audit_active_sessions").is_some().then_some(metrics)
+        })
+        .await;
+        assert_eq!(metric_value(&metrics, "audit_activity_fold_duration_seconds_count"), None, "{metrics}");
+        assert!(service.sigterm(Duration::from_secs(30)).success(), "{}", service.tail());
+    });
+}
+
 /// GET with a bearer token over a real TCP connection; the JSON body.
 async fn get_json(addr: std::net::SocketAddr, path: &str, token: &str) -> (u16, serde_json::Value) {
     let resp = reqwest::Client::new().get(format!("http://{addr}{path}")).bearer_auth(token).send().await.unwrap();
